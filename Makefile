@@ -1,0 +1,51 @@
+# accelmesh: every target creates or updates .venv itself, and is a fast no-op when it is current.
+#   make run    start the daemon with embedded defaults (until the daemon lands: one echo generation)
+#   make test   install what is missing, then run the whole test suite (CI runs exactly this)
+#   make bench  run the benchmarks and rewrite docs/performance.md
+
+PYTHON      ?= python3.11
+VENV        := .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.accelmesh-installed
+SYS_STAMP   := $(VENV)/.accelmesh-system-packages
+SYSTEM_PACKAGES := build-essential python3-dev libgmp-dev
+TORCH_PIN   := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: run test bench demo venv clean system-packages
+
+venv: $(STAMP)
+
+# System packages that pip cannot provide (fastecdsa, a libp2p dependency, compiles against GMP).
+$(SYS_STAMP):
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "accelmesh: installing missing system packages:$$missing (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "accelmesh: need root or sudo to install:$$missing" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing || exit 1; \
+	fi
+	@test -x $(BIN)/python || { echo "accelmesh: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@touch $@
+
+# torch first and pinned: an unpinned torch would resolve to a multi-GB CUDA build.
+$(STAMP): pyproject.toml $(SYS_STAMP)
+	@echo "accelmesh: installing $(TORCH_PIN), then .[hf,embed,dev] into $(VENV)"
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[hf,embed,dev]'
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/accelmesh generate --provider echo --json "hello from accelmesh"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,507 @@
+"""Settings: one typed, frozen object built from defaults < TOML file < environment < flags.
+
+Mapping rule (INTERFACES.md "Configuration"): TOML ``[section] some_key`` is the environment
+variable ``ACCELMESH_SECTION_SOME_KEY`` and the flag ``--section-some-key``; top-level keys
+drop the section. Nested sections join with ``_`` (``[providers.hf_local] models`` is
+``ACCELMESH_PROVIDERS_HF_LOCAL_MODELS``). Booleans accept 1/true/yes/on and 0/false/no/off.
+The seed's ``IPFS_ACCELERATE_PY_*`` names are aliases: a primary name beats its alias, and
+both set to different values logs a warning. Every bad value raises `ConfigError` naming
+the key, the value, where it came from and why it is wrong.
+
+Every setting is declared once below, with its default and a one-line meaning;
+docs/configuration.md is generated from these declarations (`render_reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+__all__ = [
+    "Settings",
+    "EchoSettings",
+    "CacheSettings",
+    "SettingSpec",
+    "LOAD_BALANCING_STRATEGIES",
+    "DEFAULT_FALLBACK_ORDER",
+    "load_settings",
+    "iter_specs",
+    "render_reference",
+    "default_data_dir",
+    "current_settings",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "ACCELMESH_"
+LOAD_BALANCING_STRATEGIES = ("round_robin", "least_loaded", "power_of_two", "weighted", "cache_affinity")
+DEFAULT_FALLBACK_ORDER = (
+    "openrouter",
+    "codex_cli",
+    "copilot_cli",
+    "copilot_sdk",
+    "gemini_cli",
+    "claude_code",
+    "hf_local",
+)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+# ---------------------------------------------------------------------------------------
+# Value parsers: raw (str from env/flags, or a TOML value) -> typed value, or ValueError.
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError("expected a boolean: one of 1/true/yes/on or 0/false/no/off")
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected an integer, got a boolean")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip().replace("_", ""))
+        except ValueError:
+            pass
+    raise ValueError("expected an integer")
+
+
+def _parse_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(raw, (int, float)):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            pass
+    raise ValueError("expected a number")
+
+
+def _parse_str(raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw
+    raise ValueError("expected a string")
+
+
+def _parse_optional_str(raw: Any) -> str | None:
+    value = _parse_str(raw).strip()
+    return value or None
+
+
+def _parse_list(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    if isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
+        return tuple(raw)
+    raise ValueError("expected a list of strings (comma-separated in the environment and flags)")
+
+
+def _parse_range_ms(raw: Any) -> tuple[float, float]:
+    """A latency: a number of milliseconds, or ``MIN-MAX`` for a uniform draw."""
+    if isinstance(raw, (list, tuple)) and len(raw) == 2:
+        lo, hi = _parse_float(raw[0]), _parse_float(raw[1])
+    elif isinstance(raw, str) and "-" in raw.strip()[1:]:
+        text = raw.strip()
+        cut = text.index("-", 1)
+        lo, hi = _parse_float(text[:cut]), _parse_float(text[cut + 1 :])
+    else:
+        lo = hi = _parse_float(raw)
+    if lo < 0 or hi < lo:
+        raise ValueError("expected milliseconds >= 0, or MIN-MAX with 0 <= MIN <= MAX")
+    return (lo, hi)
+
+
+def _format_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "(unset)"
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        lo, hi = value
+        return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "(empty)"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+_KINDS: dict[str, Callable[[Any], Any]] = {
+    "bool": _parse_bool,
+    "int": _parse_int,
+    "float": _parse_float,
+    "str": _parse_str,
+    "optional_str": _parse_optional_str,
+    "list": _parse_list,
+    "range_ms": _parse_range_ms,
+}
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    kind: str,
+    alias: str | None = None,
+    flag: str | None = None,
+    choices: Sequence[str] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    default_doc: str | None = None,
+) -> Any:
+    """Declare one setting: a dataclass field carrying its parser, bounds and documentation."""
+    assert kind in _KINDS, kind
+    meta = {
+        "doc": doc,
+        "kind": kind,
+        "alias": alias,
+        "flag": flag,
+        "choices": tuple(choices) if choices else None,
+        "minimum": minimum,
+        "maximum": maximum,
+        "default_doc": default_doc,
+    }
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------
+# The settings object. Sections are nested frozen dataclasses.
+
+
+@dataclass(frozen=True)
+class EchoSettings:
+    """The `echo` provider: a deterministic stand-in for smoke and load tests."""
+
+    latency_ms: tuple[float, float] = setting(
+        (0.0, 0.0), "latency before the first chunk: milliseconds, or MIN-MAX drawn uniformly", kind="range_ms"
+    )
+    failure_rate: float = setting(
+        0.0, "probability that an attempt fails (drawn from a per-node RNG)", kind="float", minimum=0.0, maximum=1.0
+    )
+    seed: int = setting(0, "seed of the per-node RNG that draws latencies and failures", kind="int")
+    concurrency: int = setting(0, "cap on generations served at once; 0 = unlimited", kind="int", minimum=0)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The response cache tiers."""
+
+    memory_max_entries: int = setting(4096, "entries kept in the memory tier (LRU)", kind="int", minimum=1)
+    memory_max_bytes: int = setting(
+        64 * 1024 * 1024, "bytes of responses kept in the memory tier (LRU)", kind="int", minimum=1
+    )
+    memory_ttl: float = setting(
+        3600.0, "seconds a memory-tier entry lives; 0 = until evicted", kind="float", minimum=0.0
+    )
+    store_max_bytes: int = setting(
+        1024 * 1024 * 1024, "bytes of responses kept in the local sqlite store (LRU)", kind="int", minimum=1
+    )
+    verify_on_read: bool = setting(True, "re-hash local-store blocks against their CID on every read", kind="bool")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting accelmesh reads. Build with `load_settings()`; never mutate."""
+
+    provider: str | None = setting(
+        None,
+        "force one provider for every request (no fallback)",
+        kind="optional_str",
+        alias="IPFS_ACCELERATE_PY_LLM_PROVIDER",
+    )
+    model: str | None = setting(
+        None, "default model when a request names none", kind="optional_str", alias="IPFS_ACCELERATE_PY_LLM_MODEL"
+    )
+    provider_cache: bool = setting(
+        True, "reuse constructed provider instances", kind="bool", alias="IPFS_ACCELERATE_PY_ROUTER_CACHE"
+    )
+    response_cache: bool = setting(
+        True, "cache responses (memory tier, plus the local store where configured)", kind="bool",
+        alias="IPFS_ACCELERATE_PY_ROUTER_RESPONSE_CACHE",
+    )
+    cache_key: str = setting(
+        "cid",
+        "request key strategy: cid (CIDv1 of the canonical request) or sha256 (its hex digest)",
+        kind="str",
+        choices=("cid", "sha256"),
+        alias="IPFS_ACCELERATE_PY_ROUTER_CACHE_KEY",
+    )
+    enable_mesh: bool = setting(
+        False,
+        "put the mesh (backend manager) first in the fallback chain",
+        kind="bool",
+        alias="IPFS_ACCELERATE_PY_ENABLE_BACKEND_MANAGER",
+    )
+    load_balancing: str = setting(
+        "round_robin",
+        "how the mesh picks a peer (until the backend manager lands, every strategy routes round robin)",
+        kind="str",
+        choices=LOAD_BALANCING_STRATEGIES,
+        alias="IPFS_ACCELERATE_PY_LLM_LOAD_BALANCING",
+    )
+    fallback_order: tuple[str, ...] = setting(
+        DEFAULT_FALLBACK_ORDER,
+        "providers tried in order when a request names none (mesh is put first when enable_mesh is on)",
+        kind="list",
+    )
+    request_timeout: float = setting(
+        120.0, "deadline of a request in seconds, unless the caller passes timeout=", kind="float", minimum=0.001
+    )
+    data_dir: str = setting(
+        "",
+        "where the daemon keeps its identity, store and daemon.json",
+        kind="str",
+        default_doc="$XDG_DATA_HOME/accelmesh, else ~/.local/share/accelmesh",
+    )
+    log_level: str = setting(
+        "warning", "log level: debug, info, warning or error", kind="str", choices=("debug", "info", "warning", "error")
+    )
+    log_format: str = setting("text", "log format: text or json (one object per line)", kind="str",
+                              choices=("text", "json"))
+    echo: EchoSettings = field(default_factory=EchoSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+    # Where each value came from (dotted key -> "default" | "file PATH" | "env NAME" | "flag --x").
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Introspection
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One declared setting and every name it goes by."""
+
+    section: tuple[str, ...]
+    key: str
+    default: Any
+    doc: str
+    kind: str
+    alias: str | None
+    choices: tuple[str, ...] | None
+    minimum: float | None
+    maximum: float | None
+    flag: str
+    default_doc: str | None
+
+    @property
+    def dotted(self) -> str:
+        return ".".join((*self.section, self.key))
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + "_".join((*self.section, self.key)).upper()
+
+    def parse(self, raw: Any, source: str) -> Any:
+        try:
+            value = _KINDS[self.kind](raw)
+        except ValueError as exc:
+            raise ConfigError(self.dotted, raw, str(exc), source=source) from None
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(self.dotted, raw, f"expected one of {', '.join(self.choices)}", source=source)
+        for bound_value in (value if self.kind == "range_ms" else (value,)):
+            if self.minimum is not None and bound_value < self.minimum:
+                raise ConfigError(self.dotted, raw, f"must be at least {self.minimum:g}", source=source)
+            if self.maximum is not None and bound_value > self.maximum:
+                raise ConfigError(self.dotted, raw, f"must be at most {self.maximum:g}", source=source)
+        return value
+
+
+def _section_classes(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], type]]:
+    out = [(prefix, cls)]
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            out.extend(_section_classes(factory, (*prefix, f.name)))  # type: ignore[arg-type]
+    return out
+
+
+def iter_specs() -> list[SettingSpec]:
+    """Every setting, top-level first, in declaration order."""
+    specs = []
+    for section, cls in _section_classes(Settings):
+        for f in dataclasses.fields(cls):
+            if "kind" not in f.metadata:
+                continue
+            m = f.metadata
+            flag = m["flag"] or "--" + "-".join((*section, f.name)).replace("_", "-")
+            specs.append(
+                SettingSpec(
+                    section=section, key=f.name, default=f.default, doc=m["doc"], kind=m["kind"],
+                    alias=m["alias"], choices=m["choices"], minimum=m["minimum"], maximum=m["maximum"],
+                    flag=flag, default_doc=m["default_doc"],
+                )
+            )
+    return specs
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "accelmesh")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", str(path), "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(path), f"not valid TOML: {exc}") from None
+
+
+def _flatten_toml(data: Mapping[str, Any], specs: Mapping[str, SettingSpec], path: Path) -> dict[str, Any]:
+    sections = {spec.section for spec in specs.values()}
+    out: dict[str, Any] = {}
+
+    def walk(table: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+        for key, value in table.items():
+            dotted = ".".join((*prefix, key))
+            if dotted in specs:
+                out[dotted] = value
+            elif isinstance(value, dict) and (*prefix, key) in {s[: len(prefix) + 1] for s in sections if s}:
+                walk(value, (*prefix, key))
+            else:
+                known = sorted(s.key for s in specs.values() if s.section == prefix)
+                raise ConfigError(
+                    dotted, value, f"unknown setting; valid keys here: {', '.join(known)}", source=f"file {path}"
+                )
+
+    walk(data, ())
+    return out
+
+
+def load_settings(
+    *,
+    config: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: defaults < TOML (`config` or ``ACCELMESH_CONFIG``) < env < `flags`.
+
+    `flags` maps dotted keys (``"echo.latency_ms"``) to raw values, as the CLI parsed them.
+    """
+    env = os.environ if env is None else env
+    specs = {spec.dotted: spec for spec in iter_specs()}
+    values: dict[str, Any] = {dotted: spec.default for dotted, spec in specs.items()}
+    sources: dict[str, str] = {dotted: "default" for dotted in specs}
+    values["data_dir"] = default_data_dir(env)
+
+    config_path = config if config is not None else env.get(ENV_PREFIX + "CONFIG") or None
+    if config_path:
+        path = Path(config_path).expanduser()
+        for dotted, raw in _flatten_toml(_read_toml(path), specs, path).items():
+            values[dotted] = specs[dotted].parse(raw, f"file {path}")
+            sources[dotted] = f"file {path}"
+
+    for dotted, spec in specs.items():
+        primary, alias = env.get(spec.env), env.get(spec.alias) if spec.alias else None
+        if primary is not None and alias is not None and primary.strip() != alias.strip():
+            log.warning("%s=%r overrides its seed alias %s=%r", spec.env, primary, spec.alias, alias)
+        if primary is not None:
+            values[dotted], sources[dotted] = spec.parse(primary, f"env {spec.env}"), f"env {spec.env}"
+        elif alias is not None:
+            values[dotted], sources[dotted] = spec.parse(alias, f"env {spec.alias}"), f"env {spec.alias}"
+
+    for dotted, raw in (flags or {}).items():
+        if dotted not in specs:
+            raise ConfigError(dotted, raw, "unknown setting")
+        source = f"flag {specs[dotted].flag}"
+        values[dotted], sources[dotted] = specs[dotted].parse(raw, source), source
+
+    if not values["data_dir"]:
+        values["data_dir"] = default_data_dir(env)
+    return _build(Settings, (), values, sources)
+
+
+def _build(cls: type, prefix: tuple[str, ...], values: Mapping[str, Any], sources: Mapping[str, str]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "sources":
+            kwargs[f.name] = dict(sources)
+        elif "kind" in f.metadata:
+            kwargs[f.name] = values[".".join((*prefix, f.name))]
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[f.name] = _build(f.default_factory, (*prefix, f.name), values, sources)  # type: ignore[arg-type]
+    return cls(**kwargs)
+
+
+_watched: tuple[Any, ...] | None = None  # the environment keys current_settings() depends on
+_current: tuple[tuple[Any, ...], Settings] | None = None
+_current_lock = threading.Lock()
+
+
+def _environment_fingerprint() -> tuple[Any, ...]:
+    global _watched
+    environ = os.environ
+    raw = getattr(environ, "_data", None)  # CPython on POSIX: bytes keys, no per-lookup encoding
+    if _watched is None:
+        names = {spec.env for spec in iter_specs()} | {s.alias for s in iter_specs() if s.alias}
+        names |= {ENV_PREFIX + "CONFIG", "XDG_DATA_HOME", "HOME"}
+        keys = sorted(names)
+        _watched = tuple(environ.encodekey(k) for k in keys) if raw is not None else tuple(keys)  # type: ignore[attr-defined]
+    return tuple(map((raw if raw is not None else environ).get, _watched))
+
+
+def current_settings() -> Settings:
+    """Settings from this process's environment, rebuilt only when a relevant variable changed.
+
+    The library reads the environment at each call (as the seed did), so a program may set
+    ``ACCELMESH_*`` or ``IPFS_ACCELERATE_PY_*`` variables between calls. Checking costs ~1 us.
+    """
+    global _current
+    fingerprint = _environment_fingerprint()
+    current = _current
+    if current is not None and current[0] == fingerprint:
+        return current[1]
+    with _current_lock:
+        settings = load_settings()
+        _current = (fingerprint, settings)
+    return settings
+
+
+# ---------------------------------------------------------------------------------------
+# Documentation
+
+
+def render_reference() -> str:
+    """The settings table of docs/configuration.md, generated from the declarations above."""
+    rows = [
+        "| TOML key | environment | seed alias | flag | default | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec in iter_specs():
+        section = f"[{'.'.join(spec.section)}] " if spec.section else ""
+        default = spec.default_doc or _format_default(spec.default)
+        meaning = spec.doc
+        if spec.choices:
+            meaning += f" ({' / '.join(spec.choices)})"
+        rows.append(
+            f"| `{section}{spec.key}` | `{spec.env}` | {f'`{spec.alias}`' if spec.alias else ''} "
+            f"| `{spec.flag}` | `{default}` | {meaning} |"
+        )
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,140 @@
+"""The `echo` provider: answers ``echo: <prompt>`` identically on every node, for smoke and load tests.
+
+For chat it echoes the last user message. The answer streams word by word. Settings
+(``[echo]``): `latency_ms` (a number or ``MIN-MAX``, slept before the first chunk),
+`failure_rate` (drawn per attempt from a per-node RNG seeded by `seed`) and `concurrency`
+(a cap on generations served at once; the others queue; 0 = unlimited). The cap is kept
+separately for synchronous callers (threads) and for the daemon's event loop.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from node.errors import ProviderFailed, ProviderTimeout
+from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness
+
+if TYPE_CHECKING:
+    from node.config import EchoSettings, Settings
+
+__all__ = ["EchoProvider", "echo_text", "split_words"]
+
+MODEL = "echo"
+
+
+def echo_text(request: ProviderRequest) -> str:
+    return f"echo: {request.last_user_message if request.messages is not None else request.text}"
+
+
+def split_words(text: str) -> list[str]:
+    """Chunks that concatenate back to `text`: each word with the whitespace before it."""
+    chunks = re.findall(r"\s*\S+", text)
+    tail = text[sum(map(len, chunks)) :]
+    if tail:
+        if chunks:
+            chunks[-1] += tail
+        else:
+            chunks = [tail]
+    return chunks
+
+
+class EchoProvider(BaseProvider):
+    name = "echo"
+
+    def __init__(
+        self,
+        *,
+        latency_ms: tuple[float, float] = (0.0, 0.0),
+        failure_rate: float = 0.0,
+        seed: int = 0,
+        concurrency: int = 0,
+    ) -> None:
+        self.latency_ms = latency_ms
+        self.failure_rate = failure_rate
+        self.concurrency = concurrency
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._thread_slots = threading.BoundedSemaphore(concurrency) if concurrency else None
+        self._trio_slots: Any = None  # a trio.Semaphore, made on first async use
+        self.served = 0  # attempts that produced an answer
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EchoProvider:
+        echo: EchoSettings = settings.echo
+        return cls(
+            latency_ms=echo.latency_ms, failure_rate=echo.failure_rate, seed=echo.seed, concurrency=echo.concurrency
+        )
+
+    def available(self) -> Readiness:
+        return Readiness(True, "built in: answers 'echo: <prompt>' (for smoke and load tests)")
+
+    def models(self) -> tuple[str, ...]:
+        return (MODEL,)
+
+    def model_identity(self, model: str | None) -> str:
+        return MODEL  # the answer never depends on the model asked for
+
+    def _draw(self) -> tuple[float, bool]:
+        """Per attempt: the latency in seconds and whether this attempt fails."""
+        lo, hi = self.latency_ms
+        with self._rng_lock:
+            latency = lo if lo == hi else self._rng.uniform(lo, hi)
+            fails = self.failure_rate > 0 and self._rng.random() < self.failure_rate
+        return latency / 1000.0, fails
+
+    def _completion(self, request: ProviderRequest, chunks: list[str]) -> Completion:
+        self.served += 1
+        return Completion(
+            text="".join(chunks),
+            model=MODEL,
+            prompt_tokens=len(request.text.split()),
+            completion_tokens=len(chunks),
+        )
+
+    def complete_sync(self, request: ProviderRequest) -> Completion:
+        latency, fails = self._draw()
+        slots = self._thread_slots
+        if slots is not None and not slots.acquire(timeout=request.timeout):
+            raise ProviderTimeout(self.name, f"no free slot within {request.timeout:g} s")
+        try:
+            if latency:
+                if latency > request.timeout:
+                    time.sleep(request.timeout)
+                    raise ProviderTimeout(self.name, f"latency {latency:.3f} s exceeds the deadline")
+                time.sleep(latency)
+            if fails:
+                raise ProviderFailed(self.name, "injected failure (echo.failure_rate)", retryable=True)
+            return self._completion(request, split_words(echo_text(request)))
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+        import trio
+
+        latency, fails = self._draw()
+        if self.concurrency and self._trio_slots is None:
+            self._trio_slots = trio.Semaphore(self.concurrency)
+        slots = self._trio_slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            if latency:
+                await trio.sleep(latency)
+            if fails:
+                raise ProviderFailed(self.name, "injected failure (echo.failure_rate)", retryable=True)
+            chunks = split_words(echo_text(request))
+            for chunk in chunks:
+                yield chunk
+            yield self._completion(request, chunks)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def statistics(self) -> dict[str, Any]:
+        return {"served": self.served, "concurrency": self.concurrency, "latency_ms": self.latency_ms}

@@ -1,0 +1,1 @@
+"""accelmesh wire formats (sans-I/O)."""

@@ -1,0 +1,72 @@
+"""Content identifiers: CIDv1, codec raw, sha2-256, base32 (``bafkrei...``).
+
+`cid_of` is a standard-library fast path (a few microseconds for 2 KiB, against ~250 us
+through `multiformats`); tests pin that its strings equal `multiformats`'s. Never change
+the bytes these functions produce: request keys and response CIDs are shared between
+nodes and releases.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+
+__all__ = [
+    "CID_PREFIX",
+    "KEY_STRATEGIES",
+    "cid_of",
+    "sha256_hex",
+    "request_key",
+    "digest_of",
+    "is_fast_cid",
+]
+
+# CIDv1 (0x01), multicodec raw (0x55), multihash sha2-256 (0x12) with a 32-byte digest (0x20).
+CID_PREFIX = b"\x01\x55\x12\x20"
+_CID_LEN = len(CID_PREFIX) + 32
+KEY_STRATEGIES = ("cid", "sha256")
+
+
+def cid_of(data: bytes) -> str:
+    """The CIDv1 (raw, sha2-256, base32 lower, no padding) of `data`."""
+    digest = hashlib.sha256(data).digest()
+    return "b" + base64.b32encode(CID_PREFIX + digest).decode("ascii").lower().rstrip("=")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def request_key(canonical: bytes, strategy: str = "cid") -> str:
+    """The request key of canonical request bytes under a key strategy (`cid` or `sha256`)."""
+    if strategy == "cid":
+        return cid_of(canonical)
+    if strategy == "sha256":
+        return sha256_hex(canonical)
+    raise ValueError(f"unknown key strategy {strategy!r}; expected one of {', '.join(KEY_STRATEGIES)}")
+
+
+def digest_of(cid: str) -> bytes:
+    """The sha2-256 digest inside a CID in our canonical form; ValueError for anything else."""
+    if not cid.startswith("b") or len(cid) != 59:
+        raise ValueError(f"{cid!r} is not a base32 CIDv1 raw sha2-256 string")
+    body = cid[1:].upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except binascii.Error as exc:
+        raise ValueError(f"{cid!r} is not valid base32") from exc
+    if len(raw) != _CID_LEN or raw[: len(CID_PREFIX)] != CID_PREFIX:
+        raise ValueError(f"{cid!r} is not a CIDv1 raw sha2-256 string")
+    if cid[1:] != body.lower():  # one spelling only: lower case, no padding
+        raise ValueError(f"{cid!r} is not in canonical lower-case form")
+    return raw[len(CID_PREFIX) :]
+
+
+def is_fast_cid(value: str) -> bool:
+    """True when `value` is a CID in our canonical form (what `cid_of` returns)."""
+    try:
+        digest_of(value)
+    except ValueError:
+        return False
+    return True
