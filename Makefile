@@ -41,6 +41,7 @@ $(STAMP): pyproject.toml $(SYS_STAMP)
 run: $(STAMP)
 	$(BIN)/accelmesh generate --provider echo --json "hello from accelmesh"
 
+# pytest exits 5 when it collects nothing: that is a failure too (make fails on any non-zero exit).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -239,7 +239,7 @@ class Settings:
     )
     cache_key: str = setting(
         "cid",
-        "request key strategy: cid (CIDv1 of the canonical request) or sha256 (its hex digest)",
+        "request key strategy: CIDv1 of the canonical request, or the hex sha256 of the same bytes",
         kind="str",
         choices=("cid", "sha256"),
         alias="IPFS_ACCELERATE_PY_ROUTER_CACHE_KEY",
@@ -272,9 +272,9 @@ class Settings:
         default_doc="$XDG_DATA_HOME/accelmesh, else ~/.local/share/accelmesh",
     )
     log_level: str = setting(
-        "warning", "log level: debug, info, warning or error", kind="str", choices=("debug", "info", "warning", "error")
+        "warning", "log level on stderr", kind="str", choices=("debug", "info", "warning", "error")
     )
-    log_format: str = setting("text", "log format: text or json (one object per line)", kind="str",
+    log_format: str = setting("text", "log format on stderr (json: one object per line)", kind="str",
                               choices=("text", "json"))
     echo: EchoSettings = field(default_factory=EchoSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -505,3 +505,24 @@ def render_reference() -> str:
             f"| `{spec.flag}` | `{default}` | {meaning} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def write_reference(path: str | os.PathLike[str]) -> bool:
+    """Replace the generated table in `path` (between the settings markers); True if it changed."""
+    begin, end = "<!-- settings:begin -->\n", "<!-- settings:end -->"
+    text = Path(path).read_text()
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    new = head + begin + render_reference() + end + tail
+    if new != text:
+        Path(path).write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m node.config --markdown [PATH]: regenerate the reference table
+    import sys
+
+    target = sys.argv[2] if len(sys.argv) > 2 else "docs/configuration.md"
+    if sys.argv[1:2] != ["--markdown"]:
+        sys.exit("usage: python -m node.config --markdown [docs/configuration.md]")
+    print(f"{target}: {'updated' if write_reference(target) else 'up to date'}")

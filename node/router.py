@@ -234,6 +234,18 @@ def build_request(
 # Provider resolution
 
 
+def _chain(settings: Any) -> list[str]:
+    """The fallback chain: [mesh if enabled], [providers registered here], the configured order."""
+    order = list(settings.fallback_order)
+    if settings.sources.get("fallback_order", "default") == "default":
+        # Providers registered in this process go first: registering one is a statement of intent.
+        mine = registry.user_registered()
+        order = [*mine, *(n for n in order if n not in mine)]
+    if settings.enable_mesh and "mesh" not in order:
+        order.insert(0, "mesh")
+    return order
+
+
 def _candidates(
     name: str | None, deps: RouterDeps, settings: Any
 ) -> tuple[list[tuple[str, BaseProvider]], list[tuple[str, BaseException | str]], bool]:
@@ -245,12 +257,9 @@ def _candidates(
         if not readiness.ok:
             raise ProviderUnavailable(chosen, readiness.reason)
         return [(chosen, provider)], [], True
-    order = list(settings.fallback_order)
-    if settings.enable_mesh and "mesh" not in order:
-        order.insert(0, "mesh")
     ready: list[tuple[str, BaseProvider]] = []
     skipped: list[tuple[str, BaseException | str]] = []
-    for candidate in order:
+    for candidate in _chain(settings):
         if not registry.is_registered(candidate):
             skipped.append((candidate, "not installed"))
             continue
@@ -335,7 +344,7 @@ class _Attempt:
 
     def hit(self, found: tuple[bytes, str, str], started: float) -> Result:
         data, cid, tier = found
-        body = decode_response(data)
+        body = decode_response(data, trusted=tier != "cluster")  # cluster bytes were fully checked
         self.deps.count(tier)
         return Result(
             text=body.get("text", ""), provider=self.name, model=body["model"], cache=tier, key=self.key,
@@ -437,7 +446,13 @@ def complete(
                 raise
             failures.append((name, exc))
             _log().info("provider %s failed (%s); trying the next one", name, exc)
-    raise AllProvidersFailed(failures)
+    raise AllProvidersFailed(_in_chain_order(failures, settings))
+
+
+def _in_chain_order(failures: list[tuple[str, Any]], settings: Any) -> list[tuple[str, Any]]:
+    position = {name: i for i, (name, _) in enumerate(failures)}
+    order = {name: i for i, name in enumerate(_chain(settings))}
+    return sorted(failures, key=lambda item: (order.get(item[0], len(order)), position[item[0]]))
 
 
 def _attempt_sync(attempt: _Attempt, deadline: float, started: float) -> Result:
@@ -523,7 +538,7 @@ async def aiter_request(
                 raise
             failures.append((name, exc))
             _log().info("provider %s failed (%s); trying the next one", name, exc)
-    raise AllProvidersFailed(failures)
+    raise AllProvidersFailed(_in_chain_order(failures, settings))
 
 
 async def _attempt_async(attempt: _Attempt, deadline: float, started: float) -> AsyncIterator[str | Result]:

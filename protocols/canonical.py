@@ -44,34 +44,45 @@ def canonicalize(value: Any, path: str = "", depth: int = 0) -> Any:
     """Return `value` as plain msgpack-able Python objects in canonical form."""
     if depth > MAX_DEPTH:
         raise NotCanonical(path, f"nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, bool):
+    kind = type(value)  # exact types first (the common case), then subclasses
+    if kind is str:
+        return value if unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)
+    if kind is dict or (kind is not list and isinstance(value, Mapping)):
+        return _canonical_map(value, path, depth)
+    if kind is list or kind is tuple:
+        return [canonicalize(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if value is None or kind is bool:
         return value
-    if isinstance(value, int):
+    if kind is int or (isinstance(value, int) and not isinstance(value, bool)):
         if not _INT_MIN <= value <= _INT_MAX:
             raise NotCanonical(path, "integer out of the 64-bit range")
         return int(value)
-    if isinstance(value, float):
+    if kind is float or isinstance(value, float):
         if not math.isfinite(value):
             raise NotCanonical(path, f"{value!r} has no canonical encoding")
         return 0.0 if value == 0.0 else float(value)
+    if isinstance(value, bool):
+        return bool(value)
     if isinstance(value, str):
-        return unicodedata.normalize("NFC", value)
+        return unicodedata.normalize("NFC", str(value))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
-    if isinstance(value, Mapping):
-        items: dict[bytes, tuple[str, Any]] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise NotCanonical(path, f"map key {key!r} is not a string")
-            norm = unicodedata.normalize("NFC", key)
-            raw = norm.encode("utf-8")
-            if raw in items:
-                raise NotCanonical(path, f"duplicate key {norm!r} after NFC normalization")
-            items[raw] = (norm, canonicalize(item, f"{path}.{norm}" if path else norm, depth + 1))
-        return {items[raw][0]: items[raw][1] for raw in sorted(items)}
     if isinstance(value, Sequence):
         return [canonicalize(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
     raise NotCanonical(path, f"type {type(value).__name__} has no canonical encoding")
+
+
+def _canonical_map(value: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
+    items: dict[bytes, tuple[str, Any]] = {}
+    for key, item in value.items():
+        if type(key) is not str and not isinstance(key, str):
+            raise NotCanonical(path, f"map key {key!r} is not a string")
+        norm = key if unicodedata.is_normalized("NFC", key) else unicodedata.normalize("NFC", key)
+        raw = norm.encode("utf-8")
+        if raw in items:
+            raise NotCanonical(path, f"duplicate key {norm!r} after NFC normalization")
+        items[raw] = (norm, canonicalize(item, f"{path}.{norm}" if path else norm, depth + 1))
+    return {items[raw][0]: items[raw][1] for raw in sorted(items)}
 
 
 def encode(value: Any) -> bytes:
@@ -136,8 +147,12 @@ def response_bytes(
 _MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a response must fit in one cache block
 
 
-def decode_response(data: bytes) -> dict[str, Any]:
-    """Parse canonical response bytes; MalformedMessage unless they are exactly what `response_bytes` makes."""
+def decode_response(data: bytes, *, trusted: bool = False) -> dict[str, Any]:
+    """Parse canonical response bytes; MalformedMessage unless they are exactly what `response_bytes` makes.
+
+    `trusted` skips the canonical-form check (a re-encode) for bytes this node stored itself
+    and has just verified against their CID.
+    """
     if len(data) > _MAX_RESPONSE_BYTES:
         raise MalformedMessage(f"{len(data)} bytes exceeds {_MAX_RESPONSE_BYTES}", message_type="response")
     try:
@@ -165,6 +180,6 @@ def decode_response(data: bytes) -> dict[str, Any]:
         isinstance(embedding, list) and all(isinstance(x, float) for x in embedding)
     ):
         raise MalformedMessage("not a list of floats", field="embedding", message_type="response")
-    if encode(body) != bytes(data):
+    if not trusted and encode(body) != bytes(data):
         raise MalformedMessage("not in canonical form", message_type="response")
     return body

@@ -28,10 +28,19 @@ _CID_LEN = len(CID_PREFIX) + 32
 KEY_STRATEGIES = ("cid", "sha256")
 
 
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
+_B32_PAIRS = tuple(_B32[i >> 5] + _B32[i & 31] for i in range(1024))  # 10 bits -> two characters
+_B32_SHIFTS = tuple(range(280, -10, -10))  # 36 bytes = 288 bits, padded with 2 zero bits to 290
+
+
 def cid_of(data: bytes) -> str:
-    """The CIDv1 (raw, sha2-256, base32 lower, no padding) of `data`."""
-    digest = hashlib.sha256(data).digest()
-    return "b" + base64.b32encode(CID_PREFIX + digest).decode("ascii").lower().rstrip("=")
+    """The CIDv1 (raw, sha2-256, base32 lower, no padding) of `data`.
+
+    Equivalent to ``"b" + base64.b32encode(prefix + digest).lower().rstrip("=")``, at about
+    half its cost: the 36 bytes are encoded ten bits at a time from a table.
+    """
+    n = int.from_bytes(CID_PREFIX + hashlib.sha256(data).digest(), "big") << 2
+    return "b" + "".join([_B32_PAIRS[(n >> shift) & 1023] for shift in _B32_SHIFTS])
 
 
 def sha256_hex(data: bytes) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from node.errors import ProviderNotFound
 
-__all__ = ["BUILTIN_PROVIDERS", "register", "unregister", "factory_for", "names", "is_registered"]
+__all__ = ["BUILTIN_PROVIDERS", "register", "unregister", "factory_for", "names", "is_registered", "user_registered"]
 
 # name -> "module:attribute" of a zero-argument factory; imported on first use so that
 # `import node` stays light. Later issues add the real providers here.
@@ -41,6 +41,12 @@ def names() -> list[str]:
     with _lock:
         extra = [n for n in _registered if n not in BUILTIN_PROVIDERS]
     return [*BUILTIN_PROVIDERS, *extra]
+
+
+def user_registered() -> list[str]:
+    """Names registered with `register` that are not built-ins, in registration order."""
+    with _lock:
+        return [n for n in _registered if n not in BUILTIN_PROVIDERS]
 
 
 def is_registered(name: str) -> bool:

@@ -1,0 +1,162 @@
+"""Settings: defaults < TOML < env < flags, the mapping rule, aliases, and errors that name the key."""
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from node.config import LOAD_BALANCING_STRATEGIES, iter_specs, load_settings, render_reference
+from node.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "accelmesh.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_contract():
+    s = load_settings(env={})
+    assert s.provider is None and s.model is None
+    assert s.provider_cache is True and s.response_cache is True
+    assert s.cache_key == "cid" and s.enable_mesh is False and s.load_balancing == "round_robin"
+    assert s.request_timeout == 120.0
+    assert s.echo.latency_ms == (0.0, 0.0) and s.echo.failure_rate == 0.0 and s.echo.concurrency == 0
+
+
+def test_later_sources_win_defaults_toml_env_flags(tmp_path):
+    toml = write_toml(tmp_path, 'model = "from-toml"\n[echo]\nseed = 1\nfailure_rate = 0.25\n')
+    s = load_settings(config=toml, env={})
+    assert (s.model, s.echo.seed, s.echo.failure_rate) == ("from-toml", 1, 0.25)
+    s = load_settings(config=toml, env={"ACCELMESH_MODEL": "from-env", "ACCELMESH_ECHO_SEED": "2"})
+    assert (s.model, s.echo.seed, s.echo.failure_rate) == ("from-env", 2, 0.25)
+    s = load_settings(config=toml, env={"ACCELMESH_MODEL": "from-env"}, flags={"model": "from-flag"})
+    assert s.model == "from-flag"
+    assert s.sources["model"] == "flag --model"
+    assert s.sources["echo.failure_rate"] == f"file {toml}"
+
+
+def test_config_file_from_environment_variable(tmp_path):
+    toml = write_toml(tmp_path, 'cache_key = "sha256"\n')
+    assert load_settings(env={"ACCELMESH_CONFIG": str(toml)}).cache_key == "sha256"
+
+
+def test_mapping_rule_holds_for_every_setting():
+    for spec in iter_specs():
+        parts = (*spec.section, spec.key)
+        assert spec.env == "ACCELMESH_" + "_".join(parts).upper()
+        assert spec.flag == "--" + "-".join(parts).replace("_", "-")
+
+
+@pytest.mark.parametrize("raw,expected", [(v, True) for v in ("1", "true", "YES", "on")]
+                         + [(v, False) for v in ("0", "false", "No", "off")])
+def test_booleans(raw, expected):
+    assert load_settings(env={"ACCELMESH_ENABLE_MESH": raw}).enable_mesh is expected
+
+
+def test_bad_boolean_names_the_key_value_and_source():
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"ACCELMESH_RESPONSE_CACHE": "maybe"})
+    message = str(info.value)
+    assert "response_cache" in message and "'maybe'" in message and "ACCELMESH_RESPONSE_CACHE" in message
+    assert "1/true/yes/on" in message
+
+
+@pytest.mark.parametrize(
+    "primary,alias,value",
+    [
+        ("ACCELMESH_PROVIDER", "IPFS_ACCELERATE_PY_LLM_PROVIDER", "echo"),
+        ("ACCELMESH_MODEL", "IPFS_ACCELERATE_PY_LLM_MODEL", "tiny"),
+        ("ACCELMESH_PROVIDER_CACHE", "IPFS_ACCELERATE_PY_ROUTER_CACHE", "0"),
+        ("ACCELMESH_RESPONSE_CACHE", "IPFS_ACCELERATE_PY_ROUTER_RESPONSE_CACHE", "0"),
+        ("ACCELMESH_CACHE_KEY", "IPFS_ACCELERATE_PY_ROUTER_CACHE_KEY", "sha256"),
+        ("ACCELMESH_ENABLE_MESH", "IPFS_ACCELERATE_PY_ENABLE_BACKEND_MANAGER", "1"),
+        ("ACCELMESH_LOAD_BALANCING", "IPFS_ACCELERATE_PY_LLM_LOAD_BALANCING", "least_loaded"),
+    ],
+)
+def test_every_seed_alias_is_read_and_the_primary_wins(primary, alias, value):
+    via_alias = load_settings(env={alias: value})
+    via_primary = load_settings(env={primary: value})
+    assert via_alias == via_primary
+    assert via_alias != load_settings(env={}), f"{alias} changed nothing"
+    assert via_alias.sources[next(s.dotted for s in iter_specs() if s.env == primary)] == f"env {alias}"
+
+
+def test_primary_beats_alias_and_a_conflict_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="node.config"):
+        s = load_settings(env={"ACCELMESH_MODEL": "a", "IPFS_ACCELERATE_PY_LLM_MODEL": "b"})
+    assert s.model == "a"
+    assert "ACCELMESH_MODEL" in caplog.text and "IPFS_ACCELERATE_PY_LLM_MODEL" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="node.config"):
+        load_settings(env={"ACCELMESH_MODEL": "a", "IPFS_ACCELERATE_PY_LLM_MODEL": "a"})
+    assert caplog.text == "", "equal values are not a conflict"
+
+
+def test_unknown_load_balancing_strategy_is_refused_with_the_valid_names():
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"IPFS_ACCELERATE_PY_LLM_LOAD_BALANCING": "fastest"})
+    message = str(info.value)
+    assert "load_balancing" in message and "'fastest'" in message
+    for name in LOAD_BALANCING_STRATEGIES:
+        assert name in message
+
+
+def test_every_valid_load_balancing_strategy_loads():
+    for name in LOAD_BALANCING_STRATEGIES:
+        assert load_settings(env={"ACCELMESH_LOAD_BALANCING": name}).load_balancing == name
+
+
+def test_unknown_toml_key_lists_the_valid_ones(tmp_path):
+    toml = write_toml(tmp_path, "[echo]\nlatncy_ms = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config=toml, env={})
+    assert "echo.latncy_ms" in str(info.value) and "latency_ms" in str(info.value)
+
+
+def test_invalid_toml_and_missing_file_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(config=write_toml(tmp_path, "model = \n"), env={})
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(config=tmp_path / "nope.toml", env={})
+
+
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"ACCELMESH_ECHO_FAILURE_RATE": "1.5"}, "at most 1"),
+        ({"ACCELMESH_ECHO_CONCURRENCY": "-1"}, "at least 0"),
+        ({"ACCELMESH_ECHO_LATENCY_MS": "20-10"}, "MIN <= MAX"),
+        ({"ACCELMESH_ECHO_SEED": "abc"}, "integer"),
+        ({"ACCELMESH_REQUEST_TIMEOUT": "0"}, "at least"),
+        ({"ACCELMESH_CACHE_KEY": "md5"}, "cid, sha256"),
+    ],
+)
+def test_bad_values_are_refused_with_a_reason(env, match):
+    with pytest.raises(ConfigError, match=match):
+        load_settings(env=env)
+
+
+def test_latency_accepts_a_number_or_a_range(tmp_path):
+    assert load_settings(env={"ACCELMESH_ECHO_LATENCY_MS": "7"}).echo.latency_ms == (7.0, 7.0)
+    assert load_settings(env={"ACCELMESH_ECHO_LATENCY_MS": "5-20"}).echo.latency_ms == (5.0, 20.0)
+    toml = write_toml(tmp_path, "[echo]\nlatency_ms = 3\n")
+    assert load_settings(config=toml, env={}).echo.latency_ms == (3.0, 3.0)
+
+
+def test_data_dir_defaults_to_xdg_then_home():
+    assert load_settings(env={"XDG_DATA_HOME": "/x"}).data_dir == "/x/accelmesh"
+    assert load_settings(env={"HOME": "/h"}).data_dir.endswith("/.local/share/accelmesh")
+    assert load_settings(env={"ACCELMESH_DATA_DIR": "/d"}).data_dir == "/d"
+
+
+def test_docs_configuration_lists_every_setting_as_generated():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    match = re.search(r"<!-- settings:begin -->\n(.*?)<!-- settings:end -->", doc, re.S)
+    assert match, "docs/configuration.md lacks the generated settings table"
+    assert match.group(1) == render_reference(), (
+        "docs/configuration.md is stale: regenerate with `python -m node.config --markdown`"
+    )

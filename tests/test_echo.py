@@ -1,0 +1,107 @@
+"""The echo provider exactly as INTERFACES.md describes it."""
+
+import time
+
+import pytest
+import trio
+
+import node
+from node import RouterDeps
+from node.config import load_settings
+from node.errors import ProviderFailed
+from node.providers.base import ProviderRequest
+from node.providers.echo import EchoProvider, split_words
+
+
+def deps(**env):
+    return RouterDeps(settings=load_settings(env=env))
+
+
+def test_echo_answers_the_prompt_identically_everywhere():
+    assert node.generate_text("Hello, mesh!", provider="echo") == "echo: Hello, mesh!"
+    assert node.complete("x", provider="echo").model == "echo"
+
+
+def test_echo_streams_word_by_word_and_chunks_rebuild_the_text():
+    chunks = list(node.stream_text("one  two\tthree ", provider="echo"))
+    assert chunks == ["echo:", " one", "  two", "\tthree "]
+    assert split_words("") == [] and split_words("  ") == ["  "]
+
+
+def test_echo_latency_is_slept_before_the_first_chunk():
+    start = time.monotonic()
+    node.complete("x", provider="echo", deps=deps(ACCELMESH_ECHO_LATENCY_MS="120"), cache="no-cache")
+    assert time.monotonic() - start >= 0.12
+
+
+def test_echo_latency_range_draws_from_a_seeded_rng():
+    a = EchoProvider(latency_ms=(10.0, 20.0), seed=7)
+    b = EchoProvider(latency_ms=(10.0, 20.0), seed=7)
+    draws_a, draws_b = [a._draw()[0] for _ in range(50)], [b._draw()[0] for _ in range(50)]
+    assert draws_a == draws_b and all(0.010 <= d <= 0.020 for d in draws_a) and len(set(draws_a)) > 1
+
+
+def test_echo_failure_rate_is_drawn_per_attempt_from_the_seed():
+    def outcomes(seed):
+        provider = EchoProvider(failure_rate=0.3, seed=seed)
+        request = ProviderRequest(task="generate", prompt="x", messages=None, model=None)
+        out = []
+        for _ in range(200):
+            try:
+                provider.complete_sync(request)
+                out.append(True)
+            except ProviderFailed as exc:
+                assert exc.retryable
+                out.append(False)
+        return out
+
+    assert outcomes(1) == outcomes(1) != outcomes(2)
+    failures = outcomes(1).count(False)
+    assert 30 <= failures <= 90  # 0.3 of 200, with generous slack; exact sequence pinned by the seed
+
+
+def test_echo_failure_rate_one_always_fails_and_zero_never():
+    with pytest.raises(ProviderFailed, match="injected failure"):
+        node.complete("x", provider="echo", deps=deps(ACCELMESH_ECHO_FAILURE_RATE="1"))
+    for _ in range(20):
+        node.complete("x", provider="echo", deps=deps(ACCELMESH_ECHO_FAILURE_RATE="0"), cache="no-cache")
+
+
+async def test_echo_concurrency_caps_parallel_service_and_queues_the_rest():
+    provider = EchoProvider(latency_ms=(100.0, 100.0), concurrency=2)
+    request = ProviderRequest(task="generate", prompt="x", messages=None, model=None)
+    finished = []
+
+    async def one(i):
+        await provider.acomplete(request)
+        finished.append((i, trio.current_time()))
+
+    start = trio.current_time()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+    times = sorted(t - start for _, t in finished)
+    # two at a time: two finish at ~0.1 s, two at ~0.2 s
+    assert times[1] < 0.15 and times[2] >= 0.2
+
+
+def test_echo_concurrency_caps_threads_too():
+    import threading
+
+    provider = EchoProvider(latency_ms=(100.0, 100.0), concurrency=1)
+    request = ProviderRequest(task="generate", prompt="x", messages=None, model=None)
+    start = time.monotonic()
+    threads = [threading.Thread(target=provider.complete_sync, args=(request,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert time.monotonic() - start >= 0.3
+
+
+async def test_echo_streams_in_trio_with_latency_on_the_trio_clock(autojump_clock):
+    d = deps(ACCELMESH_ECHO_LATENCY_MS="5000")
+    start = trio.current_time()
+    chunks = [c async for c in node.astream_text("a b", provider="echo", deps=d)]
+    assert chunks == ["echo:", " a", " b"] and trio.current_time() - start >= 5.0

@@ -1,0 +1,231 @@
+"""Router core: resolution, ordered fallback, error aggregation, deadlines, request normalization."""
+
+import pytest
+import trio
+
+import node
+from node import RouterDeps
+from node.config import load_settings
+from node.errors import (
+    AllProvidersFailed,
+    DeadlineExceeded,
+    InvalidRequest,
+    ProviderAuthError,
+    ProviderFailed,
+    ProviderNotFound,
+    ProviderUnavailable,
+)
+from node.providers.base import Readiness
+from tests.fakes.providers import ScriptedProvider
+
+
+def deps_with(*providers, **env):
+    """RouterDeps whose fallback chain is exactly `providers`, in order."""
+    for p in providers:
+        node.register_llm_provider(p.name, lambda p=p: p)
+    env = {"ACCELMESH_FALLBACK_ORDER": ",".join(p.name for p in providers), **env}
+    return RouterDeps(settings=load_settings(env=env))
+
+
+def test_first_ready_provider_answers():
+    alice, bob = ScriptedProvider("alice"), ScriptedProvider("bob")
+    result = node.complete("hi", deps=deps_with(alice, bob))
+    assert (result.text, result.provider) == ("alice: hi", "alice")
+    assert (alice.calls, bob.calls) == (1, 0)
+
+
+def test_failure_falls_back_to_the_next_provider_in_order():
+    alice = ScriptedProvider("alice", [ProviderFailed("alice", "boom")])
+    bob = ScriptedProvider("bob", [ProviderAuthError("bob", "401")])
+    carol = ScriptedProvider("carol")
+    deps = deps_with(alice, bob, carol)
+    result = node.complete("hi", deps=deps)
+    assert result.provider == "carol"
+    assert (alice.calls, bob.calls, carol.calls) == (1, 1, 1)
+    assert deps.statistics().failures == {"alice": 1, "bob": 1}
+
+
+def test_unready_providers_are_skipped_without_being_called():
+    alice = ScriptedProvider("alice", ready=Readiness(False, "ALICE_API_KEY is not set"))
+    bob = ScriptedProvider("bob")
+    assert node.complete("hi", deps=deps_with(alice, bob)).provider == "bob"
+    assert alice.calls == 0
+
+
+def test_all_failed_lists_every_provider_and_its_cause_in_order():
+    alice = ScriptedProvider("alice", [ProviderFailed("alice", "boom")])
+    bob = ScriptedProvider("bob", ready=Readiness(False, "binary `bob` not on PATH"))
+    carol = ScriptedProvider("carol", [RuntimeError("segfault-ish")])
+    deps = deps_with(alice, bob, carol, ACCELMESH_FALLBACK_ORDER="alice,bob,ghost,carol")
+    with pytest.raises(AllProvidersFailed) as info:
+        node.complete("hi", deps=deps)
+    names = [name for name, _ in info.value.attempts]
+    assert names == ["alice", "bob", "ghost", "carol"]  # in chain order
+    message = str(info.value)
+    assert "alice: boom" in message
+    assert "bob: not ready: binary `bob` not on PATH" in message
+    assert "ghost: not installed" in message
+    assert "carol: RuntimeError: segfault-ish" in message
+
+
+def test_default_chain_skips_unregistered_builtins_as_not_installed():
+    with pytest.raises(AllProvidersFailed) as info:
+        node.complete("hi", deps=RouterDeps(settings=load_settings(env={})))
+    reasons = dict(info.value.attempts)
+    assert list(reasons)[:2] == ["openrouter", "codex_cli"]
+    assert all(reason == "not installed" for reason in reasons.values() if isinstance(reason, str))
+
+
+def test_enable_mesh_puts_mesh_first_in_the_chain():
+    with pytest.raises(AllProvidersFailed) as info:
+        node.complete("hi", deps=RouterDeps(settings=load_settings(env={"ACCELMESH_ENABLE_MESH": "1"})))
+    assert info.value.attempts[0][0] == "mesh"
+
+
+def test_named_provider_is_the_only_one_tried_and_its_error_is_raised():
+    alice = ScriptedProvider("alice", [ProviderAuthError("alice", "401 unauthorized")])
+    bob = ScriptedProvider("bob")
+    deps = deps_with(alice, bob)
+    with pytest.raises(ProviderAuthError):
+        node.complete("hi", provider="alice", deps=deps)
+    assert bob.calls == 0
+
+
+def test_configured_provider_acts_like_a_named_one():
+    alice, bob = ScriptedProvider("alice"), ScriptedProvider("bob")
+    deps = deps_with(alice, bob, ACCELMESH_PROVIDER="bob")
+    assert node.complete("hi", deps=deps).provider == "bob"
+
+
+def test_unknown_provider_lists_the_known_ones():
+    node.register_llm_provider("alice", lambda: ScriptedProvider("alice"))
+    with pytest.raises(ProviderNotFound) as info:
+        node.generate_text("hi", provider="nope")
+    assert "echo" in str(info.value) and "alice" in str(info.value)
+
+
+def test_named_provider_that_is_not_ready_says_why():
+    node.register_llm_provider("alice", lambda: ScriptedProvider("alice", ready=Readiness(False, "set ALICE_KEY")))
+    with pytest.raises(ProviderUnavailable, match="set ALICE_KEY"):
+        node.generate_text("hi", provider="alice")
+
+
+def test_deadline_stops_the_chain():
+    slow = ScriptedProvider("slow", [ProviderFailed("slow", "late")], latency=0.2)
+    bob = ScriptedProvider("bob")
+    with pytest.raises(DeadlineExceeded):
+        node.complete("hi", deps=deps_with(slow, bob), timeout=0.1)
+    assert bob.calls == 0
+
+
+async def test_async_deadline_cancels_a_slow_provider():
+    slow = ScriptedProvider("slow", latency=10.0)
+    with trio.fail_after(5):
+        with pytest.raises(DeadlineExceeded):
+            await node.acomplete("hi", deps=deps_with(slow), timeout=0.2)
+    assert slow.cancelled == 1
+
+
+async def test_async_fallback_happens_before_the_first_chunk():
+    alice = ScriptedProvider("alice", [ProviderFailed("alice", "boom")])
+    bob = ScriptedProvider("bob")
+    deps = deps_with(alice, bob)
+    with trio.fail_after(5):
+        chunks = [c async for c in node.astream_text("hello there", deps=deps)]
+    assert "".join(chunks) == "bob: hello there" and len(chunks) > 1
+
+
+async def test_async_failure_after_a_chunk_is_not_hidden_by_fallback():
+    class FailsMidStream(ScriptedProvider):
+        async def astream(self, request):
+            yield "partial"
+            raise ProviderFailed(self.name, "connection lost")
+
+    alice, bob = FailsMidStream("alice"), ScriptedProvider("bob")
+    deps = deps_with(alice, bob)
+    seen = []
+    with trio.fail_after(5), pytest.raises(ProviderFailed, match="connection lost"):
+        async for chunk in node.astream_text("hi", deps=deps):
+            seen.append(chunk)
+    assert seen == ["partial"] and bob.calls == 0
+
+
+def test_sync_stream_yields_chunks_in_order_and_closing_early_cancels():
+    node.register_llm_provider("alice", lambda: ScriptedProvider("alice", chunks=4))
+    chunks = list(node.stream_text("one two three", provider="alice"))
+    assert "".join(chunks) == "alice: one two three" and len(chunks) >= 4
+    iterator = node.stream_text("never finished", provider="echo", cache="no-cache")
+    assert next(iterator) == "echo:"
+    iterator.close()  # returns promptly: the worker loop is cancelled
+
+
+def test_reserved_kwargs_never_reach_the_provider_nor_the_key():
+    seen = []
+
+    class Recorder:
+        def generate(self, prompt, *, model_name=None, **kwargs):
+            seen.append(kwargs)
+            return "ok"
+
+    node.register_llm_provider("rec", Recorder)
+    a = node.complete("p", provider="rec", timeout=5, request_id="r1", stream=False, strategy="x",
+                      on_peers=["12D3"], accelerator="cpu", cache="no-store", extra=1)
+    b = node.complete("p", provider="rec", extra=1, cache="no-store")
+    assert seen == [{"extra": 1}, {"extra": 1}]
+    assert a.key == b.key and a.request_id == "r1"
+
+
+def test_spelled_out_defaults_keep_the_key_and_real_parameters_change_it():
+    base = node.complete("p", provider="echo").key
+    assert node.complete("p", provider="echo", temperature=0, top_p=1.0, stop=[]).key == base
+    assert node.complete("p", provider="echo", max_tokens=5).key != base
+    assert node.complete("p", provider="echo", temperature=0.5, seed=1).key != base
+
+
+def test_key_covers_the_model_identity_so_providers_never_share_answers():
+    node.register_llm_provider("alice", lambda: ScriptedProvider("alice"))
+    echo, alice = node.complete("same", provider="echo"), node.complete("same", provider="alice")
+    assert echo.key != alice.key and (echo.cache, alice.cache) == ("miss", "miss")
+    assert alice.text == "alice: same"
+    assert node.complete("same", provider="alice", model_name="other").key != alice.key
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "ten"}, "max_tokens"),
+        ({"stop": [1]}, "stop"),
+        ({"cache": "sometimes"}, "cache mode"),
+        ({"timeout": -1}, "timeout"),
+        ({"weird": object()}, "weird"),
+        ({"temperature": float("nan")}, "temperature"),
+    ],
+)
+def test_bad_arguments_raise_invalid_request(kwargs, match):
+    with pytest.raises(InvalidRequest, match=match):
+        node.generate_text("hi", provider="echo", **kwargs)
+
+
+def test_chat_messages_are_a_chat_request_and_echo_answers_the_last_user_message():
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second"},
+    ]
+    result = node.complete(messages, provider="echo")
+    assert result.text == "echo: second"
+    assert node.complete("second", provider="echo").key != result.key
+    with pytest.raises(InvalidRequest, match="messages"):
+        node.generate_text([{"role": "user"}], provider="echo")
+
+
+def test_get_and_describe_providers():
+    node.register_llm_provider("alice", lambda: ScriptedProvider("alice", ready=Readiness(False, "no key")))
+    infos = {info.name: info for info in node.describe_llm_providers()}
+    assert infos["echo"].ready and infos["echo"].models == ("echo",)
+    assert not infos["alice"].ready and infos["alice"].reason == "no key"
+    assert node.get_llm_provider("echo").name == "echo"
