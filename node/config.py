@@ -166,6 +166,7 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     default_doc: str | None = None,
+    secret: bool = False,
 ) -> Any:
     """Declare one setting: a dataclass field carrying its parser, bounds and documentation."""
     assert kind in _KINDS, kind
@@ -178,8 +179,9 @@ def setting(
         "minimum": minimum,
         "maximum": maximum,
         "default_doc": default_doc,
+        "secret": secret,
     }
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,6 +217,111 @@ class CacheSettings:
         1024 * 1024 * 1024, "bytes of responses kept in the local sqlite store (LRU)", kind="int", minimum=1
     )
     verify_on_read: bool = setting(True, "re-hash local-store blocks against their CID on every read", kind="bool")
+
+
+@dataclass(frozen=True)
+class HFLocalSettings:
+    """`hf_local`: Hugging Face transformers models run in this process."""
+
+    models: tuple[str, ...] = setting(
+        (), "models served (Hugging Face ids or local paths); empty = the embedded tiny model only", kind="list"
+    )
+    default_model: str = setting(
+        "", "model used when a request names none; empty = the first of `models`, else the embedded model",
+        kind="str",
+    )
+    device: str = setting("auto", "where models run (auto: cuda > mps > cpu)", kind="str",
+                          choices=("auto", "cuda", "mps", "cpu"))
+    preload: bool = setting(False, "load every model of `models` when the daemon starts (with a progress bar)",
+                            kind="bool")
+    max_new_tokens: int = setting(256, "tokens generated when a request gives no max_tokens", kind="int", minimum=1)
+    concurrency: int = setting(1, "generations at once per device (others queue)", kind="int", minimum=1)
+
+
+@dataclass(frozen=True)
+class OpenAICompatibleSettings:
+    """`openai_compatible`: any server speaking the OpenAI chat-completions API."""
+
+    base_url: str = setting("", "API base URL including /v1, e.g. http://127.0.0.1:8000/v1; empty = not configured",
+                            kind="str")
+    api_key: str = setting("", "bearer token sent as Authorization (may be empty for local servers)", kind="str",
+                           secret=True)
+    default_model: str = setting("", "model used when a request names none", kind="str")
+    timeout: float = setting(60.0, "seconds to wait for a response to start", kind="float", minimum=0.001)
+
+
+@dataclass(frozen=True)
+class OpenRouterSettings:
+    """`openrouter`: the OpenAI-compatible code with OpenRouter's URL and key preset."""
+
+    base_url: str = setting("https://openrouter.ai/api/v1", "OpenRouter API base URL", kind="str")
+    api_key: str = setting("", "OpenRouter API key", kind="str", alias="OPENROUTER_API_KEY", secret=True)
+    default_model: str = setting("openrouter/auto", "model used when a request names none", kind="str")
+    timeout: float = setting(60.0, "seconds to wait for a response to start", kind="float", minimum=0.001)
+
+
+@dataclass(frozen=True)
+class CodexCLISettings:
+    """`codex_cli`: the OpenAI Codex CLI (`codex exec`)."""
+
+    binary: str = setting("codex", "executable name or path", kind="str")
+    model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
+    timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
+                             minimum=0.001)
+
+
+@dataclass(frozen=True)
+class CopilotCLISettings:
+    """`copilot_cli`: the GitHub Copilot CLI (`copilot -p`)."""
+
+    binary: str = setting("copilot", "executable name or path", kind="str")
+    model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
+    timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
+                             minimum=0.001)
+
+
+@dataclass(frozen=True)
+class GeminiCLISettings:
+    """`gemini_cli`: the Google Gemini CLI (`gemini -p`)."""
+
+    binary: str = setting("gemini", "executable name or path", kind="str")
+    model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
+    timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
+                             minimum=0.001)
+
+
+@dataclass(frozen=True)
+class ClaudeCodeSettings:
+    """`claude_code`: Anthropic's Claude Code CLI (`claude -p`)."""
+
+    binary: str = setting("claude", "executable name or path", kind="str")
+    model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
+    timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
+                             minimum=0.001)
+
+
+@dataclass(frozen=True)
+class CopilotSDKSettings:
+    """`copilot_sdk`: the GitHub Copilot SDK (`github-copilot-sdk`), driving the `copilot` CLI."""
+
+    cli_path: str = setting("copilot", "the `copilot` executable the SDK starts", kind="str")
+    cli_url: str = setting("", "connect to an already running Copilot CLI server instead (host:port)", kind="str")
+    model: str = setting("", "model for new sessions; empty = the SDK's default", kind="str")
+    timeout: float = setting(300.0, "seconds a generation may take", kind="float", minimum=0.001)
+
+
+@dataclass(frozen=True)
+class ProvidersSettings:
+    """Per-provider settings: ``[providers.NAME]``."""
+
+    hf_local: HFLocalSettings = field(default_factory=HFLocalSettings)
+    openai_compatible: OpenAICompatibleSettings = field(default_factory=OpenAICompatibleSettings)
+    openrouter: OpenRouterSettings = field(default_factory=OpenRouterSettings)
+    codex_cli: CodexCLISettings = field(default_factory=CodexCLISettings)
+    copilot_cli: CopilotCLISettings = field(default_factory=CopilotCLISettings)
+    gemini_cli: GeminiCLISettings = field(default_factory=GeminiCLISettings)
+    claude_code: ClaudeCodeSettings = field(default_factory=ClaudeCodeSettings)
+    copilot_sdk: CopilotSDKSettings = field(default_factory=CopilotSDKSettings)
 
 
 @dataclass(frozen=True)
@@ -278,6 +385,7 @@ class Settings:
                               choices=("text", "json"))
     echo: EchoSettings = field(default_factory=EchoSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    providers: ProvidersSettings = field(default_factory=ProvidersSettings)
 
     # Where each value came from (dotted key -> "default" | "file PATH" | "env NAME" | "flag --x").
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -302,6 +410,7 @@ class SettingSpec:
     maximum: float | None
     flag: str
     default_doc: str | None
+    secret: bool = False
 
     @property
     def dotted(self) -> str:
@@ -312,17 +421,18 @@ class SettingSpec:
         return ENV_PREFIX + "_".join((*self.section, self.key)).upper()
 
     def parse(self, raw: Any, source: str) -> Any:
+        shown = "<secret>" if self.secret else raw
         try:
             value = _KINDS[self.kind](raw)
         except ValueError as exc:
-            raise ConfigError(self.dotted, raw, str(exc), source=source) from None
+            raise ConfigError(self.dotted, shown, str(exc), source=source) from None
         if self.choices is not None and value not in self.choices:
-            raise ConfigError(self.dotted, raw, f"expected one of {', '.join(self.choices)}", source=source)
+            raise ConfigError(self.dotted, shown, f"expected one of {', '.join(self.choices)}", source=source)
         for bound_value in (value if self.kind == "range_ms" else (value,)):
             if self.minimum is not None and bound_value < self.minimum:
-                raise ConfigError(self.dotted, raw, f"must be at least {self.minimum:g}", source=source)
+                raise ConfigError(self.dotted, shown, f"must be at least {self.minimum:g}", source=source)
             if self.maximum is not None and bound_value > self.maximum:
-                raise ConfigError(self.dotted, raw, f"must be at most {self.maximum:g}", source=source)
+                raise ConfigError(self.dotted, shown, f"must be at most {self.maximum:g}", source=source)
         return value
 
 
@@ -348,7 +458,7 @@ def iter_specs() -> list[SettingSpec]:
                 SettingSpec(
                     section=section, key=f.name, default=f.default, doc=m["doc"], kind=m["kind"],
                     alias=m["alias"], choices=m["choices"], minimum=m["minimum"], maximum=m["maximum"],
-                    flag=flag, default_doc=m["default_doc"],
+                    flag=flag, default_doc=m["default_doc"], secret=m["secret"],
                 )
             )
     return specs
@@ -421,7 +531,10 @@ def load_settings(
     for dotted, spec in specs.items():
         primary, alias = env.get(spec.env), env.get(spec.alias) if spec.alias else None
         if primary is not None and alias is not None and primary.strip() != alias.strip():
-            log.warning("%s=%r overrides its seed alias %s=%r", spec.env, primary, spec.alias, alias)
+            if spec.secret:
+                log.warning("%s overrides %s (they differ)", spec.env, spec.alias)
+            else:
+                log.warning("%s=%r overrides its seed alias %s=%r", spec.env, primary, spec.alias, alias)
         if primary is not None:
             values[dotted], sources[dotted] = spec.parse(primary, f"env {spec.env}"), f"env {spec.env}"
         elif alias is not None:
@@ -491,7 +604,7 @@ def current_settings() -> Settings:
 def render_reference() -> str:
     """The settings table of docs/configuration.md, generated from the declarations above."""
     rows = [
-        "| TOML key | environment | seed alias | flag | default | meaning |",
+        "| TOML key | environment | alias | flag | default | meaning |",
         "|---|---|---|---|---|---|",
     ]
     for spec in iter_specs():

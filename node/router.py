@@ -263,8 +263,12 @@ def _candidates(
         if not registry.is_registered(candidate):
             skipped.append((candidate, "not installed"))
             continue
-        provider = deps.get_provider(candidate, settings)
-        readiness = provider.available()
+        try:
+            provider = deps.get_provider(candidate, settings)
+            readiness = provider.available()
+        except Exception as exc:  # a provider that cannot even be built is skipped, with the reason
+            skipped.append((candidate, f"could not be constructed: {type(exc).__name__}: {exc}"))
+            continue
         if readiness.ok:
             ready.append((candidate, provider))
         else:
