@@ -15,6 +15,9 @@ __all__ = ["BUILTIN_PROVIDERS", "register", "unregister", "factory_for", "names"
 # `import node` stays light. Later issues add the real providers here.
 BUILTIN_PROVIDERS: dict[str, str] = {
     "echo": "node.providers.echo:EchoProvider",
+    "hf_local": "node.providers.hf_local:HFLocalProvider",
+    "openai_compatible": "node.providers.openai_compatible:OpenAICompatibleProvider",
+    "openrouter": "node.providers.openai_compatible:OpenRouterProvider",
 }
 
 _lock = threading.Lock()

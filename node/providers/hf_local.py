@@ -1,0 +1,421 @@
+"""`hf_local`: Hugging Face transformers causal LMs run in this process, streamed into trio.
+
+- A model is loaded once per (model, device), in a worker thread, on first use (or at daemon
+  start with ``[providers.hf_local] preload = true``, with a progress bar).
+- The device is chosen by `node.accelerators.pick_torch_device` (cuda > mps > cpu) unless
+  ``[providers.hf_local] device`` names one.
+- Chat messages go through the tokenizer's chat template when it has one; otherwise they are
+  joined as ``role: content`` lines followed by ``assistant:`` (documented in docs/providers.md).
+- Greedy decoding unless ``temperature > 0`` (then sampling with ``top_p``; ``seed`` seeds it).
+  ``max_tokens`` (default ``max_new_tokens``), ``stop`` (strings; the answer ends before the
+  first one, which is not included). Usage counts prompt and completion tokens.
+- Streaming: generation runs in its own thread and feeds a streamer; the async side pulls
+  chunks with one thread hop each. Closing the stream (or cancelling) sets a stopping
+  criterion, so generation ends within one token.
+- The request key covers a digest of the weights (`model_identity`), so different weights
+  never share a cached answer.
+- With no model configured the embedded `accelmesh-tiny` model answers: random weights, so
+  its answers are not meaningful. Real hosts configure a real model id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from node.errors import ModelNotFound, ProviderFailed
+from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, messages_to_text
+
+if TYPE_CHECKING:
+    from node.config import Settings
+
+__all__ = ["HFLocalProvider", "EMBEDDED_MODEL", "weights_digest", "resolve_model_dir"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "accelmesh-tiny"
+_EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".py")
+_digest_cache: dict[tuple[str, int, int], str] = {}
+_digest_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------
+# Locating models and digesting their weights (no torch needed)
+
+
+def resolve_model_dir(model: str) -> Path | None:
+    """The local directory holding `model`'s files: the embedded model, a path, or the HF cache."""
+    if model == EMBEDDED_MODEL:
+        return _EMBEDDED_DIR
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not in the local cache (or not a valid repo id): not available offline
+        return None
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over the model's files (names and contents), cached by path, size and mtime.
+
+    Files in the Hugging Face cache are symlinks to blobs named by their own sha256, so those
+    are not re-read.
+    """
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    h = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        target = path.resolve()
+        cache_key = (str(target), stat.st_size, stat.st_mtime_ns)
+        with _digest_lock:
+            file_digest = _digest_cache.get(cache_key)
+        if file_digest is None:
+            if target.parent.name == "blobs" and len(target.name) == 64:
+                file_digest = target.name  # the HF cache names LFS blobs by their sha256
+            else:
+                fh = hashlib.sha256()
+                with open(target, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        fh.update(block)
+                file_digest = fh.hexdigest()
+            with _digest_lock:
+                _digest_cache[cache_key] = file_digest
+        h.update(path.name.encode() + b"\0" + file_digest.encode() + b"\n")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Loaded models
+
+
+@dataclass
+class _Loaded:
+    model_id: str
+    device: str
+    tokenizer: Any
+    model: Any
+    slots: threading.BoundedSemaphore  # generations at once on this device
+
+
+class _StopOnEvent:
+    """A transformers StoppingCriteria that ends generation when an event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    """A transformers streamer that hands each decoded piece of new text to `on_text`."""
+    from transformers.generation.streamers import TextStreamer
+
+    class CallbackStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+class _StopFilter:
+    """Holds back streamed text that could be the start of a stop string; ends at the first one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buffer = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += text
+        cut = min((i for i in (self.buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buffer, self.stopped = self.buffer[:cut], "", True
+            return out
+        if self.hold and len(self.buffer) > self.hold:
+            out, self.buffer = self.buffer[: -self.hold], self.buffer[-self.hold :]
+            return out
+        if not self.hold:
+            out, self.buffer = self.buffer, ""
+            return out
+        return ""
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
+
+
+class HFLocalProvider(BaseProvider):
+    name = "hf_local"
+
+    def __init__(
+        self,
+        *,
+        models: tuple[str, ...] = (),
+        default_model: str = "",
+        device: str = "auto",
+        max_new_tokens: int = 256,
+        concurrency: int = 1,
+    ) -> None:
+        self.configured = tuple(models)
+        self.default = default_model or (self.configured[0] if self.configured else EMBEDDED_MODEL)
+        self.device_setting = device
+        self.max_new_tokens = max_new_tokens
+        self.concurrency = concurrency
+        self._loaded: dict[tuple[str, str], _Loaded] = {}
+        self._load_lock = threading.Lock()
+        self._device_slots: dict[str, threading.BoundedSemaphore] = {}
+        self._identities: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HFLocalProvider:
+        s = settings.providers.hf_local
+        return cls(
+            models=s.models, default_model=s.default_model, device=s.device,
+            max_new_tokens=s.max_new_tokens, concurrency=s.concurrency,
+        )
+
+    # -- readiness and models ----------------------------------------------------------
+
+    def models(self) -> tuple[str, ...]:
+        models = list(self.configured) or [EMBEDDED_MODEL]
+        if self.default not in models:
+            models.insert(0, self.default)
+        return tuple(models)
+
+    def default_model(self) -> str | None:
+        return self.default
+
+    def available(self) -> Readiness:
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            return Readiness(False, f"{' and '.join(missing)} not installed; install with "
+                                    "`pip install 'accelmesh[hf]'` (torch==2.13.0 first)")
+        if resolve_model_dir(self.default) is None:
+            return Readiness(False, f"model {self.default!r} is not available locally; download it "
+                                    f"(`huggingface-cli download {self.default}`) or set a local path")
+        version = importlib.metadata.version("transformers")
+        if self.default == EMBEDDED_MODEL:
+            return Readiness(True, f"transformers {version}; embedded {EMBEDDED_MODEL} "
+                                   "(random weights: answers are not meaningful; configure a real model)")
+        return Readiness(True, f"transformers {version}; default model {self.default}")
+
+    def model_identity(self, model: str | None) -> str:
+        model = model or self.default
+        identity = self._identities.get(model)
+        if identity is None:
+            directory = resolve_model_dir(model)
+            digest = weights_digest(directory)[:32] if directory is not None else "unavailable"
+            identity = f"hf_local/{model}@sha256:{digest}"
+            self._identities[model] = identity
+        return identity
+
+    # -- loading -----------------------------------------------------------------------
+
+    def device(self) -> str:
+        if self.device_setting != "auto":
+            return self.device_setting
+        from node.accelerators import pick_torch_device
+
+        return pick_torch_device()
+
+    def load(self, model: str | None = None, *, progress: bool = False) -> _Loaded:
+        """Load (once) and return `model` on this provider's device. Blocking: call in a thread."""
+        model = model or self.default
+        device = self.device()
+        key = (model, device)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded
+        with self._load_lock:
+            loaded = self._loaded.get(key)
+            if loaded is not None:
+                return loaded
+            directory = resolve_model_dir(model)
+            if directory is None:
+                raise ModelNotFound(self.name, f"model {model!r} is not available locally (offline)")
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            import transformers
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if not progress:
+                transformers.utils.logging.disable_progress_bar()
+            else:
+                transformers.utils.logging.enable_progress_bar()
+            log.info("hf_local: loading %s on %s from %s", model, device, directory)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+                lm = AutoModelForCausalLM.from_pretrained(directory).to(device).eval()
+            except (OSError, ValueError) as exc:
+                raise ProviderFailed(self.name, f"cannot load {model!r}: {exc}") from exc
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            slots = self._device_slots.setdefault(device, threading.BoundedSemaphore(self.concurrency))
+            loaded = _Loaded(model, device, tokenizer, lm, slots)
+            self._loaded[key] = loaded
+            return loaded
+
+    def preload(self, models: tuple[str, ...] | None = None, *, progress: bool = True) -> list[str]:
+        """Load every configured model now (the daemon calls this in a thread at start)."""
+        names = list(models or self.models())
+        bar: Any = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(names), desc="hf_local: loading models", unit="model")
+            except ImportError:
+                bar = None
+        for name in names:
+            self.load(name, progress=progress)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return names
+
+    # -- generation --------------------------------------------------------------------
+
+    def _inputs(self, loaded: _Loaded, request: ProviderRequest) -> Any:
+        tok = loaded.tokenizer
+        if request.messages is not None:
+            messages = [dict(m) for m in request.messages]
+            if getattr(tok, "chat_template", None):
+                return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True).to(loaded.device)
+            text = messages_to_text(messages) + "\nassistant:"
+        else:
+            text = request.text
+        return tok(text, return_tensors="pt").to(loaded.device)
+
+    def _generate(
+        self,
+        request: ProviderRequest,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> Completion:
+        """Run one generation in the calling thread (queued behind the device's slots)."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        loaded = self.load(request.model)
+        params = request.params
+        max_new = int(params.get("max_tokens") or self.max_new_tokens)
+        temperature = float(params.get("temperature", 0.0))
+        stops = params.get("stop") or []
+        stop_event = stop_event or threading.Event()
+        inputs = self._inputs(loaded, request)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": loaded.tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([_StopOnEvent(stop_event)]),
+        }
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=float(params.get("top_p", 1.0)))
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stops:
+            kwargs.update(stop_strings=list(stops), tokenizer=loaded.tokenizer)
+        stream_filter = _StopFilter(list(stops))
+        if on_text is not None:
+
+            def filtered(piece: str) -> None:
+                out = stream_filter.feed(piece)
+                if out:
+                    on_text(out)
+
+            kwargs["streamer"] = _callback_streamer(loaded.tokenizer, filtered)
+
+        while not loaded.slots.acquire(timeout=0.05):
+            if stop_event.is_set():
+                raise ProviderFailed(self.name, "cancelled while queued")
+        try:
+            with torch.inference_mode():
+                if "seed" in params:
+                    torch.manual_seed(int(params["seed"]))
+                output = loaded.model.generate(**inputs, **kwargs)
+        except (RuntimeError, ValueError) as exc:
+            raise ProviderFailed(self.name, f"generation failed: {exc}") from exc
+        finally:
+            loaded.slots.release()
+
+        new_ids = output[0][prompt_tokens:]
+        text = loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
+        finish = "length" if len(new_ids) >= max_new else "stop"
+        for stop in stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        if on_text is not None:
+            tail = stream_filter.flush()
+            if tail:
+                on_text(tail)
+        return Completion(text=text, model=loaded.model_id, finish_reason=finish,
+                          prompt_tokens=prompt_tokens, completion_tokens=int(len(new_ids)))
+
+    def complete_sync(self, request: ProviderRequest) -> Completion:
+        return self._generate(request)
+
+    async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+        import trio
+
+        chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                completion = self._generate(request, on_text=lambda t: chunks.put(("text", t)), stop_event=stop)
+                chunks.put(("done", completion))
+            except BaseException as exc:  # delivered to the async side, which re-raises it
+                chunks.put(("error", exc))
+
+        worker = threading.Thread(target=work, name="hf_local-generate", daemon=True)
+        worker.start()
+        streamed: list[str] = []
+        try:
+            while True:
+                kind, value = await trio.to_thread.run_sync(chunks.get, abandon_on_cancel=True)
+                if kind == "text":
+                    streamed.append(value)
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    sent = "".join(streamed)
+                    if value.text != sent:
+                        if value.text.startswith(sent):
+                            yield value.text[len(sent):]  # what the streamer had not flushed
+                        else:  # keep what the caller saw and what gets cached identical
+                            log.warning("hf_local: streamed text differs from the final decode; using the stream")
+                            value = Completion(sent, value.model, value.finish_reason, value.prompt_tokens,
+                                               value.completion_tokens)
+                    yield value
+                    return
+        finally:
+            stop.set()  # generation stops at the next token
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(worker.join)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"loaded": sorted(f"{m}@{d}" for m, d in self._loaded), "default": self.default}

@@ -1,0 +1,165 @@
+"""hf_local on the embedded tiny model: real transformers on the CPU, no network."""
+
+import hashlib
+import shutil
+import threading
+
+import pytest
+import trio
+
+import node
+from node import RouterDeps
+from node.config import load_settings
+from node.providers.base import ProviderRequest
+from node.providers.hf_local import EMBEDDED_MODEL, HFLocalProvider, resolve_model_dir
+
+
+@pytest.fixture(scope="module")
+def provider():
+    return HFLocalProvider(max_new_tokens=16)
+
+
+def req(prompt="Hello there", **params):
+    return ProviderRequest("generate", prompt, None, None, params=params, timeout=60)
+
+
+def test_embedded_model_is_the_default_and_says_it_is_not_meaningful(provider):
+    readiness = provider.available()
+    assert readiness.ok and "not meaningful" in readiness.reason
+    assert provider.models() == (EMBEDDED_MODEL,) and provider.default_model() == EMBEDDED_MODEL
+
+
+def test_greedy_by_default_so_answers_repeat(provider):
+    a, b = provider.complete_sync(req()), provider.complete_sync(req())
+    assert a.text == b.text and a.model == EMBEDDED_MODEL
+
+
+def test_max_tokens_and_usage_counts(provider):
+    completion = provider.complete_sync(req(max_tokens=7))
+    assert completion.completion_tokens <= 7 and completion.prompt_tokens > 0
+    if completion.completion_tokens == 7:
+        assert completion.finish_reason == "length"
+
+
+def test_stop_string_ends_the_answer_before_it(provider):
+    full = provider.complete_sync(req(max_tokens=16)).text
+    assert len(full) >= 4, full
+    stop = full[2:4]
+    cut = provider.complete_sync(req(max_tokens=16, stop=[stop]))
+    assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_sampling_with_a_seed_is_reproducible(provider):
+    a = provider.complete_sync(req(temperature=1.5, seed=11, max_tokens=12))
+    b = provider.complete_sync(req(temperature=1.5, seed=11, max_tokens=12))
+    assert a.text == b.text
+
+
+def test_chat_uses_the_tokenizer_chat_template(provider):
+    loaded = provider.load()
+    messages = ({"role": "user", "content": "hi"},)
+    ids = provider._inputs(loaded, ProviderRequest("chat", None, messages, None))
+    assert loaded.tokenizer.decode(ids["input_ids"][0]) == "<|user|>hi\n<|assistant|>"
+
+
+def test_chat_without_a_template_is_a_plain_join(tmp_path):
+    plain = tmp_path / "no-template"
+    shutil.copytree(resolve_model_dir(EMBEDDED_MODEL), plain)
+    (plain / "chat_template.jinja").unlink()
+    p = HFLocalProvider(models=(str(plain),))
+    loaded = p.load()
+    messages = ({"role": "system", "content": "s"}, {"role": "user", "content": "hi"})
+    ids = p._inputs(loaded, ProviderRequest("chat", None, messages, None))
+    assert loaded.tokenizer.decode(ids["input_ids"][0]) == "system: s\nuser: hi\nassistant:"
+
+
+def test_model_is_loaded_once_per_model_and_device(provider):
+    first = provider.load()
+    assert provider.load() is first and list(provider._loaded) == [(EMBEDDED_MODEL, "cpu")]
+
+
+def test_request_key_covers_a_digest_of_the_weights(tmp_path):
+    same = tmp_path / "same"
+    shutil.copytree(resolve_model_dir(EMBEDDED_MODEL), same)
+    changed = tmp_path / "changed"
+    shutil.copytree(same, changed)
+    weights = changed / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    a, b = HFLocalProvider(models=(str(same),)), HFLocalProvider(models=(str(changed),))
+    ida, idb = a.model_identity(None), b.model_identity(None)
+    assert ida.split("@")[1] != idb.split("@")[1]
+    assert HFLocalProvider().model_identity(None).split("@")[1] == ida.split("@")[1], "same bytes, same digest"
+
+
+def test_a_model_that_is_not_available_locally_is_not_ready():
+    readiness = HFLocalProvider(models=("/nonexistent/model",)).available()
+    assert not readiness.ok and "not available locally" in readiness.reason
+
+
+async def test_streaming_chunks_rebuild_the_answer(provider):
+    with trio.fail_after(60):
+        items = [x async for x in provider.astream(req(max_tokens=16))]
+    *chunks, completion = items
+    assert chunks and "".join(chunks) == completion.text == provider.complete_sync(req(max_tokens=16)).text
+
+
+async def test_closing_the_stream_stops_generation_within_one_token():
+    provider = HFLocalProvider(max_new_tokens=200)
+    loaded = provider.load()
+    forwards = []
+    lock = threading.Lock()
+    handle = loaded.model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        with trio.fail_after(60):
+            stream = provider.astream(req(max_tokens=200, prompt="count"))
+            await stream.__anext__()
+            with lock:
+                at_close = len(forwards)
+            await stream.aclose()  # joins the generation thread
+        assert len(forwards) - at_close <= 2, (at_close, len(forwards))
+        assert len(forwards) < 150, "generation ran to the end despite the close"
+    finally:
+        handle.remove()
+
+
+async def test_router_deadline_cancels_a_generation():
+    deps = RouterDeps(settings=load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_MAX_NEW_TOKENS": "250"}))
+    provider = deps.get_provider("hf_local", deps.current_settings())
+    loaded = await trio.to_thread.run_sync(provider.load)
+    forwards = []
+    handle = loaded.model.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        with trio.fail_after(30), pytest.raises(node.DeadlineExceeded):
+            await node.acomplete("x", provider="hf_local", deps=deps, timeout=0.05, cache="no-cache")
+    finally:
+        handle.remove()
+    assert len(forwards) < 200, "the generation was not stopped at the deadline"
+
+
+def test_router_answers_through_hf_local_and_caches_by_weights(provider):
+    deps = RouterDeps()
+    first = node.complete("Hello", provider="hf_local", deps=deps, max_tokens=8)
+    assert first.model.startswith("hf_local/accelmesh-tiny@sha256:") and first.cache == "miss"
+    assert node.complete("Hello", provider="hf_local", deps=deps, max_tokens=8).cache == "memory"
+    assert node.complete("Hello", provider="echo", deps=deps).key != first.key
+
+
+def test_preload_loads_every_configured_model(tmp_path, capsys):
+    copy = tmp_path / "m2"
+    shutil.copytree(resolve_model_dir(EMBEDDED_MODEL), copy)
+    p = HFLocalProvider(models=(EMBEDDED_MODEL, str(copy)))
+    assert p.preload(progress=True) == [EMBEDDED_MODEL, str(copy)]
+    assert len(p._loaded) == 2
+    assert "hf_local: loading models" in capsys.readouterr().err
+
+
+def test_the_shipped_model_is_reproducible_from_the_build_script(tmp_path):
+    from node.models.build_tiny import build
+
+    rebuilt = build(tmp_path / "tiny")
+    shipped = resolve_model_dir(EMBEDDED_MODEL)
+    for path in sorted(shipped.iterdir()):
+        assert hashlib.sha256((rebuilt / path.name).read_bytes()).hexdigest() == \
+            hashlib.sha256(path.read_bytes()).hexdigest(), path.name
