@@ -68,12 +68,20 @@ def test_all_failed_lists_every_provider_and_its_cause_in_order():
     assert "carol: RuntimeError: segfault-ish" in message
 
 
-def test_default_chain_skips_unregistered_builtins_as_not_installed():
+def test_chain_skips_unregistered_names_and_unready_providers_with_reasons():
+    env = {"ACCELMESH_FALLBACK_ORDER": "ghost,openrouter"}
     with pytest.raises(AllProvidersFailed) as info:
-        node.complete("hi", deps=RouterDeps(settings=load_settings(env={})))
+        node.complete("hi", deps=RouterDeps(settings=load_settings(env=env)))
     reasons = dict(info.value.attempts)
-    assert list(reasons)[:2] == ["openrouter", "codex_cli"]
-    assert all(reason == "not installed" for reason in reasons.values() if isinstance(reason, str))
+    assert reasons == {"ghost": "not installed", "openrouter": reasons["openrouter"]}
+    assert reasons["openrouter"].startswith("not ready: no API key") and "OPENROUTER_API_KEY" in reasons["openrouter"]
+
+
+def test_default_chain_follows_the_seed_order():
+    from node.router import _chain
+
+    assert _chain(load_settings(env={})) == [
+        "openrouter", "codex_cli", "copilot_cli", "copilot_sdk", "gemini_cli", "claude_code", "hf_local"]
 
 
 def test_enable_mesh_puts_mesh_first_in_the_chain():
