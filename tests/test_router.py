@@ -86,7 +86,8 @@ def test_default_chain_follows_the_seed_order():
 
 def test_enable_mesh_puts_mesh_first_in_the_chain():
     with pytest.raises(AllProvidersFailed) as info:
-        node.complete("hi", deps=RouterDeps(settings=load_settings(env={"ACCELMESH_ENABLE_MESH": "1"})))
+        env = {"ACCELMESH_ENABLE_MESH": "1", "ACCELMESH_FALLBACK_ORDER": "ghost"}
+        node.complete("hi", deps=RouterDeps(settings=load_settings(env=env)))
     assert info.value.attempts[0][0] == "mesh"
 
 

@@ -122,6 +122,27 @@ class _StopOnEvent:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _StopOnStrings:
+    """A StoppingCriteria that ends generation once a stop string appears in the *generated* text.
+
+    (transformers' own `stop_strings` also matches across the prompt's last characters.)
+    Only the last few tokens are decoded at each step: a stop string that just appeared must
+    end inside them.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int, stops: list[str]) -> None:
+        self.tokenizer, self.prompt_tokens, self.stops = tokenizer, prompt_tokens, stops
+        self.window = max(len(s) for s in stops) + 2
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        tail = input_ids[0, max(self.prompt_tokens, input_ids.shape[1] - self.window):]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        hit = any(stop in text for stop in self.stops)
+        return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+
+
 def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
     """A transformers streamer that hands each decoded piece of new text to `on_text`."""
     from transformers.generation.streamers import TextStreamer
@@ -162,6 +183,16 @@ class _StopFilter:
     def flush(self) -> str:
         out, self.buffer = ("" if self.stopped else self.buffer), ""
         return out
+
+
+def _context_length(model: Any) -> int | None:
+    """The model's maximum sequence length, when its config says."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 class HFLocalProvider(BaseProvider):
@@ -326,6 +357,12 @@ class HFLocalProvider(BaseProvider):
         stop_event = stop_event or threading.Event()
         inputs = self._inputs(loaded, request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        context = _context_length(loaded.model)
+        if context is not None:
+            if prompt_tokens >= context:
+                raise ProviderFailed(self.name, f"prompt of {prompt_tokens} tokens does not fit the context of "
+                                                f"{loaded.model_id} ({context} tokens)")
+            max_new = min(max_new, context - prompt_tokens)
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new,
             "pad_token_id": loaded.tokenizer.pad_token_id,
@@ -336,7 +373,7 @@ class HFLocalProvider(BaseProvider):
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stops:
-            kwargs.update(stop_strings=list(stops), tokenizer=loaded.tokenizer)
+            kwargs["stopping_criteria"].append(_StopOnStrings(loaded.tokenizer, prompt_tokens, list(stops)))
         stream_filter = _StopFilter(list(stops))
         if on_text is not None:
 

@@ -163,3 +163,11 @@ def test_the_shipped_model_is_reproducible_from_the_build_script(tmp_path):
     for path in sorted(shipped.iterdir()):
         assert hashlib.sha256((rebuilt / path.name).read_bytes()).hexdigest() == \
             hashlib.sha256(path.read_bytes()).hexdigest(), path.name
+
+
+def test_max_tokens_beyond_the_context_is_capped_and_an_oversize_prompt_is_refused(provider):
+    context = provider.load().model.config.n_positions
+    long = provider.complete_sync(req(prompt="hi", max_tokens=context * 2))
+    assert long.prompt_tokens + long.completion_tokens <= context
+    with pytest.raises(node.ProviderFailed, match="does not fit the context"):
+        provider.complete_sync(req(prompt="hello " * context))
