@@ -371,7 +371,7 @@ class HFLocalProvider(BaseProvider):
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=float(params.get("top_p", 1.0)))
         else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs["do_sample"] = False  # (passing temperature=None etc. as well costs ~10% on CPU)
         if stops:
             kwargs["stopping_criteria"].append(_StopOnStrings(loaded.tokenizer, prompt_tokens, list(stops)))
         stream_filter = _StopFilter(list(stops))

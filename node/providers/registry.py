@@ -18,6 +18,7 @@ BUILTIN_PROVIDERS: dict[str, str] = {
     "hf_local": "node.providers.hf_local:HFLocalProvider",
     "openai_compatible": "node.providers.openai_compatible:OpenAICompatibleProvider",
     "openrouter": "node.providers.openai_compatible:OpenRouterProvider",
+    "copilot_sdk": "node.providers.copilot_sdk:CopilotSDKProvider",
 }
 
 _lock = threading.Lock()
