@@ -1,0 +1,190 @@
+"""One harness per provider: how to build it ready, unready, slow and failing, with its fake world.
+
+The conformance checks in test_providers.py run against every harness listed in `HARNESSES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.errors import ModelNotFound, ProviderAuthError, ProviderError, ProviderFailed
+from node.providers.base import BaseProvider, PlainProvider, ProviderRequest, Readiness
+
+
+def request(prompt: str = "hello conformance world", model: str | None = None, **params: Any) -> ProviderRequest:
+    return ProviderRequest("generate", prompt, None, model, params=params, timeout=30.0)
+
+
+@dataclass
+class Case:
+    provider: BaseProvider
+    request: ProviderRequest
+
+
+@dataclass
+class Harness:
+    """How the conformance checks drive one provider. Each callable takes a tmp dir."""
+
+    name: str
+    ready: Callable[[Path], contextlib.AbstractContextManager[Case]]  # a normal request that answers
+    slow: Callable[[Path], contextlib.AbstractContextManager[Case]]  # takes many seconds unless cancelled
+    failing: Callable[[Path], contextlib.AbstractContextManager[Case]]  # raises `error`
+    error: type[ProviderError]
+    unready: Callable[[Path], BaseProvider] | None = None  # None: this provider is always ready
+    unready_hint: str = ""  # a word the unready reason must contain (how to fix it)
+    expected: Callable[[str], str] | None = None  # the exact answer to a prompt, when deterministic
+
+
+# -- echo -------------------------------------------------------------------------------------
+
+
+def _echo(**kw: Any) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+    from node.providers.echo import EchoProvider
+
+    @contextlib.contextmanager
+    def make(tmp: Path) -> Iterator[Case]:
+        yield Case(EchoProvider(**kw), request())
+
+    return make
+
+
+ECHO = Harness(
+    "echo", ready=_echo(), slow=_echo(latency_ms=(60_000.0, 60_000.0)), failing=_echo(failure_rate=1.0),
+    error=ProviderFailed, expected=lambda prompt: f"echo: {prompt}",
+)
+
+
+# -- a seed-style plain object ----------------------------------------------------------------
+
+
+class SeedStyle:
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode = mode
+
+    def generate(self, prompt, *, model_name=None, **kwargs):  # noqa: ANN001, ANN201 - the seed signature
+        if self.mode == "slow":
+            time.sleep(2.0)
+        if self.mode == "fail":
+            raise RuntimeError("the wrapped tool crashed")
+        return f"plain: {prompt}"
+
+    def available(self):  # noqa: ANN201
+        return self.mode != "unready" or (False, "set PLAIN_TOKEN to enable it")
+
+
+def _plain(mode: str) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+    @contextlib.contextmanager
+    def make(tmp: Path) -> Iterator[Case]:
+        yield Case(PlainProvider("plain", SeedStyle(mode)), request())
+
+    return make
+
+
+PLAIN = Harness(
+    "seed_style_object", ready=_plain("ok"), slow=_plain("slow"), failing=_plain("fail"), error=ProviderFailed,
+    unready=lambda tmp: PlainProvider("plain", SeedStyle("unready")), unready_hint="PLAIN_TOKEN",
+    expected=lambda prompt: f"plain: {prompt}",
+)
+
+
+# -- hf_local on the embedded tiny model ------------------------------------------------------
+
+_hf: dict[str, Any] = {}
+
+
+def _hf_provider() -> BaseProvider:
+    from node.providers.hf_local import HFLocalProvider
+
+    if "p" not in _hf:  # one loaded model for the whole session
+        _hf["p"] = HFLocalProvider(max_new_tokens=16)
+    return _hf["p"]
+
+
+def _hf_case(req: ProviderRequest) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+    @contextlib.contextmanager
+    def make(tmp: Path) -> Iterator[Case]:
+        yield Case(_hf_provider(), req)
+
+    return make
+
+
+def _hf_unready(tmp: Path) -> BaseProvider:
+    from node.providers.hf_local import HFLocalProvider
+
+    return HFLocalProvider(models=(str(tmp / "no-such-model"),))
+
+
+HF_LOCAL = Harness(
+    "hf_local", ready=_hf_case(request()), slow=_hf_case(request(max_tokens=1000)),
+    failing=_hf_case(request(model="/nonexistent/model")), error=ModelNotFound,
+    unready=_hf_unready, unready_hint="not available locally",
+)
+
+
+# -- openai_compatible against a loopback HTTP server ------------------------------------------
+
+
+def _openai(model: str) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+    from node.providers.openai_compatible import OpenAICompatibleProvider
+    from tests.fakes.openai_server import FakeOpenAIServer
+
+    @contextlib.contextmanager
+    def make(tmp: Path) -> Iterator[Case]:
+        with FakeOpenAIServer(api_key="sk-test", slow_seconds=20.0) as server:
+            provider = OpenAICompatibleProvider(base_url=server.base_url, api_key="sk-test", default_model=model)
+            yield Case(provider, request())
+
+    return make
+
+
+def _openai_unready(tmp: Path) -> BaseProvider:
+    from node.providers.openai_compatible import OpenAICompatibleProvider
+
+    return OpenAICompatibleProvider()
+
+
+OPENAI = Harness(
+    "openai_compatible", ready=_openai("gpt-test"), slow=_openai("slow"), failing=_openai("auth"),
+    error=ProviderAuthError, unready=_openai_unready, unready_hint="base_url",
+    expected=lambda prompt: f"answer to: {prompt}",
+)
+
+
+# -- copilot_sdk against a fake Copilot CLI runtime ---------------------------------------------
+
+
+def _copilot(scenario: str) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+    from node.providers.copilot_sdk import CopilotSDKProvider
+    from tests.fakes.copilot_cli import FakeCLI
+
+    @contextlib.contextmanager
+    def make(tmp: Path) -> Iterator[Case]:
+        cli = FakeCLI(tmp, scenario)
+        yield Case(CopilotSDKProvider(cli_path=str(cli.path), timeout=60.0), request())
+
+    return make
+
+
+def _copilot_unready(tmp: Path) -> BaseProvider:
+    from node.providers.copilot_sdk import CopilotSDKProvider
+
+    return CopilotSDKProvider(cli_path=str(tmp / "no-copilot-here"))
+
+
+COPILOT_SDK = Harness(
+    "copilot_sdk", ready=_copilot("ok"), slow=_copilot("hang"), failing=_copilot("logged-out"),
+    error=ProviderAuthError, unready=_copilot_unready, unready_hint="npm install",
+)
+
+
+HARNESSES = [ECHO, PLAIN, HF_LOCAL, OPENAI, COPILOT_SDK]
+
+
+def unready_readiness(h: Harness, tmp: Path) -> Readiness:
+    assert h.unready is not None
+    return h.unready(tmp).available()
