@@ -18,6 +18,10 @@ BUILTIN_PROVIDERS: dict[str, str] = {
     "hf_local": "node.providers.hf_local:HFLocalProvider",
     "openai_compatible": "node.providers.openai_compatible:OpenAICompatibleProvider",
     "openrouter": "node.providers.openai_compatible:OpenRouterProvider",
+    "codex_cli": "node.providers.codex_cli:CodexCLIProvider",
+    "copilot_cli": "node.providers.copilot_cli:CopilotCLIProvider",
+    "gemini_cli": "node.providers.gemini_cli:GeminiCLIProvider",
+    "claude_code": "node.providers.claude_code:ClaudeCodeProvider",
     "copilot_sdk": "node.providers.copilot_sdk:CopilotSDKProvider",
 }
 

@@ -182,7 +182,51 @@ COPILOT_SDK = Harness(
 )
 
 
-HARNESSES = [ECHO, PLAIN, HF_LOCAL, OPENAI, COPILOT_SDK]
+# -- the command-line tools against their strict fakes (tests/fakes/cli) -----------------------
+
+
+def _cli(provider_path: str, tool: str, mode: str) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+    import importlib
+    import shlex
+    import sys
+
+    from tests.fakes.cli import FAKE_CLI
+
+    module_name, _, class_name = provider_path.partition(":")
+
+    @contextlib.contextmanager
+    def make(tmp: Path) -> Iterator[Case]:
+        binary = tmp / f"{tool}-{mode}"
+        binary.write_text(
+            f"#!/bin/sh\nFAKE_CLI_TOOL={tool} FAKE_CLI_MODE={mode} FAKE_CLI_PIDFILE={shlex.quote(str(tmp / 'pid'))} "
+            f"exec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_CLI))} \"$@\"\n"
+        )
+        binary.chmod(0o755)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        yield Case(cls(binary=str(binary), timeout=60.0), request())
+
+    return make
+
+
+def _cli_unready(provider_path: str) -> Callable[[Path], BaseProvider]:
+    import importlib
+
+    module_name, _, class_name = provider_path.partition(":")
+    return lambda tmp: getattr(importlib.import_module(module_name), class_name)(binary=str(tmp / "missing"))
+
+
+CLI_HARNESSES = [
+    Harness(name, ready=_cli(path, tool, "answer"), slow=_cli(path, tool, "hang"), failing=_cli(path, tool, "login"),
+            error=ProviderAuthError, unready=_cli_unready(path), unready_hint="npm install")
+    for name, tool, path in [
+        ("codex_cli", "codex", "node.providers.codex_cli:CodexCLIProvider"),
+        ("copilot_cli", "copilot", "node.providers.copilot_cli:CopilotCLIProvider"),
+        ("gemini_cli", "gemini", "node.providers.gemini_cli:GeminiCLIProvider"),
+        ("claude_code", "claude", "node.providers.claude_code:ClaudeCodeProvider"),
+    ]
+]
+
+HARNESSES = [ECHO, PLAIN, HF_LOCAL, OPENAI, COPILOT_SDK, *CLI_HARNESSES]
 
 
 def unready_readiness(h: Harness, tmp: Path) -> Readiness:
