@@ -144,7 +144,7 @@ def response_bytes(
     return encode(body)
 
 
-_MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a response must fit in one cache block
+_MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # a response must fit in one cache block (codec.Limits.max_bin_len)
 
 
 def decode_response(data: bytes, *, trusted: bool = False) -> dict[str, Any]:
@@ -155,10 +155,9 @@ def decode_response(data: bytes, *, trusted: bool = False) -> dict[str, Any]:
     """
     if len(data) > _MAX_RESPONSE_BYTES:
         raise MalformedMessage(f"{len(data)} bytes exceeds {_MAX_RESPONSE_BYTES}", message_type="response")
-    try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except (msgpack.UnpackException, ValueError, TypeError) as exc:
-        raise MalformedMessage(f"not msgpack: {exc}", message_type="response") from exc
+    from protocols.codec import Limits, unpack
+
+    body = unpack(data, Limits(max_str_len=_MAX_RESPONSE_BYTES, max_bin_len=0, max_array_len=1 << 20))
     if not isinstance(body, dict):
         raise MalformedMessage("not a map", message_type="response")
     if body.get("v") != CANONICAL_VERSION:

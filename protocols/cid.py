@@ -11,6 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from dataclasses import dataclass
+
+from protocols.errors import CIDMismatch, InsecureHash, MalformedMessage
 
 __all__ = [
     "CID_PREFIX",
@@ -20,6 +23,11 @@ __all__ = [
     "request_key",
     "digest_of",
     "is_fast_cid",
+    "ALLOWED_HASHES",
+    "MIN_DIGEST_BYTES",
+    "ParsedCID",
+    "parse",
+    "verify",
 ]
 
 # CIDv1 (0x01), multicodec raw (0x55), multihash sha2-256 (0x12) with a 32-byte digest (0x20).
@@ -79,3 +87,62 @@ def is_fast_cid(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing CIDs from peers, with a policy
+
+
+# Hash functions a CID from a peer may use: collision-resistant ones only.
+ALLOWED_HASHES = frozenset({"sha2-256", "sha2-512", "sha3-256", "sha3-512", "blake2b-256", "blake2b-512"})
+MIN_DIGEST_BYTES = 20  # shorter digests are too easy to collide
+MAX_CID_LENGTH = 256  # characters; a sha2-512 CID in base32 is ~115
+
+
+@dataclass(frozen=True)
+class ParsedCID:
+    """A CID that passed the policy."""
+
+    text: str  # as received
+    version: int
+    codec: str
+    hash_name: str
+    digest: bytes  # the bare digest (no multihash prefix)
+
+
+def parse(text: str) -> ParsedCID:
+    """Parse a CID string from a peer; `MalformedMessage` if unparseable, `InsecureHash` if too weak."""
+    if not isinstance(text, str) or not text or len(text) > MAX_CID_LENGTH:
+        raise MalformedMessage("not a CID string of 1..256 characters", field="cid")
+    if is_fast_cid(text):  # the common case: our own form, no multiformats needed
+        return ParsedCID(text, 1, "raw", "sha2-256", digest_of(text))
+    from multiformats import CID
+
+    try:
+        cid = CID.decode(text)
+        hash_name, digest = cid.hashfun.name, bytes(cid.raw_digest)
+        version, codec = int(cid.version), str(cid.codec.name)
+    except (ValueError, KeyError, LookupError, TypeError, ImportError) as exc:
+        # multiformats' parse errors; ImportError: it loads some hash functions (keccak) lazily
+        raise MalformedMessage(f"unparseable CID {text[:80]!r}: {exc}", field="cid") from exc
+    if hash_name == "identity":
+        raise InsecureHash(text, "identity hash: the CID carries the data instead of a digest")
+    if hash_name not in ALLOWED_HASHES:
+        raise InsecureHash(text, f"hash function {hash_name} is not allowed ({', '.join(sorted(ALLOWED_HASHES))})")
+    if len(digest) < MIN_DIGEST_BYTES:
+        raise InsecureHash(text, f"digest of {len(digest)} bytes is shorter than {MIN_DIGEST_BYTES}")
+    return ParsedCID(text, version, codec, hash_name, digest)
+
+
+def verify(cid: str, data: bytes) -> None:
+    """Raise `CIDMismatch` unless `data` hashes to `cid` (under the policy of `parse`)."""
+    parsed = parse(cid)
+    if parsed.hash_name == "sha2-256" and parsed.codec == "raw" and parsed.version == 1:
+        if hashlib.sha256(data).digest() != parsed.digest:
+            raise CIDMismatch(cid, cid_of(data))
+        return
+    from multiformats import CID, multihash
+
+    actual = multihash.digest(data, parsed.hash_name)
+    if actual[-len(parsed.digest):] != parsed.digest:
+        raise CIDMismatch(cid, str(CID("base32", parsed.version, parsed.codec, actual)))

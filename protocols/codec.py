@@ -1,0 +1,363 @@
+"""Bounded msgpack for typed messages: every field has a type and a bound, checked on decode.
+
+A message is a frozen dataclass subclassing `Message`, with a wire name (`TYPE`), a major
+version (`VERSION`) and fields declared with `field(spec)`. On the wire it is a msgpack map:
+
+    {"t": TYPE, "v": VERSION, <field name>: <value>, ...}
+
+Decoding (`decode`) unpacks with explicit bounds (string, binary, array and map lengths, no
+ext types, ``raw=False``), checks the nesting depth, then checks every declared field: a
+missing required field or a wrong type or bound raises `MalformedMessage` naming the field;
+a newer major version raises `UnsupportedVersion`; unknown fields are ignored (a newer minor
+version may add fields). Only `ProtocolError`s escape: msgpack's own exceptions are caught by
+name and translated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from protocols.errors import LocalProtocolError, MalformedMessage, UnsupportedVersion
+
+__all__ = [
+    "Limits",
+    "DEFAULT_LIMITS",
+    "MAX_DEPTH",
+    "Spec",
+    "Str",
+    "Bytes",
+    "Int",
+    "Float",
+    "Bool",
+    "List",
+    "Dict",
+    "Nested",
+    "Any_",
+    "field",
+    "Message",
+    "encode",
+    "decode",
+    "unpack",
+    "pack",
+]
+
+M = TypeVar("M", bound="Message")
+
+MAX_DEPTH = 16  # deeper than any message we define; bounds the work of validating a frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds passed to msgpack's unpacker; each is a hard cap for one frame."""
+
+    max_str_len: int = 1024 * 1024  # a prompt or an answer: 1 MiB of text is plenty
+    max_bin_len: int = 4 * 1024 * 1024  # a cached response block
+    max_array_len: int = 16 * 1024  # messages in a chat, floats in an embedding
+    max_map_len: int = 256  # fields of a message, parameters of a request
+    max_depth: int = MAX_DEPTH
+
+
+DEFAULT_LIMITS = Limits()
+
+_UNPACK_ERRORS: tuple[type[BaseException], ...] = (
+    msgpack.exceptions.ExtraData,
+    msgpack.exceptions.FormatError,
+    msgpack.exceptions.StackError,
+    msgpack.exceptions.OutOfData,
+    msgpack.exceptions.BufferFull,
+    ValueError,  # msgpack raises bare ValueError for limits ("... exceeds max_str_len") and bad keys
+    TypeError,  # unhashable map keys (a map used as a key)
+    UnicodeDecodeError,
+    RecursionError,
+)
+
+
+def _forbid_ext(code: int, data: bytes) -> Any:
+    raise MalformedMessage(f"msgpack ext type {code} is not allowed")
+
+
+def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """msgpack bytes -> Python objects, bounded; only `MalformedMessage` escapes."""
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_forbid_ext,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except MalformedMessage:
+        raise
+    except _UNPACK_ERRORS as exc:
+        raise MalformedMessage(f"undecodable msgpack: {type(exc).__name__}: {exc}") from exc
+    _check_depth(obj, limits.max_depth)
+    return obj
+
+
+def _check_depth(obj: Any, limit: int) -> None:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            if depth > limit:
+                raise MalformedMessage(f"nested deeper than {limit} levels")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+
+
+def pack(obj: Any) -> bytes:
+    """Python objects -> msgpack bytes (bin type for bytes, float64 for floats)."""
+    return msgpack.packb(obj, use_bin_type=True, use_single_float=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Field specs
+
+
+class Spec:
+    """How one field is checked on decode and prepared on encode."""
+
+    def check(self, value: Any, name: str, owner: str) -> Any:
+        raise NotImplementedError  # pragma: no cover - every spec overrides it
+
+    def dump(self, value: Any) -> Any:
+        return value
+
+    def _fail(self, name: str, owner: str, reason: str) -> MalformedMessage:
+        return MalformedMessage(reason, field=name, message_type=owner)
+
+
+@dataclasses.dataclass(frozen=True)
+class Str(Spec):
+    max_len: int = 1024
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: Any, name: str, owner: str) -> str:
+        if not isinstance(value, str):
+            raise self._fail(name, owner, f"expected a string, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise self._fail(name, owner, f"string of {len(value)} characters exceeds {self.max_len}")
+        if self.choices is not None and value not in self.choices:
+            raise self._fail(name, owner, f"{value[:64]!r} is not one of {', '.join(self.choices)}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Bytes(Spec):
+    max_len: int = 1024
+
+    def check(self, value: Any, name: str, owner: str) -> bytes:
+        if not isinstance(value, bytes):
+            raise self._fail(name, owner, f"expected bytes, got {type(value).__name__}")
+        if len(value) > self.max_len:
+            raise self._fail(name, owner, f"{len(value)} bytes exceeds {self.max_len}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Int(Spec):
+    lo: int = 0
+    hi: int = 2**63 - 1
+
+    def check(self, value: Any, name: str, owner: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._fail(name, owner, f"expected an integer, got {type(value).__name__}")
+        if not self.lo <= value <= self.hi:
+            raise self._fail(name, owner, f"{value} is outside {self.lo}..{self.hi}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Float(Spec):
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    def check(self, value: Any, name: str, owner: str) -> float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # an integer is an acceptable float
+        if not isinstance(value, float):
+            raise self._fail(name, owner, f"expected a number, got {type(value).__name__}")
+        if not math.isfinite(value) or not self.lo <= value <= self.hi:
+            raise self._fail(name, owner, f"{value} is not a finite number in {self.lo}..{self.hi}")
+        return value
+
+    def dump(self, value: Any) -> Any:
+        return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bool(Spec):
+    def check(self, value: Any, name: str, owner: str) -> bool:
+        if not isinstance(value, bool):
+            raise self._fail(name, owner, f"expected a boolean, got {type(value).__name__}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class List(Spec):
+    item: Spec
+    max_items: int = 256
+
+    def check(self, value: Any, name: str, owner: str) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise self._fail(name, owner, f"expected a list, got {type(value).__name__}")
+        if len(value) > self.max_items:
+            raise self._fail(name, owner, f"{len(value)} items exceeds {self.max_items}")
+        return tuple(self.item.check(v, f"{name}[{i}]", owner) for i, v in enumerate(value))
+
+    def dump(self, value: Any) -> Any:
+        return [self.item.dump(v) for v in value]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dict(Spec):
+    """A map from bounded string keys to values of one spec."""
+
+    value: Spec
+    max_items: int = 64
+    max_key_len: int = 128
+
+    def check(self, value: Any, name: str, owner: str) -> Mapping[str, Any]:
+        if not isinstance(value, dict):
+            raise self._fail(name, owner, f"expected a map, got {type(value).__name__}")
+        if len(value) > self.max_items:
+            raise self._fail(name, owner, f"{len(value)} entries exceeds {self.max_items}")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or len(k) > self.max_key_len:
+                raise self._fail(name, owner, f"map key {str(k)[:64]!r} is not a string of at most "
+                                              f"{self.max_key_len} characters")
+            out[k] = self.value.check(v, f"{name}.{k}", owner)
+        return out
+
+    def dump(self, value: Any) -> Any:
+        return {k: self.value.dump(v) for k, v in value.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Nested(Spec):
+    """A message inside a message (encoded as a map without "t"/"v")."""
+
+    cls: type[Message]
+
+    def check(self, value: Any, name: str, owner: str) -> Message:
+        if not isinstance(value, dict):
+            raise self._fail(name, owner, f"expected a map, got {type(value).__name__}")
+        return self.cls._from_fields(value, f"{owner}.{name}")
+
+    def dump(self, value: Any) -> Any:
+        return value._to_fields()
+
+
+@dataclasses.dataclass(frozen=True)
+class Any_(Spec):
+    """A plain value (str, int, float, bool, None, or lists and maps of them), bounded by `Limits`."""
+
+    def check(self, value: Any, name: str, owner: str) -> Any:
+        if isinstance(value, bytes):
+            raise self._fail(name, owner, "binary is not allowed here")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self._fail(name, owner, "non-finite number")
+        if isinstance(value, list):
+            return [self.check(v, f"{name}[{i}]", owner) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise self._fail(name, owner, "map keys must be strings")
+            return {k: self.check(v, f"{name}.{k}", owner) for k, v in value.items()}
+        return value
+
+
+def field(spec: Spec, *, optional: bool = False, default: Any = dataclasses.MISSING) -> Any:
+    """Declare a message field. `optional` fields may be absent or nil (default None)."""
+    if optional and default is dataclasses.MISSING:
+        default = None
+    return dataclasses.field(default=default, metadata={"spec": spec, "optional": optional})
+
+
+# ---------------------------------------------------------------------------------------
+# Messages
+
+
+class Message:
+    """Base of wire messages: frozen dataclasses with `TYPE` and `VERSION` class attributes."""
+
+    TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    def _to_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            spec: Spec = f.metadata["spec"]
+            value = getattr(self, f.name)
+            if value is None and f.metadata["optional"]:
+                continue
+            out[f.name] = spec.dump(value)
+        return out
+
+    @classmethod
+    def _from_fields(cls: type[M], data: Mapping[str, Any], owner: str | None = None) -> M:
+        owner = owner or cls.TYPE or cls.__name__
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            spec: Spec = f.metadata["spec"]
+            value = data.get(f.name)
+            if value is None:
+                if f.metadata["optional"]:
+                    kwargs[f.name] = f.default if f.default is not dataclasses.MISSING else None
+                    continue
+                if f.name not in data:
+                    raise MalformedMessage("required field is missing", field=f.name, message_type=owner)
+            kwargs[f.name] = spec.check(value, f.name, owner)
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as exc:  # a message's own __post_init__ cross-field checks
+            raise MalformedMessage(str(exc), message_type=owner) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": self.TYPE, "v": self.VERSION, **self._to_fields()}
+
+
+def encode(message: Message) -> bytes:
+    """A message's msgpack bytes (not framed)."""
+    if not message.TYPE:
+        raise LocalProtocolError(f"{type(message).__name__} has no wire TYPE")
+    return pack(message.to_dict())
+
+
+def decode(
+    data: bytes,
+    expected: type[M] | Sequence[type[Message]],
+    limits: Limits = DEFAULT_LIMITS,
+) -> M | Message:
+    """Bytes -> one of the `expected` message classes (chosen by its "t" field)."""
+    classes = [expected] if isinstance(expected, type) else list(expected)
+    by_type = {cls.TYPE: cls for cls in classes}
+    obj = unpack(data, limits)
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"expected a map, got {type(obj).__name__}")
+    kind = obj.get("t")
+    if not isinstance(kind, str) or kind not in by_type:
+        raise MalformedMessage(f"unexpected message type {str(kind)[:64]!r}; expected one of "
+                               f"{', '.join(sorted(by_type))}", field="t")
+    cls = by_type[kind]
+    version = obj.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MalformedMessage("missing or invalid version", field="v", message_type=kind)
+    if version > cls.VERSION:
+        raise UnsupportedVersion(version, f"up to {cls.VERSION}", what=kind)
+    return cls._from_fields(obj)
+
+
+def decoder_for(*classes: type[Message], limits: Limits = DEFAULT_LIMITS) -> Callable[[bytes], Message]:
+    """A one-argument decoder accepting exactly `classes` (handy for fuzzing and tests)."""
+    return lambda data: decode(data, classes, limits)
