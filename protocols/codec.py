@@ -241,7 +241,7 @@ class Dict(Spec):
         return out
 
     def dump(self, value: Any) -> Any:
-        return {k: self.value.dump(v) for k, v in value.items()}
+        return {k: self.value.dump(value[k]) for k in sorted(value, key=str.encode)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,16 +276,47 @@ class Any_(Spec):
             return {k: self.check(v, f"{name}.{k}", owner) for k, v in value.items()}
         return value
 
+    def dump(self, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: self.dump(value[k]) for k in sorted(value, key=str.encode)}
+        if isinstance(value, (list, tuple)):
+            return [self.dump(v) for v in value]
+        return value
 
-def field(spec: Spec, *, optional: bool = False, default: Any = dataclasses.MISSING) -> Any:
-    """Declare a message field. `optional` fields may be absent or nil (default None)."""
-    if optional and default is dataclasses.MISSING:
+
+def field(
+    spec: Spec,
+    *,
+    optional: bool = False,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """Declare a message field.
+
+    `optional` fields may be absent or nil (default None). A field with a default may be absent
+    on the wire (a later minor version added it) and then takes its default; nil is accepted
+    only for optional fields.
+    """
+    if optional and default is dataclasses.MISSING and default_factory is dataclasses.MISSING:
         default = None
-    return dataclasses.field(default=default, metadata={"spec": spec, "optional": optional})
+    meta = {"spec": spec, "optional": optional}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 # ---------------------------------------------------------------------------------------
 # Messages
+
+
+_FIELD_ORDER: dict[type, tuple[dataclasses.Field[Any], ...]] = {}
+
+
+def _sorted_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    order = _FIELD_ORDER.get(cls)
+    if order is None:
+        order = _FIELD_ORDER[cls] = tuple(sorted(dataclasses.fields(cls), key=lambda f: f.name.encode()))
+    return order
 
 
 class Message:
@@ -295,8 +326,10 @@ class Message:
     VERSION: ClassVar[int] = 1
 
     def _to_fields(self) -> dict[str, Any]:
+        """Field name -> wire value, keys in sorted order (encoders write maps sorted, so the
+        bytes of a message are reproducible; decoders accept any order)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in _sorted_fields(type(self)):
             spec: Spec = f.metadata["spec"]
             value = getattr(self, f.name)
             if value is None and f.metadata["optional"]:
@@ -310,13 +343,14 @@ class Message:
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             spec: Spec = f.metadata["spec"]
-            value = data.get(f.name)
-            if value is None:
-                if f.metadata["optional"]:
-                    kwargs[f.name] = f.default if f.default is not dataclasses.MISSING else None
-                    continue
-                if f.name not in data:
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     raise MalformedMessage("required field is missing", field=f.name, message_type=owner)
+                continue  # the dataclass default applies
+            value = data[f.name]
+            if value is None and f.metadata["optional"]:
+                kwargs[f.name] = None
+                continue
             kwargs[f.name] = spec.check(value, f.name, owner)
         try:
             return cls(**kwargs)
@@ -324,7 +358,10 @@ class Message:
             raise MalformedMessage(str(exc), message_type=owner) from exc
 
     def to_dict(self) -> dict[str, Any]:
-        return {"t": self.TYPE, "v": self.VERSION, **self._to_fields()}
+        """The wire map, every key in sorted order."""
+        fields = self._to_fields()
+        fields["t"], fields["v"] = self.TYPE, self.VERSION
+        return {k: fields[k] for k in sorted(fields)}
 
 
 def encode(message: Message) -> bytes:

@@ -8,7 +8,9 @@
     │   ├── CIDMismatch             bytes that do not hash to the CID they were sent for
     │   ├── InsecureHash            a CID whose hash function is not on the allowlist
     │   ├── BadSignature            a record whose signature or signer does not verify
-    │   └── ExpiredRecord           a record past its expiry (or created too far in the future)
+    │   ├── ExpiredRecord           a record past its expiry (or created too far in the future)
+    │   ├── StaleRecord             a replayed record: not newer than the one already held
+    │   └── FlowControlViolation    more chunks than the receiver granted credit for
     └── LocalProtocolError          we tried to produce something the protocol forbids (our bug)
         └── NotCanonical            a value with no canonical encoding (NaN, an object, a huge int)
 
@@ -28,6 +30,8 @@ __all__ = [
     "InsecureHash",
     "BadSignature",
     "ExpiredRecord",
+    "StaleRecord",
+    "FlowControlViolation",
     "NotCanonical",
 ]
 
@@ -85,6 +89,18 @@ class ExpiredRecord(RemoteProtocolError):
     def __init__(self, reason: str, *, expires: float | None = None, now: float | None = None) -> None:
         super().__init__(reason)
         self.reason, self.expires, self.now = reason, expires, now
+
+
+class StaleRecord(RemoteProtocolError):
+    def __init__(self, subject: str, got_seq: int, have_seq: int) -> None:
+        super().__init__(f"record from {subject} has sequence {got_seq}, not newer than {have_seq} (replayed?)")
+        self.subject, self.got_seq, self.have_seq = subject, got_seq, have_seq
+
+
+class FlowControlViolation(RemoteProtocolError):
+    def __init__(self, sent: int, credit: int) -> None:
+        super().__init__(f"peer sent chunk {sent} with credit for only {credit}")
+        self.sent, self.credit = sent, credit
 
 
 class NotCanonical(LocalProtocolError):

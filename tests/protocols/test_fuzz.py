@@ -16,7 +16,14 @@ from protocols.cid import cid_of, parse
 from protocols.codec import decode, encode
 from protocols.framing import NEED_DATA, FrameDecoder, encode_frame, encode_varint
 from tests.protocols.fuzz import check_decoder
+from protocols.advert.messages import GetAdvert, decode_advert, verify_advert
+from protocols.cache.messages import Found, Get, NotFound
+from protocols.control.messages import Command, ErrorInfo, Reply
+from protocols.inference.machine import InferenceStream, Role
+from protocols.inference.messages import ChatMessage, Chunk, Credit, Error, Request, Result
+from protocols.records import Identity, sign_cache_record, validate_cache_value
 from tests.protocols.test_codec import Sample, valid
+from tests.protocols.test_messages import make_advert
 
 N = 10_000
 
@@ -46,11 +53,59 @@ RESPONSE_CORPUS = [
     response_bytes(task="chat", model="hf_local/x@sha256:ab", text="é" * 50, finish_reason="length"),
 ]
 
+def _advert_then_verify(data: bytes) -> None:
+    verify_advert(decode_advert(data), NOW)
+
+
+def _server_side(data: bytes) -> None:
+    stream = InferenceStream(Role.SERVER)
+    stream.receive_data(data)
+    while stream.next_event() is not NEED_DATA:
+        pass
+
+
+def _client_side(data: bytes) -> None:
+    stream = InferenceStream(Role.CLIENT)
+    stream.send(Request(id="r", task="generate", timeout_ms=1000, prompt="p", window=4))
+    stream.receive_data(data)
+    while stream.next_event() is not NEED_DATA:
+        pass
+
+
+NOW = 1_800_000_000_000
+_ALICE = Identity.from_seed(b"\x01" * 32)
+_RECORD = sign_cache_record(_ALICE, key="bafkreikey", cid=cid_of(b"r"), created=NOW, expires=NOW + 1000, seq=1)
+_CLIENT_FRAMES = [
+    encode_frame(encode(Request(id="r", task="chat", timeout_ms=5000, messages=(ChatMessage("user", "hi"),),
+                                params={"temperature": 0.0, "stop": ["x"]}, on_peers=(_ALICE.peer_id,))))
+    + encode_frame(encode(Credit(3))),
+    encode_frame(encode(Request(id="r2", task="generate", timeout_ms=5000, prompt="p" * 100, stream=False))),
+]
+_RESULT_BYTES = response_bytes(task="generate", model="echo", text="echo: p")
+_SERVER_FRAMES = [
+    encode_frame(encode(Chunk(0, "echo:"))) + encode_frame(encode(Chunk(1, " p")))
+    + encode_frame(encode(Result(response=_RESULT_BYTES, cid=cid_of(_RESULT_BYTES), key="k", provider="echo",
+                                 peer=_ALICE.peer_id, cache="miss", timings={"total": 1.5}))),
+    encode_frame(encode(Error(code="busy", message="full", retryable=True, retry_after=1.0))),
+]
+
 DECODERS = {
     "framing": (frames, FRAME_CORPUS),
     "codec message": (lambda data: decode(data, Sample), [encode(valid())]),
     "canonical response": (decode_response, RESPONSE_CORPUS),
     "framed message": (lambda data: [decode(f, Sample) for f in frames(data)], [encode_frame(encode(valid()))]),
+    "advert (decode and verify)": (_advert_then_verify, [encode(make_advert(created=NOW))]),
+    "get-advert": (lambda data: decode(data, GetAdvert), [encode(GetAdvert())]),
+    "inference, server side": (_server_side, _CLIENT_FRAMES),
+    "inference, client side": (_client_side, _SERVER_FRAMES),
+    "cache messages": (lambda data: decode(data, (Get, Found, NotFound)),
+                       [encode(Get(cid_of(b"x"))), encode(Found(cid_of(b"x"), b"x")), encode(NotFound("b"))]),
+    "control messages": (lambda data: decode(data, (Command, Reply)),
+                         [encode(Command("cache-get", {"cid": "bafk", "n": [1, 2.5, None, {"a": True}]})),
+                          encode(Reply(True, {"peers": [{"peer_id": "x", "latency_ms": None}]})),
+                          encode(Reply(False, None, ErrorInfo("no_daemon", "none")))]),
+    "cache record validator": (lambda data: validate_cache_value("/accelmesh/bafkreikey", data, NOW),
+                               [encode(_RECORD)]),
 }
 
 

@@ -1,0 +1,159 @@
+"""Capability adverts: what a node serves, on what hardware, and how busy it is; signed by the node.
+
+`/accelmesh/advert/1.0.0` answers one `GetAdvert` with the node's current `Advert`; the same
+signed `Advert` bytes are pushed on the gossipsub topic `accelmesh/adverts/1`. See SPEC.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from protocols.codec import Bool, Bytes, Int, List, Message, Nested, Str, decode, encode, field
+from protocols.errors import MalformedMessage, StaleRecord, UnsupportedVersion
+from protocols.records import (
+    DOMAIN_ADVERT,
+    MAX_PEER_ID_LENGTH,
+    Identity,
+    check_time_window,
+    verify_signature,
+)
+
+__all__ = [
+    "PROTOCOL_ID",
+    "TOPIC",
+    "PROTOCOL_VERSION",
+    "MAX_ADVERT_BYTES",
+    "TASKS",
+    "ACCELERATOR_KINDS",
+    "ProviderEntry",
+    "Accelerator",
+    "Load",
+    "Advert",
+    "GetAdvert",
+    "sign_advert",
+    "verify_advert",
+    "check_newer",
+    "decode_advert",
+]
+
+PROTOCOL_ID = "/accelmesh/advert/1.0.0"
+TOPIC = "accelmesh/adverts/1"
+PROTOCOL_VERSION = "1.0"  # major.minor of accelmesh's wire protocols; a newer major is refused
+MAX_ADVERT_BYTES = 64 * 1024  # 32 providers x 64 models of 256 characters still fit; gossip stays cheap
+TASKS = ("generate", "chat", "embed")
+ACCELERATOR_KINDS = ("cuda", "rocm", "mps", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderEntry(Message):
+    """One provider a node offers."""
+
+    name: str = field(Str(max_len=64))
+    tasks: tuple[str, ...] = field(List(Str(max_len=16, choices=TASKS), max_items=len(TASKS)))
+    models: tuple[str, ...] = field(List(Str(max_len=256), max_items=64))
+    ready: bool = field(Bool())
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator(Message):
+    """One device: a GPU (per device) or the host's CPU."""
+
+    kind: str = field(Str(max_len=8, choices=ACCELERATOR_KINDS))
+    name: str = field(Str(max_len=128))
+    memory_total: int = field(Int(0, 2**53))  # bytes (RAM for the cpu entry)
+    memory_free: int = field(Int(0, 2**53))  # bytes
+    index: int = field(Int(0, 1023), default=0)  # device index among its kind
+    cores: int = field(Int(0, 1 << 20), optional=True)  # cpu: logical cores
+
+
+@dataclasses.dataclass(frozen=True)
+class Load(Message):
+    in_flight: int = field(Int(0, 1 << 24))  # requests being served
+    queued: int = field(Int(0, 1 << 24))  # requests waiting for a slot
+
+
+@dataclasses.dataclass(frozen=True)
+class GetAdvert(Message):
+    """Ask a peer for its current advert (no fields)."""
+
+    TYPE = "get-advert"
+    VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Advert(Message):
+    TYPE = "advert"
+    VERSION = 1
+
+    peer_id: str = field(Str(max_len=MAX_PEER_ID_LENGTH))  # the subject, and the signer
+    public_key: bytes = field(Bytes(max_len=64))  # libp2p public-key protobuf; hashes to peer_id
+    addrs: tuple[str, ...] = field(List(Str(max_len=256), max_items=16))  # multiaddrs, /p2p/ included
+    providers: tuple[ProviderEntry, ...] = field(List(Nested(ProviderEntry), max_items=32))
+    accelerators: tuple[Accelerator, ...] = field(List(Nested(Accelerator), max_items=64))
+    capacity: int = field(Int(0, 1 << 20))  # requests served at once (node max_concurrent)
+    queue: int = field(Int(0, 1 << 24))  # requests that may wait for a slot
+    load: Load = field(Nested(Load))
+    software: str = field(Str(max_len=64))  # e.g. "accelmesh/0.1.0"
+    protocol: str = field(Str(max_len=16))  # PROTOCOL_VERSION of the sender, "major.minor"
+    seq: int = field(Int(0, 2**53))  # increases with every new advert of this peer
+    created: int = field(Int(0, 2**53))  # Unix time, milliseconds
+    expires: int = field(Int(0, 2**53))  # Unix time, milliseconds
+    signature: bytes = field(Bytes(max_len=64), default=b"")
+
+    def __post_init__(self) -> None:
+        if not self.accelerators:
+            raise ValueError("an advert lists at least one accelerator (cpu at least)")
+
+    def signed_fields(self) -> dict[str, Any]:
+        fields = self.to_dict()
+        fields.pop("signature", None)
+        return fields
+
+    @property
+    def major(self) -> int:
+        head = self.protocol.split(".", 1)[0]
+        if not head.isdigit():
+            raise MalformedMessage(f"protocol version {self.protocol!r} is not major.minor", field="protocol",
+                                   message_type=self.TYPE)
+        return int(head)
+
+
+def sign_advert(identity: Identity, **fields: Any) -> Advert:
+    """An advert for `identity` with `fields` (everything but peer_id, public_key, signature), signed."""
+    unsigned = Advert(peer_id=identity.peer_id, public_key=identity.public_key, **fields)
+    return dataclasses.replace(unsigned, signature=identity.sign(DOMAIN_ADVERT, unsigned.signed_fields()))
+
+
+def verify_advert(advert: Advert, now_ms: int) -> None:
+    """Raise unless the advert is readable, signed by its subject, and current.
+
+    `UnsupportedVersion` for a newer major protocol (log and ignore it); `BadSignature` for a
+    forged or tampered advert; `ExpiredRecord` outside its time window (60 s of skew allowed).
+    """
+    ours = int(PROTOCOL_VERSION.split(".")[0])
+    if advert.major > ours:
+        raise UnsupportedVersion(advert.protocol, PROTOCOL_VERSION, what="advert protocol")
+    verify_signature(subject=advert.peer_id, public_key=advert.public_key, domain=DOMAIN_ADVERT,
+                     payload=advert.signed_fields(), signature=advert.signature)
+    check_time_window(advert.created, advert.expires, now_ms, "advert")
+
+
+def check_newer(current: Advert | None, new: Advert) -> None:
+    """Raise `StaleRecord` unless `new` supersedes `current` (same peer: strictly higher seq)."""
+    if current is not None and current.peer_id == new.peer_id and new.seq <= current.seq:
+        raise StaleRecord(new.peer_id, new.seq, current.seq)
+
+
+def decode_advert(data: bytes) -> Advert:
+    if len(data) > MAX_ADVERT_BYTES:
+        from protocols.errors import FrameTooLarge
+
+        raise FrameTooLarge(len(data), MAX_ADVERT_BYTES, what="advert")
+    advert = decode(data, Advert)
+    assert isinstance(advert, Advert)
+    return advert
+
+
+def encode_advert(advert: Advert) -> bytes:
+    return encode(advert)

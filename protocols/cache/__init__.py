@@ -1,0 +1,1 @@
+"""The cache protocol: messages and rules (see SPEC.md beside this file)."""

@@ -1,0 +1,1 @@
+"""The control protocol: messages and rules (see SPEC.md beside this file)."""

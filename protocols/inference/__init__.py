@@ -1,0 +1,1 @@
+"""The inference protocol: messages and rules (see SPEC.md beside this file)."""
