@@ -144,6 +144,7 @@ def response_bytes(
     return encode(body)
 
 
+_RESPONSE_KEYS = frozenset({"v", "task", "model", "text", "embedding", "finish_reason", "usage"})
 _MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # a response must fit in one cache block (codec.Limits.max_bin_len)
 
 
@@ -170,6 +171,9 @@ def decode_response(data: bytes, *, trusted: bool = False) -> dict[str, Any]:
         isinstance(v, int) and not isinstance(v, bool) for v in usage.values()
     ):
         raise MalformedMessage("not a map of integers", field="usage", message_type="response")
+    unknown = set(body) - _RESPONSE_KEYS
+    if unknown:  # nothing may ride inside the hashed bytes beside the answer (metadata travels outside)
+        raise MalformedMessage(f"unknown field {sorted(unknown)[0][:40]!r}", message_type="response")
     text, embedding = body.get("text"), body.get("embedding")
     if (text is None) == (embedding is None):
         raise MalformedMessage("exactly one of text and embedding is required", message_type="response")

@@ -96,7 +96,7 @@ def is_fast_cid(value: str) -> bool:
 # Hash functions a CID from a peer may use: collision-resistant ones only.
 ALLOWED_HASHES = frozenset({"sha2-256", "sha2-512", "sha3-256", "sha3-512", "blake2b-256", "blake2b-512"})
 MIN_DIGEST_BYTES = 20  # shorter digests are too easy to collide
-MAX_CID_LENGTH = 256  # characters; a sha2-512 CID in base32 is ~115
+MAX_CID_LENGTH = 128  # characters, as every wire field holding a CID; a sha2-512 CID in base32 is ~115
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class ParsedCID:
 def parse(text: str) -> ParsedCID:
     """Parse a CID string from a peer; `MalformedMessage` if unparseable, `InsecureHash` if too weak."""
     if not isinstance(text, str) or not text or len(text) > MAX_CID_LENGTH:
-        raise MalformedMessage("not a CID string of 1..256 characters", field="cid")
+        raise MalformedMessage("not a CID string of 1..128 characters", field="cid")
     if is_fast_cid(text):  # the common case: our own form, no multiformats needed
         return ParsedCID(text, 1, "raw", "sha2-256", digest_of(text))
     from multiformats import CID

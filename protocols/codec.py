@@ -44,6 +44,7 @@ __all__ = [
     "decode",
     "unpack",
     "pack",
+    "decode_with_fields",
 ]
 
 M = TypeVar("M", bound="Message")
@@ -81,6 +82,13 @@ def _forbid_ext(code: int, data: bytes) -> Any:
     raise MalformedMessage(f"msgpack ext type {code} is not allowed")
 
 
+def _map_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise MalformedMessage("a map repeats a key (decoders could disagree on which one counts)")
+    return out
+
+
 def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """msgpack bytes -> Python objects, bounded; only `MalformedMessage` escapes."""
     try:
@@ -90,6 +98,7 @@ def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             strict_map_key=True,
             use_list=True,
             ext_hook=_forbid_ext,
+            object_pairs_hook=_map_without_duplicates,
             max_str_len=limits.max_str_len,
             max_bin_len=limits.max_bin_len,
             max_array_len=limits.max_array_len,
@@ -377,6 +386,15 @@ def decode(
     limits: Limits = DEFAULT_LIMITS,
 ) -> M | Message:
     """Bytes -> one of the `expected` message classes (chosen by its "t" field)."""
+    return decode_with_fields(data, expected, limits)[0]
+
+
+def decode_with_fields(
+    data: bytes,
+    expected: type[M] | Sequence[type[Message]],
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[M | Message, dict[str, Any]]:
+    """Like `decode`, and also the map as received (unknown fields included), e.g. to check a signature."""
     classes = [expected] if isinstance(expected, type) else list(expected)
     by_type = {cls.TYPE: cls for cls in classes}
     obj = unpack(data, limits)
@@ -392,7 +410,7 @@ def decode(
         raise MalformedMessage("missing or invalid version", field="v", message_type=kind)
     if version > cls.VERSION:
         raise UnsupportedVersion(version, f"up to {cls.VERSION}", what=kind)
-    return cls._from_fields(obj)
+    return cls._from_fields(obj), obj
 
 
 def decoder_for(*classes: type[Message], limits: Limits = DEFAULT_LIMITS) -> Callable[[bytes], Message]:

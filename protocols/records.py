@@ -9,11 +9,13 @@ Keys and peer ids follow the libp2p specs, encoded here by hand (no libp2p impor
   when the protobuf is at most 42 bytes, as it is for Ed25519, written in base58btc
   (``12D3KooW...``). So an Ed25519 peer id carries its public key.
 
-A signature covers ``DOMAIN || canonical msgpack of every field except the signature``;
-the domain string differs per record type, so a signature made for one kind of record can
-never be replayed as another. Verification checks that the signer's key hashes to the
-subject's peer id, the signature, and the record's time window (60 s of clock skew
-tolerated in each direction).
+A signature covers ``DOMAIN || msgpack of the record's map without "signature"``, every map's
+keys sorted by their UTF-8 bytes and every value exactly as sent (no normalization). A
+verifier checks the map it *received*, unknown fields included, so a newer minor version
+may add signed fields and nobody can add unsigned ones. The domain string differs per
+record type, so a signature made for one kind of record can never be replayed as another.
+Verification checks that the signer's key hashes to the subject's peer id, the signature,
+and the record's time window (60 s of clock skew tolerated in each direction).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
 
-from protocols import canonical
-from protocols.codec import Bytes, Int, Message, Str, decode, encode, field
+from protocols.cid import parse as parse_cid
+from protocols.codec import Bytes, Int, Message, Str, decode_with_fields, encode, field, pack
 from protocols.errors import BadSignature, ExpiredRecord, FrameTooLarge, MalformedMessage, ProtocolError
 
 __all__ = [
@@ -115,13 +117,35 @@ def _parse_protobuf_key(blob: bytes) -> tuple[int, bytes]:
     return blob[1], data
 
 
+# The eight points of small order on Ed25519 (canonical encodings). A "key" among them needs no
+# private key: signatures made of small-order points verify for many messages.
+_SMALL_ORDER = frozenset(bytes.fromhex(h) for h in (
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+))
+_ED25519_P = 2**255 - 19
+
+
 def _ed25519_public(public_key: bytes) -> Ed25519PublicKey:
     key_type, data = _parse_protobuf_key(public_key)
     if key_type != KEY_TYPE_ED25519:
         raise BadSignature(f"key type {key_type} is not supported (only Ed25519)")
     if len(data) != 32:
         raise MalformedMessage(f"Ed25519 public key of {len(data)} bytes", field="public_key")
-    return Ed25519PublicKey.from_public_bytes(data)
+    if int.from_bytes(data, "little") & ((1 << 255) - 1) >= _ED25519_P:
+        raise BadSignature("public key is not canonically encoded")
+    if data in _SMALL_ORDER:
+        raise BadSignature("public key is a point of small order")
+    try:
+        return Ed25519PublicKey.from_public_bytes(data)
+    except ValueError as exc:  # not a point on the curve
+        raise BadSignature(f"public key is not an Ed25519 point: {exc}") from exc
 
 
 def peer_id_from_public_key(public_key: bytes) -> str:
@@ -205,9 +229,20 @@ class Identity:
         return f"<Identity {self.peer_id}>"
 
 
+def _sorted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _sorted(value[k]) for k in sorted(value, key=lambda k: k.encode("utf-8"))}
+    if isinstance(value, (list, tuple)):
+        return [_sorted(v) for v in value]
+    return value
+
+
 def signed_payload(domain: bytes, payload: Mapping[str, Any]) -> bytes:
-    """What a signature covers: the domain string, then the canonical msgpack of the fields."""
-    return domain + canonical.encode(payload)
+    """What a signature covers: the domain, then the msgpack of the fields with sorted keys.
+
+    `payload` must not contain "signature" (callers pass the record's map without it).
+    """
+    return domain + pack(_sorted(payload))
 
 
 def verify_signature(
@@ -258,9 +293,9 @@ class CacheRecord(Message):
     signature: bytes = field(Bytes(max_len=64), default=b"")
 
     def signed_fields(self) -> dict[str, Any]:
-        fields = self._to_fields()
+        fields = self.to_dict()
         fields.pop("signature", None)
-        return {"t": self.TYPE, "v": self.VERSION, **fields}
+        return fields
 
 
 def sign_cache_record(identity: Identity, *, key: str, cid: str, created: int, expires: int, seq: int) -> CacheRecord:
@@ -269,11 +304,13 @@ def sign_cache_record(identity: Identity, *, key: str, cid: str, created: int, e
     return dataclasses.replace(unsigned, signature=identity.sign(DOMAIN_CACHE_RECORD, unsigned.signed_fields()))
 
 
-def verify_cache_record(record: CacheRecord, now_ms: int) -> None:
+def verify_cache_record(record: CacheRecord, now_ms: int, fields: Mapping[str, Any] | None = None) -> None:
+    """Check a record's signature and time window. `fields`: the map as received (default: re-encoded)."""
     if not record.signature:
         raise BadSignature("record is unsigned", signer=record.publisher)
+    payload = {k: v for k, v in (fields if fields is not None else record.to_dict()).items() if k != "signature"}
     verify_signature(subject=record.publisher, public_key=record.public_key, domain=DOMAIN_CACHE_RECORD,
-                     payload=record.signed_fields(), signature=record.signature)
+                     payload=payload, signature=record.signature)
     check_time_window(record.created, record.expires, now_ms, "cache record")
 
 
@@ -289,12 +326,26 @@ def validate_cache_value(dht_key: str, value: bytes, now_ms: int) -> CacheRecord
     """
     if len(value) > MAX_CACHE_RECORD_BYTES:
         raise FrameTooLarge(len(value), MAX_CACHE_RECORD_BYTES, what="cache record")
-    record = decode(value, CacheRecord)
+    record, fields = decode_with_fields(value, CacheRecord)
     assert isinstance(record, CacheRecord)
     if dht_key != cache_dht_key(record.key):
         raise MalformedMessage(f"record for {record.key} stored under {dht_key[:140]!r}", field="key")
-    verify_cache_record(record, now_ms)
+    if not _is_request_key(record.key):
+        raise MalformedMessage("not a request key (a CID, or 64 hex characters)", field="key",
+                               message_type=record.TYPE)
+    parse_cid(record.cid)  # MalformedMessage / InsecureHash for a CID outside the policy
+    verify_cache_record(record, now_ms, fields)
     return record
+
+
+def _is_request_key(key: str) -> bool:
+    if len(key) == 64 and all(c in "0123456789abcdef" for c in key):
+        return True  # the sha256 key strategy
+    try:
+        parse_cid(key)
+    except ProtocolError:
+        return False
+    return True
 
 
 def select_cache_value(dht_key: str, values: Sequence[bytes], now_ms: int) -> int:

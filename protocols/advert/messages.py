@@ -7,10 +7,12 @@ signed `Advert` bytes are pushed on the gossipsub topic `accelmesh/adverts/1`. S
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 from typing import Any
 
-from protocols.codec import Bool, Bytes, Int, List, Message, Nested, Str, decode, encode, field
-from protocols.errors import MalformedMessage, StaleRecord, UnsupportedVersion
+from protocols.codec import Bool, Bytes, Int, List, Message, Nested, Str, decode_with_fields, encode, field
+from protocols.errors import BadSignature, FrameTooLarge, MalformedMessage, StaleRecord, UnsupportedVersion
 from protocols.records import (
     DOMAIN_ADVERT,
     MAX_PEER_ID_LENGTH,
@@ -35,12 +37,15 @@ __all__ = [
     "verify_advert",
     "check_newer",
     "decode_advert",
+    "verified_advert",
+    "encode_advert",
 ]
 
 PROTOCOL_ID = "/accelmesh/advert/1.0.0"
 TOPIC = "accelmesh/adverts/1"
+_VERSION = re.compile(r"([0-9]{1,6})\.([0-9]{1,6})", re.ASCII)
 PROTOCOL_VERSION = "1.0"  # major.minor of accelmesh's wire protocols; a newer major is refused
-MAX_ADVERT_BYTES = 64 * 1024  # 32 providers x 64 models of 256 characters still fit; gossip stays cheap
+MAX_ADVERT_BYTES = 64 * 1024  # the real bound of an advert (the per-field bounds allow more): gossip stays cheap
 TASKS = ("generate", "chat", "embed")
 ACCELERATOR_KINDS = ("cuda", "rocm", "mps", "cpu")
 
@@ -112,11 +117,11 @@ class Advert(Message):
 
     @property
     def major(self) -> int:
-        head = self.protocol.split(".", 1)[0]
-        if not head.isdigit():
-            raise MalformedMessage(f"protocol version {self.protocol!r} is not major.minor", field="protocol",
-                                   message_type=self.TYPE)
-        return int(head)
+        match = _VERSION.fullmatch(self.protocol)
+        if match is None:
+            raise MalformedMessage(f"protocol version {self.protocol[:20]!r} is not MAJOR.MINOR (ASCII digits)",
+                                   field="protocol", message_type=self.TYPE)
+        return int(match.group(1))
 
 
 def sign_advert(identity: Identity, **fields: Any) -> Advert:
@@ -125,17 +130,22 @@ def sign_advert(identity: Identity, **fields: Any) -> Advert:
     return dataclasses.replace(unsigned, signature=identity.sign(DOMAIN_ADVERT, unsigned.signed_fields()))
 
 
-def verify_advert(advert: Advert, now_ms: int) -> None:
+def verify_advert(advert: Advert, now_ms: int, fields: Mapping[str, Any] | None = None) -> None:
     """Raise unless the advert is readable, signed by its subject, and current.
 
-    `UnsupportedVersion` for a newer major protocol (log and ignore it); `BadSignature` for a
-    forged or tampered advert; `ExpiredRecord` outside its time window (60 s of skew allowed).
+    `fields` is the map as received (unknown fields included, see `decode_advert`); without it
+    the advert is re-encoded, which is right only for adverts built here. `UnsupportedVersion`
+    for a newer major protocol (log and ignore it); `BadSignature` for a forged or tampered
+    advert; `ExpiredRecord` outside its time window (60 s of skew allowed).
     """
     ours = int(PROTOCOL_VERSION.split(".")[0])
     if advert.major > ours:
         raise UnsupportedVersion(advert.protocol, PROTOCOL_VERSION, what="advert protocol")
+    if not advert.signature:
+        raise BadSignature("advert is unsigned", signer=advert.peer_id)
+    payload = {k: v for k, v in (fields if fields is not None else advert.to_dict()).items() if k != "signature"}
     verify_signature(subject=advert.peer_id, public_key=advert.public_key, domain=DOMAIN_ADVERT,
-                     payload=advert.signed_fields(), signature=advert.signature)
+                     payload=payload, signature=advert.signature)
     check_time_window(advert.created, advert.expires, now_ms, "advert")
 
 
@@ -145,13 +155,19 @@ def check_newer(current: Advert | None, new: Advert) -> None:
         raise StaleRecord(new.peer_id, new.seq, current.seq)
 
 
-def decode_advert(data: bytes) -> Advert:
+def decode_advert(data: bytes) -> tuple[Advert, dict[str, Any]]:
+    """An advert and the map it arrived as (to verify its signature over every field received)."""
     if len(data) > MAX_ADVERT_BYTES:
-        from protocols.errors import FrameTooLarge
-
         raise FrameTooLarge(len(data), MAX_ADVERT_BYTES, what="advert")
-    advert = decode(data, Advert)
+    advert, fields = decode_with_fields(data, Advert)
     assert isinstance(advert, Advert)
+    return advert, fields
+
+
+def verified_advert(data: bytes, now_ms: int) -> Advert:
+    """Decode and verify advert bytes (from gossip or the advert protocol) in one step."""
+    advert, fields = decode_advert(data)
+    verify_advert(advert, now_ms, fields)
     return advert
 
 

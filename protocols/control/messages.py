@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from protocols.codec import Any_, Bool, Dict, Message, Nested, Str, field
+from protocols.codec import Any_, Bool, Dict, Limits, Message, Nested, Str, field
 
-__all__ = ["PROTOCOL_ID", "COMMANDS", "ErrorInfo", "Command", "Reply", "MAX_FRAME_SIZE"]
+__all__ = ["PROTOCOL_ID", "COMMANDS", "ErrorInfo", "Command", "Reply", "MAX_FRAME_SIZE", "LIMITS"]
 
 PROTOCOL_ID = "/accelmesh/control/1.0.0"
-MAX_FRAME_SIZE = 8 * 1024 * 1024  # a `cache get` reply carries one block (4 MiB) as JSON-safe text
+MAX_FRAME_SIZE = 8 * 1024 * 1024  # a `cache-get` reply carries one block (4 MiB) as base64 text
+LIMITS = Limits(max_str_len=6 * 1024 * 1024)  # that base64 text: 4 MiB * 4/3, rounded up
 COMMANDS = (
     "status",  # is the daemon up: peer id, pid, uptime, version
     "info",  # this node: peer_id, addrs, version, advert fields, stats (INTERFACES.md `info --json`)
@@ -52,3 +53,7 @@ class Reply(Message):
     ok: bool = field(Bool())
     result: Any = field(Any_(), optional=True)
     error: ErrorInfo | None = field(Nested(ErrorInfo), optional=True)
+
+    def __post_init__(self) -> None:
+        if self.ok == (self.error is not None):
+            raise ValueError("a reply carries an error exactly when ok is false")

@@ -25,6 +25,7 @@ from protocols.errors import FlowControlViolation, LocalProtocolError, Malformed
 from protocols.framing import NEED_DATA, FrameDecoder, _NeedData, encode_frame
 from protocols.inference.messages import (
     CLIENT_MESSAGES,
+    MAX_PROMPT_CHARS,
     MAX_RESPONSE_BYTES,
     SERVER_MESSAGES,
     Chunk,
@@ -38,7 +39,8 @@ __all__ = ["Role", "State", "InferenceStream", "MAX_FRAME_SIZE", "MAX_CREDIT"]
 
 MAX_FRAME_SIZE = MAX_RESPONSE_BYTES + 64 * 1024  # a Result carries one response block plus its envelope
 MAX_CREDIT = 1 << 20  # a client cannot make a server owe it more than this many chunks
-_LIMITS = Limits(max_bin_len=MAX_RESPONSE_BYTES)
+# Str bounds count characters; msgpack's max_str_len counts UTF-8 bytes (up to 4 per character).
+_LIMITS = Limits(max_bin_len=MAX_RESPONSE_BYTES, max_str_len=4 * MAX_PROMPT_CHARS)
 
 
 class Role(Enum):
@@ -132,15 +134,24 @@ class InferenceStream:
         if frame is NEED_DATA:
             return NEED_DATA
         assert isinstance(frame, bytes)
-        if self.state is State.DONE:
-            raise RemoteProtocolError(f"{self.role.value} received data after the stream was done")
         expected = SERVER_MESSAGES if self.role is Role.CLIENT else CLIENT_MESSAGES
         message = decode(frame, expected, _LIMITS)
+        self.receive_message(message)
+        return message
+
+    def receive_message(self, message: Message) -> None:
+        """Apply a message already decoded elsewhere (e.g. the first frame of a control stream)."""
+        if self.state is State.DONE:
+            if self.role is Role.SERVER and isinstance(message, Credit):
+                return  # a Credit sent while our Result was in flight: a normal race, nothing to do
+            raise RemoteProtocolError(f"{self.role.value} received {message.TYPE} after the stream was done")
+        expected = SERVER_MESSAGES if self.role is Role.CLIENT else CLIENT_MESSAGES
+        if not isinstance(message, expected):
+            raise MalformedMessage(f"a {self.role.value} does not receive {message.TYPE}", message_type=message.TYPE)
         if self.role is Role.CLIENT:
             self._client_receives(message)
         else:
             self._server_receives(message)
-        return message
 
     def _client_receives(self, message: Message) -> None:
         if self.state is not State.ACTIVE:

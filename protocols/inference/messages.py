@@ -104,7 +104,7 @@ class Chunk(Message):
 
     TYPE = "chunk"
     VERSION = 1
-    index: int = field(Int(0, 1 << 32))
+    index: int = field(Int(0, (1 << 32) - 1))
     text: str = field(Str(max_len=MAX_CHUNK_CHARS))
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import msgpack
 
-from protocols.advert.messages import Advert, decode_advert, encode_advert, verify_advert
+from protocols.advert.messages import Advert, decode_advert, encode_advert, verified_advert
 from protocols.canonical import response_bytes
 from protocols.cid import cid_of
 from protocols.codec import decode, encode
@@ -30,7 +30,7 @@ def run() -> Section:
     from protocols.advert.messages import sign_advert
 
     sign_rows = [
-        ("advert", rate(lambda: sign_advert(alice, **fields)), rate(lambda: verify_advert(advert, NOW))),
+        ("advert", rate(lambda: sign_advert(alice, **fields)), rate(lambda: verified_advert(encode(advert), NOW))),
         ("cache record", rate(lambda: sign_cache_record(alice, key=record.key, cid=record.cid, created=NOW,
                                                         expires=NOW + 1000, seq=2)),
          rate(lambda: verify_cache_record(record, NOW))),

@@ -16,7 +16,7 @@ from protocols.cid import cid_of, parse
 from protocols.codec import decode, encode
 from protocols.framing import NEED_DATA, FrameDecoder, encode_frame, encode_varint
 from tests.protocols.fuzz import check_decoder
-from protocols.advert.messages import GetAdvert, decode_advert, verify_advert
+from protocols.advert.messages import GetAdvert, verified_advert
 from protocols.cache.messages import Found, Get, NotFound
 from protocols.control.messages import Command, ErrorInfo, Reply
 from protocols.inference.machine import InferenceStream, Role
@@ -54,7 +54,7 @@ RESPONSE_CORPUS = [
 ]
 
 def _advert_then_verify(data: bytes) -> None:
-    verify_advert(decode_advert(data), NOW)
+    verified_advert(data, NOW)
 
 
 def _server_side(data: bytes) -> None:
@@ -74,7 +74,8 @@ def _client_side(data: bytes) -> None:
 
 NOW = 1_800_000_000_000
 _ALICE = Identity.from_seed(b"\x01" * 32)
-_RECORD = sign_cache_record(_ALICE, key="bafkreikey", cid=cid_of(b"r"), created=NOW, expires=NOW + 1000, seq=1)
+_KEY = cid_of(b"request")
+_RECORD = sign_cache_record(_ALICE, key=_KEY, cid=cid_of(b"r"), created=NOW, expires=NOW + 1000, seq=1)
 _CLIENT_FRAMES = [
     encode_frame(encode(Request(id="r", task="chat", timeout_ms=5000, messages=(ChatMessage("user", "hi"),),
                                 params={"temperature": 0.0, "stop": ["x"]}, on_peers=(_ALICE.peer_id,))))
@@ -104,7 +105,7 @@ DECODERS = {
                          [encode(Command("cache-get", {"cid": "bafk", "n": [1, 2.5, None, {"a": True}]})),
                           encode(Reply(True, {"peers": [{"peer_id": "x", "latency_ms": None}]})),
                           encode(Reply(False, None, ErrorInfo("no_daemon", "none")))]),
-    "cache record validator": (lambda data: validate_cache_value("/accelmesh/bafkreikey", data, NOW),
+    "cache record validator": (lambda data: validate_cache_value(f"/accelmesh/{_KEY}", data, NOW),
                                [encode(_RECORD)]),
 }
 

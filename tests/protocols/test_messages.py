@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.advert.messages import (
-    Accelerator, Advert, GetAdvert, Load, ProviderEntry, decode_advert, encode_advert, sign_advert, verify_advert,
+    Accelerator, Advert, GetAdvert, Load, ProviderEntry, decode_advert, encode_advert, sign_advert, verified_advert,
+    verify_advert,
 )
 from protocols.cache.messages import Found, Get, NotFound, check_found
 from protocols.canonical import response_bytes
@@ -95,7 +96,7 @@ MESSAGES = {
     "advert": (adverts, Advert),
     "get-advert": (st.just(GetAdvert()), GetAdvert),
     "request": (requests(), Request),
-    "chunk": (st.builds(Chunk, index=st.integers(0, 1 << 32), text=text), Chunk),
+    "chunk": (st.builds(Chunk, index=st.integers(0, (1 << 32) - 1), text=text), Chunk),
     "credit": (st.builds(Credit, n=st.integers(1, 1024)), Credit),
     "result": (results, Result),
     "error": (errors, Error),
@@ -104,8 +105,8 @@ MESSAGES = {
     "not-found": (st.builds(NotFound, cid=text), NotFound),
     "command": (st.builds(Command, command=st.sampled_from(COMMANDS), args=st.dictionaries(
         st.text(max_size=10), json_values, max_size=3)), Command),
-    "reply": (st.builds(Reply, ok=st.booleans(), result=json_values, error=st.none() | st.builds(
-        ErrorInfo, code=st.text(max_size=32), message=text)), Reply),
+    "reply": (st.builds(Reply, ok=st.just(True), result=json_values) | st.builds(
+        Reply, ok=st.just(False), error=st.builds(ErrorInfo, code=st.text(max_size=32), message=text)), Reply),
 }
 
 
@@ -126,7 +127,7 @@ def test_every_message_round_trips(name):
 
 def test_advert_signed_by_its_subject_verifies_after_a_round_trip():
     advert = make_advert()
-    verify_advert(decode_advert(encode_advert(advert)), NOW)
+    assert verified_advert(encode_advert(advert), NOW) == advert
 
 
 def test_advert_forged_by_mallory_is_refused():
@@ -304,3 +305,52 @@ def test_control_command_names_are_a_closed_set():
     raw = msgpack.packb({"t": "command", "v": 1, "command": "rm -rf", "args": {}})
     with pytest.raises(MalformedMessage, match="command"):
         decode(raw, Command)
+
+
+# -- found by writing the specs: each of these was once accepted or crashed ------------------
+
+
+@pytest.mark.parametrize("version", ["\u00b2.0", "\u0661.0", "1", "1.", ".1", "1.0.0", " 1.0", "1e3.0"])
+def test_protocol_version_must_be_ascii_major_dot_minor(version):
+    with pytest.raises(MalformedMessage, match="MAJOR.MINOR"):
+        verify_advert(make_advert(protocol=version), NOW)
+
+
+def test_a_credit_that_crosses_the_result_is_ignored_by_the_server():
+    client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
+    link(client, server, client.send(request(window=1)))
+    late_credit = client.send(Credit(1))  # sent before the client saw the result
+    server.send(response())
+    assert link(client, server, late_credit) == [Credit(1)] and server.state is State.DONE
+
+
+def test_response_bytes_carry_nothing_but_the_answer():
+    import msgpack
+
+    from protocols.canonical import decode_response, encode
+
+    body = msgpack.unpackb(response_bytes(task="generate", model="echo", text="x"))
+    with pytest.raises(MalformedMessage, match="unknown field"):
+        decode_response(encode({**body, "served_by": "12D3KooW..."}))
+
+
+def test_a_reply_carries_an_error_exactly_when_it_failed():
+    import msgpack
+
+    for bad in ({"ok": True, "error": {"code": "x", "message": "y"}}, {"ok": False}):
+        with pytest.raises(MalformedMessage):
+            decode(msgpack.packb({"t": "reply", "v": 1, **bad}), Reply)
+
+
+def test_maps_with_a_repeated_key_are_refused():
+    # {"t": "get", "v": 1, "cid": "a", "cid": "b"}: other decoders might keep the first "cid"
+    raw = b"\x84\xa1t\xa3get\xa1v\x01\xa3cid\xa1a\xa3cid\xa1b"
+    with pytest.raises(MalformedMessage, match="repeats a key"):
+        decode(raw, Get)
+
+
+def test_a_prompt_of_a_million_non_ascii_characters_fits():
+    prompt = "\u00e9" * (1024 * 1024)  # 2 MiB of UTF-8
+    client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
+    got = link(client, server, client.send(Request(id="r", task="generate", timeout_ms=1000, prompt=prompt)))
+    assert got[0].prompt == prompt

@@ -193,3 +193,48 @@ def _advert(seq: int):
     from tests.protocols.test_messages import make_advert
 
     return make_advert(alice, seq=seq)
+
+
+def test_small_order_public_keys_are_refused():
+    # With the identity-like key 00...00 an all-zero signature verifies for many messages.
+    from protocols.records import _protobuf_key
+
+    key = _protobuf_key(1, bytes(32))
+    forged = dataclasses.replace(record(), publisher=peer_id_from_public_key(key), public_key=key,
+                                 signature=bytes(64))
+    with pytest.raises(BadSignature, match="small order"):
+        verify_cache_record(forged, NOW)
+    noncanonical = _protobuf_key(1, (2**255 - 19 + 1).to_bytes(32, "little"))
+    with pytest.raises(BadSignature, match="canonically"):
+        verify_cache_record(dataclasses.replace(forged, publisher=peer_id_from_public_key(noncanonical),
+                                                public_key=noncanonical), NOW)
+
+
+@pytest.mark.parametrize("change,field", [({"cid": "not-a-cid"}, "cid"), ({"key": "not-a-key"}, "key")])
+def test_validator_refuses_records_whose_key_or_cid_is_not_one(change, field):
+    bad = sign_cache_record(alice, **{"key": KEY, "cid": CID, "created": NOW, "expires": NOW + 1000, "seq": 1,
+                                      **change})
+    with pytest.raises(MalformedMessage) as info:
+        validate_cache_value(cache_dht_key(bad.key), encode(bad), NOW)
+    assert info.value.field == field
+
+
+def test_sha256_strategy_keys_are_valid_request_keys():
+    key = "ab" * 32
+    good = sign_cache_record(alice, key=key, cid=CID, created=NOW, expires=NOW + 1000, seq=1)
+    assert validate_cache_value(cache_dht_key(key), encode(good), NOW).key == key
+
+
+def test_a_signed_field_unknown_to_this_version_verifies_and_an_unsigned_one_does_not():
+    import msgpack
+
+    from protocols.records import signed_payload
+
+    fields = {**record().signed_fields(), "added_in_1_1": "hello"}
+    signature = alice.sign(DOMAIN_CACHE_RECORD, fields)
+    value = msgpack.packb({**fields, "signature": signature}, use_bin_type=True)
+    assert validate_cache_value(cache_dht_key(KEY), value, NOW).key == KEY
+    smuggled = msgpack.packb({**record().to_dict(), "added_later": "x"}, use_bin_type=True)
+    with pytest.raises(BadSignature):
+        validate_cache_value(cache_dht_key(KEY), smuggled, NOW)
+    assert signed_payload(b"d", {"b": 1, "a": "e\u0301"}) == b"d" + msgpack.packb({"a": "e\u0301", "b": 1})

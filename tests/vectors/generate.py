@@ -401,8 +401,9 @@ def canon(value: Any) -> Any:
 
 
 def signed_bytes(domain: bytes, fields: dict[str, Any]) -> bytes:
-    """What a signature covers: domain || canonical msgpack of every field but `signature`."""
-    return domain + packed(canon({k: v for k, v in fields.items() if k != "signature"}))
+    """What a signature covers: domain || msgpack of every field but `signature`, keys sorted,
+    values exactly as sent (no normalization), unknown fields included."""
+    return domain + packed({k: v for k, v in fields.items() if k != "signature"})
 
 
 RESERVED_KWARGS = ("timeout", "cache", "stream", "request_id", "deps", "on_peers", "accelerator", "strategy")
@@ -717,12 +718,12 @@ def build_adverts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     msg, data = signed_advert(ALICE, advert_fields(ALICE, expires=NOW))
     out.append(advert_record("expires equal to created", msg, data, ALICE, [(NOW, "ExpiredRecord")],
                              reproducible=True))
-    padded = {**GOOD_ADVERT, "x-future-field": "ignored"}
-    out.append(advert_record("an unknown field added after signing is not covered and still verifies",
-                             padded, GOOD_ADVERT_SIGNED, ALICE, [(NOW, "ok")]))
+    padded = {**GOOD_ADVERT, "x-future-field": "added"}
+    out.append(advert_record("an unknown field added after signing is covered by the signature: refused",
+                             padded, GOOD_ADVERT_SIGNED, ALICE, [(NOW, "BadSignature")], tampered=True))
     msg, data = signed_advert(ALICE, advert_fields(ALICE, **{"x-future-field": "signed"}))
-    out.append(advert_record("a field unknown to the verifier but covered by the signature is refused",
-                             msg, data, ALICE, [(NOW, "BadSignature")], tampered=True))
+    out.append(advert_record("a field unknown to the verifier but signed (a newer minor version): verifies",
+                             msg, data, ALICE, [(NOW, "ok")], tampered=True))
 
     def advert_bytes(key: Key, seq: int) -> str:
         return packed(signed_advert(key, advert_fields(key, seq=seq))[0]).hex()
@@ -1047,9 +1048,10 @@ def build_records() -> dict[str, Any]:
     records.append(rec("expired", msg, data, ALICE, [(NOW, "ExpiredRecord")], reproducible=True))
     records.append(rec("stored under the wrong key", good, good_signed, ALICE, [(NOW, "MalformedMessage")],
                        f"/accelmesh/{HI_RESPONSE['cid']}"))
-    at_limit = padded_to(good, 2048)
-    records.append(rec("2048 bytes (an unknown field pads it): accepted", at_limit, good_signed, ALICE,
-                       [(NOW, "ok")]))
+    at_limit, at_limit_signed = signed_record(
+        ALICE, {k: v for k, v in padded_to(good, 2048).items() if k != "signature"})
+    records.append(rec("2048 bytes (a signed unknown field pads it): accepted", at_limit, at_limit_signed, ALICE,
+                       [(NOW, "ok")], tampered=True))
     over = padded_to(good, 2049)
     records.append(rec("2049 bytes: oversize", over, good_signed, ALICE, [(NOW, "FrameTooLarge")]))
     records.append(rec("a newer major version", {**good, "v": 2}, good_signed, ALICE, [(NOW, "UnsupportedVersion")],
