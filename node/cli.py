@@ -43,19 +43,25 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
                        help="print tracebacks on errors")
 
 
-def _add_setting_options(parser: argparse.ArgumentParser, *, skip: frozenset[str] = frozenset()) -> None:
-    """One flag per setting (the mapping rule: [section] key = --section-key)."""
+def _add_setting_options(parser: argparse.ArgumentParser, *, daemon: bool = False) -> None:
+    """One flag per setting (the mapping rule: [section] key = --section-key).
+
+    Daemon-only settings (listen, limits, ...) appear on `accelmesh daemon` only.
+    """
     from node.config import iter_specs
 
     group = parser.add_argument_group("settings (docs/configuration.md; flags beat env beat the TOML file)")
     for spec in iter_specs():
-        if spec.dotted in _GLOBAL_SETTINGS or spec.dotted in skip:
+        if spec.dotted in _GLOBAL_SETTINGS or (spec.daemon_only and not daemon):
             continue
         dest = _SETTING_PREFIX + spec.dotted.replace(".", "__")
         help_text = f"{spec.doc} [{spec.env}]"
-        if spec.kind == "bool":
+        if spec.kind in ("bool", "optional_bool"):
             group.add_argument(spec.flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
+        elif spec.kind == "list":
+            group.add_argument(spec.flag, dest=dest, action="append", default=argparse.SUPPRESS,
+                               help=help_text + " (repeatable)", metavar=spec.key.upper())
         else:
             group.add_argument(spec.flag, dest=dest, default=argparse.SUPPRESS, help=help_text,
                                choices=spec.choices, metavar=spec.key.upper() if not spec.choices else None)
@@ -73,13 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def command(name: str, help_text: str, fn: Callable[[argparse.Namespace, Any], int],
-                *, settings: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+                *, settings: bool = True, daemon: bool = False, parent: Any = None) -> argparse.ArgumentParser:
+        p = (parent or sub).add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         _add_global_options(p, suppress=True)
         if settings:
-            _add_setting_options(p)
+            _add_setting_options(p, daemon=daemon)
         p.set_defaults(func=fn)
         return p
+
+    command("daemon", "run the daemon in the foreground (stop with Ctrl-C, SIGTERM or `accelmesh stop`)",
+            cmd_daemon, daemon=True)
+    command("init", "create the data dir's identity.key and client.key", cmd_init, settings=False)
+    k = command("keygen", "make a cluster key (swarm.key format) for --cluster-key", cmd_keygen, settings=False)
+    k.add_argument("--cluster-key", dest="key_file", metavar="FILE", required=True, help="file to write (mode 0600)")
+    k.add_argument("--force", action="store_true", help="overwrite an existing file")
+    st = command("status", "is a daemon running on the data dir, and how is it doing", cmd_status, settings=False)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    command("stop", "stop the daemon on the data dir (it drains in-flight work first)", cmd_stop, settings=False)
+    i = command("info", "this node: peer id, addresses, version, statistics", cmd_info, settings=False)
+    i.add_argument("--json", action="store_true", help="print JSON")
+    cache = sub.add_parser("cache", help="the local response store (stats, ls, get, rm, verify)",
+                           description="the local response store; `rm` does not invalidate other nodes")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND")
+    cache_sub.required = True
+    for name, help_text in (("stats", "counts and sizes"), ("ls", "blocks, most recently used first"),
+                            ("get", "one block by CID"), ("rm", "remove one block by CID (this node only)"),
+                            ("verify", "re-hash every block; drop the corrupt ones")):
+        c = command(name, help_text, cmd_cache, settings=False, parent=cache_sub)
+        if name in ("get", "rm"):
+            c.add_argument("cid", metavar="CID")
+        c.add_argument("--json", action="store_true", help="print JSON")
 
     g = command("generate", "generate text for a prompt (in-process, or through a running daemon)", cmd_generate)
     g.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
@@ -150,6 +179,8 @@ def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
         kwargs["on_peers"] = tuple(args.on_peers)
     if args.accelerator:
         kwargs["accelerator"] = args.accelerator
+    if settings.sources.get("data_dir", "default") != "default" and _data_dir(settings).daemon() is not None:
+        return _generate_via_daemon(args, settings, prompt, kwargs)
     deps = _router_deps(args, settings)
     call = {"provider": settings.provider, "model_name": settings.model, "deps": deps, **kwargs}
     out = sys.stdout
@@ -168,6 +199,198 @@ def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
         out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
     else:
         out.write(result.text + "\n")
+    return EXIT_OK
+
+
+def _data_dir(settings: Any) -> Any:
+    from node.datadir import DataDir
+
+    return DataDir(settings.data_dir)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=None))
+
+
+def _with_daemon(settings: Any, fn: Callable[[Any], Any]) -> Any:
+    """Run `await fn(client)` against the data dir's daemon."""
+    import trio
+
+    from node.client import DaemonClient
+
+    async def main() -> Any:
+        async with DaemonClient.connect(_data_dir(settings)) as client:
+            return await fn(client)
+
+    return trio.run(main)
+
+
+def cmd_daemon(args: argparse.Namespace, settings: Any) -> int:
+    import signal
+
+    import trio
+
+    from node.daemon import Daemon
+    from node.logs import configure_logging
+
+    if settings.sources.get("log_level", "default") == "default":
+        configure_logging("info", settings.log_format)  # a daemon says what it is doing
+    daemon = Daemon(settings)
+
+    async def watch_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            received = 0
+            async for signum in signals:
+                received += 1
+                log.info("%s: %s", signal.Signals(signum).name,
+                         "stopping after in-flight work" if received == 1 else "stopping now")
+                daemon.request_stop(force=received > 1)
+
+    async def serve() -> None:
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals)
+            try:
+                await nursery.start(daemon.run)
+                print(f"accelmesh daemon {daemon.peer_id} is up; data dir {daemon.data_dir.path}\n"
+                      f"  submit from another terminal: accelmesh generate \"Hello\" --data-dir {daemon.data_dir.path}",
+                      file=sys.stderr, flush=True)
+                while daemon.state != "stopped":
+                    await trio.sleep(0.05)
+            except Exception as exc:  # start-up errors: re-raised below, outside the nursery
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    trio.run(serve)
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace, settings: Any) -> int:
+    data_dir = _data_dir(settings)
+    identity, client = data_dir.identity(), data_dir.client_identity()
+    print(f"data dir   {data_dir.path}\npeer id    {identity.peer_id}\nclient id  {client.peer_id}")
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace, settings: Any) -> int:
+    import os
+
+    from node.mesh.host import make_swarm_key
+
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        fd = os.open(args.key_file, flags, 0o600)
+    except FileExistsError:
+        raise _UsageError(f"{args.key_file} exists; pass --force to overwrite it") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(make_swarm_key())
+    print(f"wrote cluster key {args.key_file} (give it to every node of the cluster: --cluster-key)")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Any) -> int:
+    status = _with_daemon(settings, lambda client: client.command("status"))
+    if args.json:
+        _print_json(status)
+    else:
+        print(f"{status['state']}: peer {status['peer_id']}, pid {status['pid']}, up {status['uptime_s']:.0f} s, "
+              f"{status['in_flight']} in flight, {status['queued']} queued, {status['connections']} connections")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace, settings: Any) -> int:
+    import time
+
+    data_dir = _data_dir(settings)
+    reply = _with_daemon(settings, lambda client: client.command("stop"))
+    deadline = time.monotonic() + settings.daemon.drain_grace + 10
+    while data_dir.daemon() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if data_dir.daemon() is not None:
+        raise _DaemonStillRunning(f"the daemon on {data_dir.path} did not stop in time")
+    print(f"stopped (it had {reply['in_flight']} request(s) in flight)")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace, settings: Any) -> int:
+    info = _with_daemon(settings, lambda client: client.command("info"))
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    print(f"peer id   {info['peer_id']}\nversion   {info['version']}")
+    for addr in info["addrs"]:
+        print(f"address   {addr}")
+    for accel in info.get("accelerators", []):
+        print(f"device    {accel['kind']} {accel['name']}")
+    stats = info["stats"]
+    print(f"served    {stats['inferences']} inferences; cache " +
+          ", ".join(f"{tier} {n}" for tier, n in stats["cache"].items()))
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace, settings: Any) -> int:
+    from node.cache import LocalStore
+    from node.cache.commands import run_cache_command
+
+    data_dir = _data_dir(settings)
+    if not data_dir.store_file.exists():
+        raise _UsageError(f"no store at {data_dir.store_file} (nothing cached on this data dir yet)")
+    store = LocalStore(data_dir.store_file, max_bytes=settings.cache.store_max_bytes)
+    try:
+        result = run_cache_command(store, args.cache_command, {"cid": getattr(args, "cid", None)})
+    finally:
+        store.close()
+    if args.json or args.cache_command == "get":
+        _print_json(result)
+    elif args.cache_command == "ls":
+        for block in result["blocks"]:
+            print(f"{block['cid']}  {block['size']:>8} bytes  {block['keys']} key(s)")
+    else:
+        for key, value in result.items():
+            print(f"{key:<10} {value}")
+    return EXIT_OK
+
+
+def _generate_via_daemon(args: argparse.Namespace, settings: Any, prompt: str, kwargs: dict[str, Any]) -> int:
+    """`generate` through the data dir's running daemon (the control protocol)."""
+    import time
+    import uuid
+    from contextlib import aclosing
+
+    from protocols.inference.messages import Request, Result
+
+    params = {k: v for k, v in kwargs.items() if k in ("temperature", "max_tokens")}
+    request = Request(
+        id=uuid.uuid4().hex, task="generate", prompt=prompt, model=settings.model, provider=settings.provider,
+        params=params, stream=bool(args.stream), cache=kwargs.get("cache", "default"),
+        timeout_ms=int(settings.request_timeout * 1000), on_peers=tuple(args.on_peers),
+        accelerator=args.accelerator,
+    )
+    out = sys.stdout
+
+    async def run(client: Any) -> dict[str, Any]:
+        started = time.monotonic()  # from the request, not from connecting to the daemon
+        async with aclosing(client.generate(request)) as items:
+            async for item in items:
+                if isinstance(item, Result):
+                    body = item.verify()
+                    return {
+                        "text": body.get("text", ""), "provider": item.provider, "model": body["model"],
+                        "cache": item.cache, "key": item.key, "cid": item.cid, "request_id": request.id,
+                        "peer": item.peer, "served_from": item.served_from,
+                        "latency_ms": round((time.monotonic() - started) * 1000, 3),
+                    }
+                out.write(json.dumps({"delta": item}, ensure_ascii=False) + "\n" if args.json else item)
+                out.flush()
+        raise _UsageError("the daemon sent no result")
+
+    result = _with_daemon(settings, run)
+    if args.json:
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        out.write(("\n" if args.stream else result["text"] + "\n"))
     return EXIT_OK
 
 
@@ -192,6 +415,10 @@ def cmd_providers(args: argparse.Namespace, settings: Any) -> int:
 
 
 class _UsageError(Exception):
+    pass
+
+
+class _DaemonStillRunning(Exception):
     pass
 
 
@@ -228,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"accelmesh: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except AccelmeshError as exc:
+    except (AccelmeshError, _DaemonStillRunning) as exc:
         if debug:
             raise
         print(f"accelmesh: error: {exc}", file=sys.stderr)

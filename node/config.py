@@ -69,6 +69,12 @@ def _parse_bool(raw: Any) -> bool:
     raise ValueError("expected a boolean: one of 1/true/yes/on or 0/false/no/off")
 
 
+def _parse_optional_bool(raw: Any) -> bool | None:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "auto")):
+        return None
+    return _parse_bool(raw)
+
+
 def _parse_int(raw: Any) -> int:
     if isinstance(raw, bool):
         raise ValueError("expected an integer, got a boolean")
@@ -146,6 +152,7 @@ def _format_default(value: Any) -> str:
 
 _KINDS: dict[str, Callable[[Any], Any]] = {
     "bool": _parse_bool,
+    "optional_bool": _parse_optional_bool,
     "int": _parse_int,
     "float": _parse_float,
     "str": _parse_str,
@@ -167,6 +174,7 @@ def setting(
     maximum: float | None = None,
     default_doc: str | None = None,
     secret: bool = False,
+    daemon_only: bool = False,
 ) -> Any:
     """Declare one setting: a dataclass field carrying its parser, bounds and documentation."""
     assert kind in _KINDS, kind
@@ -180,6 +188,7 @@ def setting(
         "maximum": maximum,
         "default_doc": default_doc,
         "secret": secret,
+        "daemon_only": daemon_only,
     }
     return field(default=default, metadata=meta, repr=not secret)
 
@@ -217,6 +226,43 @@ class CacheSettings:
         1024 * 1024 * 1024, "bytes of responses kept in the local sqlite store (LRU)", kind="int", minimum=1
     )
     verify_on_read: bool = setting(True, "re-hash local-store blocks against their CID on every read", kind="bool")
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Operational limits of the daemon. Each is tested at the limit and one past it."""
+
+    max_connections: int = setting(256, "connections at once, all peers together", kind="int", minimum=1,
+                                   daemon_only=True)
+    max_streams_per_peer: int = setting(128, "inbound streams one peer may have open (all our protocols)",
+                                        kind="int", minimum=1, daemon_only=True)
+    max_streams_per_protocol: int = setting(64, "inbound streams one peer may have open on one protocol",
+                                            kind="int", minimum=1, daemon_only=True)
+    max_frame_size: int = setting(8 * 1024 * 1024, "largest frame accepted (may only lower the wire maximum)",
+                                  kind="int", minimum=1024, maximum=8 * 1024 * 1024, daemon_only=True)
+    frame_timeout: float = setting(10.0, "seconds a frame may take from its first byte to its last",
+                                   kind="float", minimum=0.001, daemon_only=True)
+    idle_timeout: float = setting(60.0, "seconds a stream may stay silent between frames", kind="float",
+                                  minimum=0.001, daemon_only=True)
+    negotiate_timeout: float = setting(10.0, "seconds to negotiate a stream's protocol", kind="float",
+                                       minimum=0.001, daemon_only=True)
+    request_rate: float = setting(50.0, "streams per second one peer may open, sustained (identify and ping "
+                                  "are exempt)", kind="float", minimum=0.001, daemon_only=True)
+    request_burst: int = setting(100, "streams one peer may open at once before request_rate applies",
+                                 kind="int", minimum=1, daemon_only=True)
+    max_concurrent: int = setting(64, "requests this node serves at once", kind="int", minimum=1, daemon_only=True)
+    max_queue: int = setting(256, "requests that may wait for a slot before the node answers busy", kind="int",
+                             minimum=0, daemon_only=True)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The daemon's life cycle."""
+
+    drain_grace: float = setting(10.0, "seconds in-flight work may finish after SIGTERM before exit",
+                                 kind="float", minimum=0.0, daemon_only=True)
+    bootstrap_backoff_max: float = setting(30.0, "longest wait between two reconnects to a bootstrap peer",
+                                           kind="float", minimum=0.1, daemon_only=True)
 
 
 @dataclass(frozen=True)
@@ -383,8 +429,26 @@ class Settings:
     )
     log_format: str = setting("text", "log format on stderr (json: one object per line)", kind="str",
                               choices=("text", "json"))
+    listen: tuple[str, ...] = setting(
+        ("/ip4/127.0.0.1/tcp/4001",), "multiaddrs the daemon listens on (repeat --listen; port 0 picks one)",
+        kind="list", daemon_only=True,
+    )
+    bootstrap: tuple[str, ...] = setting((), "peers to join at start and reconnect to (full multiaddrs with /p2p/)",
+                                         kind="list", daemon_only=True)
+    cluster_key: str = setting("", "swarm.key file: only peers holding the same key can connect", kind="str",
+                               daemon_only=True)
+    allow: tuple[str, ...] = setting((), "peer ids allowed to connect (empty: anyone holding the cluster key)",
+                                     kind="list", daemon_only=True)
+    open: bool = setting(False, "allow listening beyond loopback with neither a cluster key nor an allowlist",
+                         kind="bool", daemon_only=True)
+    mdns: bool | None = setting(None, "mDNS discovery; auto: on when listening beyond loopback, off with --open",
+                                kind="optional_bool", default_doc="auto", daemon_only=True)
+    http: str = setting("", "HOST:PORT of the OpenAI-compatible HTTP API; empty = off", kind="str",
+                        daemon_only=True)
     echo: EchoSettings = field(default_factory=EchoSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
     providers: ProvidersSettings = field(default_factory=ProvidersSettings)
 
     # Where each value came from (dotted key -> "default" | "file PATH" | "env NAME" | "flag --x").
@@ -411,6 +475,7 @@ class SettingSpec:
     flag: str
     default_doc: str | None
     secret: bool = False
+    daemon_only: bool = False
 
     @property
     def dotted(self) -> str:
@@ -458,7 +523,7 @@ def iter_specs() -> list[SettingSpec]:
                 SettingSpec(
                     section=section, key=f.name, default=f.default, doc=m["doc"], kind=m["kind"],
                     alias=m["alias"], choices=m["choices"], minimum=m["minimum"], maximum=m["maximum"],
-                    flag=flag, default_doc=m["default_doc"], secret=m["secret"],
+                    flag=flag, default_doc=m["default_doc"], secret=m["secret"], daemon_only=m["daemon_only"],
                 )
             )
     return specs

@@ -121,6 +121,7 @@ class Result:
     usage: Mapping[str, int] = field(default_factory=dict)
     peer: str | None = None  # peer id that computed the answer (set when a daemon handled it)
     served_from: str | None = None  # peer that supplied a cluster hit
+    response: bytes = field(default=b"", repr=False)  # the canonical response bytes (their CID is `cid`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -353,7 +354,7 @@ class _Attempt:
         return Result(
             text=body.get("text", ""), provider=self.name, model=body["model"], cache=tier, key=self.key,
             cid=cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - started) * 1000.0,
-            finish_reason=body["finish_reason"], usage=body["usage"],
+            finish_reason=body["finish_reason"], usage=body["usage"], response=data,
         )
 
     # finishing ----------------------------------------------------------------------
@@ -371,7 +372,7 @@ class _Attempt:
         result = Result(
             text=completion.text, provider=self.name, model=self.identity, cache=tier, key=self.key, cid=cid,
             request_id=self.request.request_id, latency_ms=(time.monotonic() - started) * 1000.0,
-            finish_reason=completion.finish_reason, usage=completion.usage,
+            finish_reason=completion.finish_reason, usage=completion.usage, response=data,
         )
         return result, data
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.cache.memory import Entry
+from node.errors import AccelmeshError
 from protocols.cid import cid_of
 
 __all__ = ["LocalStore", "StoreStatistics", "BlockInfo", "VerifyReport", "SCHEMA_VERSION", "StoreError"]
@@ -49,7 +50,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class StoreError(Exception):
+class StoreError(AccelmeshError):
     """The store file cannot be used (newer schema, not a database)."""
 
 

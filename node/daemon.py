@@ -1,0 +1,298 @@
+"""The daemon: the composition root. One nursery, ordered start-up, ordered shutdown.
+
+Start-up, in order: check the listen policy (secure defaults) -> take the data dir's lock
+(one daemon per directory) -> load or create the identity and the client key -> read the
+cluster key -> open the local store and build the router -> start the libp2p host and
+listen -> register every protocol handler -> start background tasks (bootstrap reconnects)
+-> write daemon.json (atomically: temp file + rename). Only then is the daemon "up".
+
+Shutdown (SIGINT, SIGTERM, or `accelmesh stop`): new streams are refused; in-flight requests
+get `daemon.drain_grace` seconds to finish; then every task is cancelled, the host closes its
+connections, daemon.json is removed and the lock released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import trio
+
+from node import __version__
+from node.config import Settings
+from node.datadir import DataDir
+from node.errors import ConfigError, DaemonError, InvalidRequest
+from node.mesh.host import HostConfig, is_loopback_multiaddr, load_swarm_key, make_host, peer_info, run_host
+from node.mesh.service import Admission, serve_inference
+from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
+from protocols.codec import decode, encode
+from protocols.control import messages as control
+from protocols.framing import encode_frame
+from protocols.inference.machine import InferenceStream, Role
+from protocols.inference.messages import Request
+
+__all__ = ["Daemon", "check_listen_policy", "mdns_enabled"]
+
+log = logging.getLogger("node.daemon")
+
+
+def check_listen_policy(settings: Settings) -> None:
+    """Refuse to listen beyond loopback with neither a cluster key nor an allowlist, unless --open."""
+    beyond = [addr for addr in settings.listen if not is_loopback_multiaddr(addr)]
+    if beyond and not settings.cluster_key and not settings.allow and not settings.open:
+        raise ConfigError(
+            "listen", beyond[0],
+            "listening beyond loopback needs a cluster key (--cluster-key FILE, see `accelmesh keygen`) or "
+            "an allowlist (--allow PEER_ID); pass --open to accept any peer",
+        )
+
+
+def mdns_enabled(settings: Settings) -> bool:
+    """mDNS: as asked; else on when listening beyond loopback, and off with --open (public service name)."""
+    if settings.mdns is not None:
+        return settings.mdns
+    if settings.open:
+        return False
+    return any(not is_loopback_multiaddr(addr) for addr in settings.listen)
+
+
+def _limits(settings: Settings) -> StreamLimits:
+    lim = settings.limits
+    return StreamLimits(
+        max_frame_size=lim.max_frame_size, frame_timeout=lim.frame_timeout, idle_timeout=lim.idle_timeout,
+        max_streams_per_peer=lim.max_streams_per_peer, max_streams_per_protocol=lim.max_streams_per_protocol,
+        request_rate=lim.request_rate, request_burst=lim.request_burst,
+    )
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, data_dir: DataDir | None = None) -> None:
+        self.settings = settings
+        self.data_dir = data_dir or DataDir(settings.data_dir)
+        self.limits = _limits(settings)
+        self.guard = StreamGuard(self.limits)
+        self.admission = Admission(settings.limits.max_concurrent, settings.limits.max_queue)
+        self.state = "starting"
+        self.started_at = time.time()
+        self.host: Any = None
+        self.identity: Any = None
+        self.client_peer_id = ""
+        self.deps: Any = None
+        self.store: Any = None
+        self._stop: trio.Event | None = None
+        self._force: trio.Event | None = None
+        self.handlers: dict[str, Any] = {}
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id if self.identity is not None else ""
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        check_listen_policy(self.settings)
+        cluster_key = load_swarm_key(self.settings.cluster_key) if self.settings.cluster_key else None
+        self._stop, self._force = trio.Event(), trio.Event()
+        self.data_dir.lock()
+        try:
+            self.identity = self.data_dir.identity()
+            self.client_peer_id = self.data_dir.client_identity().peer_id
+            self.deps, self.store = self._router_deps()
+            config = HostConfig(
+                identity=self.identity, listen=self.settings.listen, bootstrap=(),
+                cluster_key=cluster_key,
+                allow=frozenset(self.settings.allow) if self.settings.allow else None,
+                always_allowed=frozenset({self.client_peer_id}),
+                mdns=mdns_enabled(self.settings), max_connections=self.settings.limits.max_connections,
+                negotiate_timeout=self.settings.limits.negotiate_timeout,
+            )
+            self.host = make_host(config)
+            async with run_host(self.host, self.settings.listen) as host, trio.open_nursery() as nursery:
+                self._register_handlers(host)
+                nursery.start_soon(self._keep_bootstrap_connected)
+                nursery.start_soon(self._forget_idle_peers)
+                self.state = "running"
+                self.started_at = time.time()
+                self.data_dir.write_daemon_json(self.daemon_json())
+                log.info("daemon %s listening on %s", self.peer_id, " ".join(self.addrs()),
+                         extra={"peer": self.peer_id, "data_dir": str(self.data_dir.path)})
+                task_status.started(self)
+                await self._stop.wait()
+                await self._drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.state = "stopped"
+            self.data_dir.remove_daemon_json()
+            if self.store is not None:
+                self.store.close()
+            self.data_dir.unlock()
+            log.info("daemon %s stopped", self.peer_id)
+
+    def request_stop(self, force: bool = False) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if force and self._force is not None:
+            self._force.set()
+
+    async def _drain(self) -> None:
+        self.state = "draining"
+        self.guard.closing = True
+        grace = self.settings.daemon.drain_grace
+        log.info("draining: %d request(s) in flight, up to %g s", self.admission.in_flight, grace)
+        with trio.move_on_after(grace):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._wait_forced, nursery.cancel_scope)
+                while self.admission.in_flight or self.admission.queued:
+                    await self.admission.changed.wait()
+                nursery.cancel_scope.cancel()
+        if self.admission.in_flight:
+            log.warning("drain grace over: cancelling %d request(s)", self.admission.in_flight)
+
+    async def _wait_forced(self, scope: trio.CancelScope) -> None:
+        assert self._force is not None
+        await self._force.wait()
+        scope.cancel()
+
+    # -- composition ---------------------------------------------------------------------
+
+    def _router_deps(self) -> tuple[Any, Any]:
+        from node.cache import LocalStore, MemoryCache, TieredCache
+        from node.deps import RouterDeps
+
+        c = self.settings.cache
+        store = LocalStore(self.data_dir.store_file, max_bytes=c.store_max_bytes, verify_on_read=c.verify_on_read)
+        memory = MemoryCache(c.memory_max_entries, c.memory_max_bytes, c.memory_ttl)
+        return RouterDeps(response_cache=TieredCache(memory, store), settings=self.settings), store
+
+    def _register_handlers(self, host: Any) -> None:
+        self.handlers[control.PROTOCOL_ID] = self.guard.wrap(
+            control.PROTOCOL_ID, self._control, allowed=lambda peer: peer == self.client_peer_id,
+            max_frame_size=control.MAX_FRAME_SIZE,
+        )
+        for protocol, handler in self.handlers.items():
+            host.set_stream_handler(protocol, handler)
+
+    def addrs(self) -> list[str]:
+        addrs = [str(a) for a in self.host.get_addrs()] if self.host is not None else []
+        return sorted(addrs, key=lambda a: (not is_loopback_multiaddr(a), a))
+
+    def daemon_json(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "peer_id": self.peer_id, "multiaddrs": self.addrs(), "pid": os.getpid(), "version": __version__,
+        }
+        if self.settings.cluster_key:
+            info["cluster_key_file"] = os.path.abspath(self.settings.cluster_key)
+        return info
+
+    # -- background tasks ----------------------------------------------------------------
+
+    async def _keep_bootstrap_connected(self) -> None:
+        """Dial every bootstrap peer; reconnect with exponential backoff whenever it drops."""
+        targets = [peer_info(addr) for addr in self.settings.bootstrap]
+        backoff = {str(t.peer_id): 0.5 for t in targets}
+        retry_at = {str(t.peer_id): 0.0 for t in targets}
+        while targets:
+            for target in targets:
+                pid = str(target.peer_id)
+                if pid == self.peer_id or self._connected(target.peer_id) or trio.current_time() < retry_at[pid]:
+                    continue
+                try:
+                    with trio.fail_after(10):
+                        await self.host.connect(target)
+                    backoff[pid] = 0.5
+                    log.info("connected to bootstrap peer %s", pid)
+                except Exception as exc:  # libp2p raises many types for a failed dial
+                    log.info("bootstrap peer %s unreachable (%s); retry in %.1f s", pid, type(exc).__name__,
+                             backoff[pid])
+                    retry_at[pid] = trio.current_time() + backoff[pid]
+                    backoff[pid] = min(backoff[pid] * 2, self.settings.daemon.bootstrap_backoff_max)
+            await trio.sleep(0.5)
+
+    def _connected(self, peer_id: Any) -> bool:
+        return bool(self.host.get_network().connections.get(peer_id))
+
+    async def _forget_idle_peers(self) -> None:
+        while True:
+            await trio.sleep(60)
+            self.guard.forget_idle_peers()
+
+    # -- the control protocol ------------------------------------------------------------
+
+    async def _control(self, framed: FramedStream, peer: str) -> None:
+        frame = await framed.read_frame()
+        if frame is None:
+            return
+        message = decode(frame, (control.Command, Request))
+        if isinstance(message, Request):
+            machine = InferenceStream(Role.SERVER)
+            machine.receive_message(message)
+            framed.decoder = machine
+            await serve_inference(framed, machine, message, self.run_local, self.admission, peer_id=self.peer_id)
+            return
+        assert isinstance(message, control.Command)
+        try:
+            result = await self.command(message.command, dict(message.args))
+            reply = control.Reply(ok=True, result=result)
+        except (DaemonError, ConfigError, ValueError, KeyError) as exc:
+            reply = control.Reply(ok=False, error=control.ErrorInfo(code="failed", message=str(exc)))
+        await framed.write(encode_frame(encode(reply), control.MAX_FRAME_SIZE))
+        if message.command == "stop":
+            self.request_stop()
+
+    async def command(self, name: str, args: dict[str, Any]) -> Any:
+        if name == "status":
+            return self.status()
+        if name == "info":
+            return self.info()
+        if name == "stop":
+            return {"stopping": True, "in_flight": self.admission.in_flight}
+        if name == "peers":
+            return {"peers": []}
+        if name.startswith("cache-"):
+            from node.cache.commands import run_cache_command
+
+            return await trio.to_thread.run_sync(run_cache_command, self.store, name[len("cache-"):], args)
+        raise DaemonError(f"unknown command {name!r}")
+
+    def status(self) -> dict[str, Any]:
+        stats = self.admission.statistics()
+        return {
+            "state": self.state, "peer_id": self.peer_id, "pid": os.getpid(), "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3), "in_flight": stats.in_flight,
+            "queued": stats.queued, "connections": len(self.host.get_network().connections) if self.host else 0,
+            "streams": self.guard.statistics(),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id, "addrs": self.addrs(), "version": __version__,
+            "stats": self.deps.statistics().to_json() if self.deps is not None else {},
+        }
+
+    # -- serving requests through the local router ---------------------------------------
+
+    async def run_local(self, request: Request) -> AsyncIterator[Any]:
+        """The runner handed to the inference service: the local router, nothing remote."""
+        from node import router
+
+        if request.task == "embed":
+            raise InvalidRequest("embeddings are not served yet (task 'embed')")
+        prompt: Any = request.prompt
+        if request.messages is not None:
+            prompt = [{"role": m.role, "content": m.content} for m in request.messages]
+        kwargs = dict(request.params)
+        kwargs.update(cache=request.cache, timeout=request.timeout_ms / 1000.0, request_id=request.id)
+        if request.strategy:
+            kwargs["strategy"] = request.strategy
+        async with aclosing(router.aiter_request(prompt, provider=request.provider, model_name=request.model,
+                                                 deps=self.deps, **kwargs)) as items:
+            async for item in items:
+                if isinstance(item, router.Result):
+                    yield dataclasses.replace(item, peer=item.peer or self.peer_id)
+                else:
+                    yield item

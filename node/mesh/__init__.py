@@ -1,0 +1,1 @@
+"""The mesh: libp2p host, streams and limits, adverts, remote inference."""

@@ -1,0 +1,283 @@
+"""Serving one inference request on a stream: admission, credit-based streaming, deadlines, cancellation.
+
+The mesh does not import the router: the daemon hands `serve_inference` a `runner`, an async
+generator function that takes the protocol `Request` and yields text chunks and then one
+answer object (attributes: response, cid, key, provider, peer, cache, latency_ms,
+served_from). Used by `/accelmesh/infer/1.0.0` and by the control protocol's `generate`.
+
+While the runner produces chunks, a reader task takes the client's `Credit` messages: the
+writer never sends more than the credit allows, so a slow reader holds back the generation
+instead of growing a buffer (py-libp2p has no write backpressure). A reset or closed stream
+cancels the runner at once, which frees the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from node.errors import (
+    AccelmeshError,
+    AllProvidersFailed,
+    CacheMiss,
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    ProviderError,
+    ProviderFailed,
+    ProviderNotFound,
+    ProviderUnavailable,
+)
+from node.mesh.streams import FramedStream, StreamClosedEarly, StreamTimeout
+from protocols.errors import ProtocolError
+from protocols.inference.machine import InferenceStream
+from protocols.inference.messages import Credit, Error, Request, Result
+
+__all__ = [
+    "Admission",
+    "AdmissionStatistics",
+    "Busy",
+    "RemoteError",
+    "Runner",
+    "error_for",
+    "raise_for",
+    "request_inference",
+    "serve_inference",
+]
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Request], AsyncIterator[Any]]
+
+
+class Busy(AccelmeshError):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("every slot and the queue are full")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class AdmissionStatistics:
+    in_flight: int
+    queued: int
+    max_concurrent: int
+    max_queue: int
+    served: int
+    refused_busy: int
+
+
+class Admission:
+    """`max_concurrent` requests at once; up to `max_queue` more wait; beyond that: busy."""
+
+    def __init__(self, max_concurrent: int, max_queue: int) -> None:
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self.queued = 0
+        self.served = 0
+        self.refused_busy = 0
+        self.changed = trio.Event()  # set whenever in_flight or queued changes (load adverts watch it)
+
+    @property
+    def in_flight(self) -> int:
+        return int(self._limiter.borrowed_tokens)
+
+    def _touch(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        token = object()
+        if self._limiter.available_tokens == 0:
+            if self.queued >= self.max_queue:
+                self.refused_busy += 1
+                raise Busy(retry_after=1.0)
+            self.queued += 1
+            self._touch()
+            try:
+                await self._limiter.acquire_on_behalf_of(token)
+            finally:
+                self.queued -= 1
+        else:
+            await self._limiter.acquire_on_behalf_of(token)
+        self._touch()
+        try:
+            yield
+        finally:
+            self._limiter.release_on_behalf_of(token)
+            self.served += 1
+            self._touch()
+
+    def statistics(self) -> AdmissionStatistics:
+        return AdmissionStatistics(self.in_flight, self.queued, self.max_concurrent, self.max_queue,
+                                   self.served, self.refused_busy)
+
+    def __repr__(self) -> str:
+        return f"<Admission {self.in_flight}/{self.max_concurrent} in flight, {self.queued}/{self.max_queue} queued>"
+
+
+def error_for(exc: BaseException) -> Error:
+    """The wire Error for an exception raised while serving."""
+    if isinstance(exc, Busy):
+        return Error(code="busy", message=str(exc), retryable=True, retry_after=exc.retry_after)
+    if isinstance(exc, DeadlineExceeded):
+        return Error(code="deadline_exceeded", message=str(exc), retryable=False)
+    if isinstance(exc, CacheMiss):
+        return Error(code="cache_miss", message=str(exc))
+    if isinstance(exc, InvalidRequest):
+        return Error(code="bad_request", message=str(exc))
+    if isinstance(exc, ModelNotFound):
+        return Error(code="model_not_found", message=str(exc), retryable=True)
+    if isinstance(exc, (ProviderNotFound, ProviderUnavailable, AllProvidersFailed)):
+        return Error(code="no_provider", message=str(exc)[:4000], retryable=True)
+    if isinstance(exc, ProviderError):
+        retry_after = exc.retry_after if exc.retry_after is None or math.isfinite(exc.retry_after) else None
+        return Error(code="provider_failed", message=str(exc)[:4000], retryable=exc.retryable,
+                     retry_after=None if retry_after is None else min(max(retry_after, 0.0), 86_400.0))
+    return Error(code="internal", message=f"{type(exc).__name__}: {exc}"[:4000])
+
+
+async def serve_inference(
+    framed: FramedStream,
+    machine: InferenceStream,
+    request: Request,
+    runner: Runner,
+    admission: Admission,
+    *,
+    peer_id: str,
+) -> None:
+    """Run `request` and answer on `framed` (the Request has already been received by `machine`)."""
+    credit = trio.Event()
+    finished = False
+    peer_error: ProtocolError | StreamTimeout | None = None
+
+    async def take_credits(cancel_scope: trio.CancelScope) -> None:
+        """Read the client's side: Credit messages, or its going away (which cancels the request)."""
+        nonlocal credit, peer_error
+        try:
+            while True:
+                event = await framed.read_event(idle=False)
+                if event is None:
+                    return  # the client closed its side: it needs no more credit, it still reads
+                credit.set()
+                credit = trio.Event()
+        except StreamClosedEarly:
+            if not finished:
+                log.info("request %s cancelled: the client went away", request.id,
+                         extra={"request_id": request.id, "peer": framed.peer})
+                cancel_scope.cancel()
+        except (ProtocolError, StreamTimeout) as exc:  # re-raised below, outside the nursery
+            peer_error = exc
+            cancel_scope.cancel()
+
+    async def send(data: bytes) -> None:
+        await framed.write(data)
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take_credits, scope)
+            try:
+                with trio.fail_after(request.timeout_ms / 1000.0):
+                    async with admission.slot():
+                        answer = None
+                        async with aclosing(runner(request)) as items:
+                            async for item in items:
+                                if isinstance(item, str):
+                                    if not request.stream or not item:
+                                        continue
+                                    while not machine.can_send_chunk:
+                                        await credit.wait()
+                                    await send(machine.chunk(item))
+                                else:
+                                    answer = item
+                        if answer is None:
+                            raise ProviderError("node", "the runner produced no answer")
+                        result = Result(
+                            response=answer.response, cid=answer.cid, key=answer.key, provider=answer.provider,
+                            peer=answer.peer or peer_id, cache=answer.cache,
+                            timings={"total_ms": float(answer.latency_ms)}, served_from=answer.served_from,
+                        )
+                        finished = True
+                        await send(machine.send(result))
+            except trio.TooSlowError:
+                finished = True
+                await _send_error(framed, machine, error_for(DeadlineExceeded(request.timeout_ms / 1000.0)))
+            except StreamClosedEarly:
+                scope.cancel()
+            except AccelmeshError as exc:
+                finished = True
+                await _send_error(framed, machine, error_for(exc))
+            except Exception as exc:  # a bug in a runner: answer `internal`, log the traceback, keep serving
+                finished = True
+                log.exception("request %s failed", request.id, extra={"request_id": request.id})
+                await _send_error(framed, machine, error_for(exc))
+            nursery.cancel_scope.cancel()
+    if peer_error is not None:
+        raise peer_error  # the stream guard resets the stream and logs why
+
+
+async def _send_error(framed: FramedStream, machine: InferenceStream, error: Error) -> None:
+    try:
+        await framed.write(machine.send(error))
+    except StreamClosedEarly:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# The client half
+
+
+class RemoteError(ProviderError):
+    """The serving node answered with an `Error`; `code` is the wire error code."""
+
+    def __init__(self, peer: str, error: Error) -> None:
+        super().__init__(f"peer {peer[-8:]}", f"{error.code}: {error.message}", retryable=error.retryable,
+                         retry_after=error.retry_after)
+        self.code, self.peer = error.code, peer
+
+
+def raise_for(error: Error, peer: str) -> None:
+    """Raise the local error that matches a wire `Error` from `peer`."""
+    if error.code == "deadline_exceeded":
+        raise DeadlineExceeded(0.0, f"the request on {peer[-8:]}")
+    if error.code == "cache_miss":
+        raise CacheMiss(error.message)
+    if error.code == "bad_request":
+        raise InvalidRequest(error.message)
+    if error.code == "model_not_found":
+        raise ModelNotFound(f"peer {peer[-8:]}", error.message)
+    raise RemoteError(peer, error)
+
+
+async def request_inference(framed: FramedStream, request: Request) -> AsyncIterator[str | Result]:
+    """Send `request` on a fresh stream; yield text chunks, then the verified `Result`.
+
+    Credit is returned as chunks are consumed (half a window at a time), so the server never
+    runs more than one window ahead of this reader. The Result's bytes are hashed and checked
+    against its CID before it is yielded (CIDMismatch otherwise).
+    """
+    machine = framed.decoder
+    assert isinstance(machine, InferenceStream)
+    await framed.write(machine.send(request))
+    consumed, top_up = 0, max(1, request.window // 2)
+    while True:
+        event = await framed.read_event(idle=False)
+        if event is None:
+            raise ProviderFailed(f"peer {framed.peer[-8:]}", "the stream ended before the result", retryable=True)
+        if isinstance(event, Result):
+            event.verify()
+            yield event
+            return
+        if isinstance(event, Error):
+            raise_for(event, framed.peer)
+        yield event.text
+        consumed += 1
+        if consumed >= top_up and machine.state.value == "active":
+            await framed.write(machine.send(Credit(consumed)))
+            consumed = 0

@@ -1,0 +1,311 @@
+"""Our side of every inbound stream: who may open it, how many at once, how fast, and how frames arrive.
+
+py-libp2p's resource manager does not apply per-peer or per-protocol stream limits (notes
+13.3), so every handler we register goes through `StreamGuard.wrap`, which checks, in order:
+
+1. the peer may use this protocol at all (cluster member; the control protocol: the local
+   client key only);
+2. the peer's request rate (a token bucket per peer; identify and ping are libp2p's own
+   handlers and never pass through here, so they are exempt);
+3. open streams per peer, and per peer per protocol.
+
+Over a limit the stream is reset with a typed reason (`Refusal`), logged, and counted; other
+peers are not affected. `FramedStream` then reads frames under two clocks: a frame must
+complete within `frame_timeout` of its first byte (a peer trickling a byte every few seconds
+is cut off), and a stream with no frame in progress may stay silent only `idle_timeout`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from protocols.errors import ProtocolError
+from protocols.framing import NEED_DATA, FrameDecoder
+
+__all__ = [
+    "StreamLimits",
+    "Refusal",
+    "REFUSAL_REASONS",
+    "StreamGuard",
+    "FramedStream",
+    "StreamTimeout",
+    "TokenBucket",
+    "StreamClosedEarly",
+]
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+
+REFUSAL_REASONS = (
+    "not_allowed",  # the peer may not use this protocol
+    "rate_limited",  # over the per-peer request rate
+    "too_many_streams_peer",  # over the per-peer stream limit
+    "too_many_streams_protocol",  # over the per-peer, per-protocol stream limit
+    "frame_timeout",  # a frame did not complete within frame_timeout of its first byte
+    "idle_timeout",  # no frame started within idle_timeout
+    "protocol_error",  # the peer sent something the protocol forbids (malformed, oversize, ...)
+    "shutting_down",  # the node is draining
+)
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_frame_size: int = 8 * 1024 * 1024
+    frame_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_streams_per_peer: int = 128
+    max_streams_per_protocol: int = 64
+    request_rate: float = 50.0  # streams per second per peer, sustained
+    request_burst: int = 100  # streams a peer may open at once before the rate applies
+
+
+class Refusal(Exception):
+    """A stream we reset on purpose, and why."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in REFUSAL_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+class StreamTimeout(Refusal):
+    pass
+
+
+class StreamClosedEarly(Exception):
+    """The peer closed or reset the stream (not an error of ours, not worth a warning)."""
+
+
+class TokenBucket:
+    """`rate` tokens per second up to `burst`; `take(now)` spends one if there is one."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, float(burst), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class _Stream(Protocol):
+    async def read(self, n: int | None = None) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    async def reset(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _PeerState:
+    streams: int = 0
+    by_protocol: dict[str, int] = field(default_factory=dict)
+    bucket: TokenBucket | None = None
+
+
+class StreamGuard:
+    """Admission control and accounting for inbound streams, shared by every handler of a node."""
+
+    def __init__(self, limits: StreamLimits, clock: Callable[[], float] = trio.current_time) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._peers: dict[str, _PeerState] = {}
+        self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self.served = 0
+        self.closing = False
+
+    def admit(self, peer: str, protocol: str) -> None:
+        """Count a new stream in, or raise `Refusal`."""
+        if self.closing:
+            raise Refusal("shutting_down")
+        state = self._peers.setdefault(peer, _PeerState())
+        if state.bucket is None:
+            state.bucket = TokenBucket(self.limits.request_rate, self.limits.request_burst, self._clock())
+        if not state.bucket.take(self._clock()):
+            raise Refusal("rate_limited", f"over {self.limits.request_rate:g} streams/s")
+        if state.streams >= self.limits.max_streams_per_peer:
+            raise Refusal("too_many_streams_peer", f"{state.streams} open, limit {self.limits.max_streams_per_peer}")
+        open_here = state.by_protocol.get(protocol, 0)
+        if open_here >= self.limits.max_streams_per_protocol:
+            raise Refusal("too_many_streams_protocol",
+                          f"{open_here} open on {protocol}, limit {self.limits.max_streams_per_protocol}")
+        state.streams += 1
+        state.by_protocol[protocol] = open_here + 1
+
+    def release(self, peer: str, protocol: str) -> None:
+        state = self._peers.get(peer)
+        if state is None:
+            return
+        state.streams -= 1
+        state.by_protocol[protocol] -= 1
+        if not state.by_protocol[protocol]:
+            del state.by_protocol[protocol]
+
+    def open_streams(self, peer: str, protocol: str | None = None) -> int:
+        state = self._peers.get(peer)
+        if state is None:
+            return 0
+        return state.streams if protocol is None else state.by_protocol.get(protocol, 0)
+
+    def forget_idle_peers(self) -> None:
+        """Drop accounting of peers with no open stream and a full bucket (bounded memory)."""
+        now = self._clock()
+        for peer in [p for p, s in self._peers.items() if not s.streams]:
+            bucket = self._peers[peer].bucket
+            if bucket is None or bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst:
+                del self._peers[peer]
+
+    def wrap(
+        self,
+        protocol: str,
+        handler: Callable[[FramedStream, str], Awaitable[None]],
+        *,
+        allowed: Callable[[str], bool] | None = None,
+        max_frame_size: int | None = None,
+    ) -> Callable[[Any], Awaitable[None]]:
+        """A libp2p stream handler that applies the guard, then calls `handler(framed, peer_id)`."""
+
+        async def guarded(stream: Any) -> None:
+            peer = str(stream.muxed_conn.peer_id)
+            try:
+                if allowed is not None and not allowed(peer):
+                    raise Refusal("not_allowed", f"{protocol} is not open to this peer")
+                self.admit(peer, protocol)
+            except Refusal as refusal:
+                self._refuse(stream, peer, protocol, refusal)
+                await _reset(stream)
+                return
+            framed = FramedStream(stream, self.limits, max_frame_size)
+            try:
+                await handler(framed, peer)
+                self.served += 1
+            except Refusal as refusal:
+                self._refuse(stream, peer, protocol, refusal)
+                await _reset(stream)
+            except ProtocolError as exc:
+                self._refuse(stream, peer, protocol, Refusal("protocol_error", str(exc)))
+                await _reset(stream)
+            except StreamClosedEarly:
+                await _reset(stream)
+            finally:
+                self.release(peer, protocol)
+                await _close(stream)
+
+        return guarded
+
+    def _refuse(self, stream: Any, peer: str, protocol: str, refusal: Refusal) -> None:
+        self.refused[refusal.reason] += 1
+        log.warning("reset %s stream from %s: %s", protocol, peer, refusal,
+                    extra={"peer": peer, "protocol": protocol, "reason": refusal.reason})
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "peers": len(self._peers),
+            "open_streams": sum(s.streams for s in self._peers.values()),
+            "served": self.served,
+            "refused": {k: v for k, v in self.refused.items() if v},
+        }
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return f"<StreamGuard peers={s['peers']} open={s['open_streams']} refused={s['refused']}>"
+
+
+async def _reset(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception:  # the stream may already be gone; nothing else to do
+            pass
+
+
+async def _close(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.close()
+        except Exception:  # already reset or closed by the peer
+            pass
+
+
+class FramedStream:
+    """Frames over a libp2p stream, read under the frame and idle timeouts."""
+
+    def __init__(self, stream: Any, limits: StreamLimits, max_frame_size: int | None = None,
+                 decoder: Any = None) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.decoder = decoder if decoder is not None else FrameDecoder(
+            min(max_frame_size or limits.max_frame_size, limits.max_frame_size))
+        self._frame_started: float | None = None
+
+    @property
+    def peer(self) -> str:
+        return str(self.stream.muxed_conn.peer_id)
+
+    async def read_frame(self, *, idle: bool = True) -> bytes | None:
+        """The next frame, or None when the peer closed the stream between frames.
+
+        `idle=False` lifts the idle timeout (the peer may rightly stay silent, e.g. while we
+        generate); the frame timeout always applies once a frame has started.
+        """
+        return await self._next(self.decoder.next_frame, idle)
+
+    async def read_event(self, *, idle: bool = True) -> Any:
+        """For a decoder with `next_event()` (a protocol state machine): the next event, or None at EOF."""
+        return await self._next(self.decoder.next_event, idle)
+
+    async def _next(self, pop: Callable[[], Any], idle: bool) -> Any:
+        while True:
+            item = pop()
+            if item is not NEED_DATA:
+                self._frame_started = trio.current_time() if self.decoder.in_frame else None
+                return item
+            now = trio.current_time()
+            if self.decoder.in_frame:
+                if self._frame_started is None:
+                    self._frame_started = now
+                deadline, reason = self._frame_started + self.limits.frame_timeout, "frame_timeout"
+            else:
+                deadline = now + self.limits.idle_timeout if idle else math.inf
+                reason = "idle_timeout"
+            data = b""
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    data = await self.stream.read(READ_SIZE)
+                except Exception as exc:  # libp2p: StreamEOF, StreamReset, StreamError, ...
+                    if type(exc).__name__ == "StreamEOF":
+                        data = b""
+                    else:
+                        raise StreamClosedEarly(f"{type(exc).__name__}: {exc}") from exc
+            if scope.cancelled_caught:
+                raise StreamTimeout(reason, f"after {trio.current_time() - (self._frame_started or now):.1f} s")
+            if not data:
+                if self.decoder.in_frame:
+                    raise StreamClosedEarly("the peer closed the stream in the middle of a frame")
+                return None
+            if not self.decoder.in_frame:
+                self._frame_started = trio.current_time()
+            self.decoder.receive_data(data)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.stream.write(data)
+        except Exception as exc:  # libp2p: StreamReset, StreamClosed, StreamError, ...
+            raise StreamClosedEarly(f"{type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        await _close(self.stream)
+
+    async def reset(self) -> None:
+        await _reset(self.stream)

@@ -1,0 +1,149 @@
+"""The daemon's host: Noise only, Yamux, identify and ping, cluster keys and allowlists."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.ping import PingService
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.security.secio.transport import ID as SECIO_ID
+from libp2p.security.secio.transport import Transport as SecioTransport
+
+from node.errors import ConfigError
+from node.mesh.host import HostConfig, is_loopback_multiaddr, load_swarm_key, make_host, make_swarm_key, peer_info, run_host
+from protocols.control.messages import PROTOCOL_ID as CONTROL
+from protocols.records import Identity
+from tests.mesh.conftest import connect, peer_host, running_daemon
+
+TEST_PROTOCOL = "/accelmesh-test/echo/1.0.0"
+
+
+def legacy_dialer(kind: str):
+    kp = create_new_key_pair()
+    transport = {"plaintext": (PLAINTEXT_PROTOCOL_ID, InsecureTransport(kp)),
+                 "secio": (SECIO_ID, SecioTransport(kp))}[kind]
+    return new_host(key_pair=kp, sec_opt=dict([transport]), connection_config=ConnectionConfig(
+        max_connections_per_peer=1, outbound_upgrade_timeout=3.0))
+
+
+@pytest.mark.parametrize("kind", ["plaintext", "secio"])
+async def test_plaintext_and_secio_dialers_are_refused(tmp_path, kind):
+    async with running_daemon(tmp_path) as daemon:
+        dialer = legacy_dialer(kind)
+        async with dialer.run(listen_addrs=[]):
+            with trio.fail_after(20), pytest.raises(Exception) as info:
+                await dialer.connect(peer_info(daemon.addrs()[0]))
+                await dialer.new_stream(ID.from_base58(daemon.peer_id), [CONTROL])
+            assert "Dial" in type(info.value).__name__ or "Swarm" in type(info.value).__name__
+            await dialer.close()
+
+
+async def test_noise_and_yamux_are_negotiated_and_identify_and_ping_answer(tmp_path):
+    async with running_daemon(tmp_path) as daemon, peer_host() as friend:
+        await connect(friend, daemon)
+        conn = friend.get_network().connections[ID.from_base58(daemon.peer_id)][0]
+        assert conn.get_negotiated_security_protocol() == "/noise"
+        assert conn.get_negotiated_muxer_protocol() == "/yamux/1.0.0"
+        with trio.fail_after(5):
+            rtts = await PingService(friend).ping(ID.from_base58(daemon.peer_id), ping_amt=3)
+        assert len(rtts) == 3
+        with trio.fail_after(5):
+            while "/ipfs/id/1.0.0" not in (friend.get_peerstore().get_protocols(ID.from_base58(daemon.peer_id)) or []):
+                await trio.sleep(0.05)
+
+
+async def test_at_least_ten_pings_a_second_from_one_peer_are_served(tmp_path):
+    async with running_daemon(tmp_path, ACCELMESH_LIMITS_REQUEST_RATE="1", ACCELMESH_LIMITS_REQUEST_BURST="1") as d, \
+            peer_host() as friend:
+        await connect(friend, d)
+        ping = PingService(friend)
+        start = trio.current_time()
+        with trio.fail_after(10):
+            for _ in range(20):
+                assert len(await ping.ping(ID.from_base58(d.peer_id), ping_amt=1)) == 1
+        assert 20 / (trio.current_time() - start) >= 10, "ping is exempt from the request rate"
+
+
+def write_key(path) -> str:
+    path.write_text(make_swarm_key())
+    return str(path)
+
+
+async def test_same_cluster_key_connects_and_a_wrong_or_missing_key_fails_in_seconds(tmp_path):
+    key = write_key(tmp_path / "swarm.key")
+    other = write_key(tmp_path / "other.key")
+    async with running_daemon(tmp_path, ACCELMESH_CLUSTER_KEY=key) as daemon:
+        async with peer_host(cluster_key=load_swarm_key(key)) as member:
+            await connect(member, daemon)
+        for outsider_key in (load_swarm_key(other), None):
+            async with peer_host(cluster_key=outsider_key) as outsider:
+                started = time.monotonic()
+                with pytest.raises(Exception):
+                    with trio.fail_after(20):
+                        await outsider.connect(peer_info(daemon.addrs()[0]))
+                        await outsider.new_stream(ID.from_base58(daemon.peer_id), [CONTROL])
+                assert time.monotonic() - started < 15, "a wrong key must fail in seconds"
+
+
+async def test_outsider_not_on_the_allowlist_can_open_no_stream(tmp_path):
+    friend_id, mallory_id = Identity.generate(), Identity.generate()
+    async with running_daemon(tmp_path, ACCELMESH_ALLOW=friend_id.peer_id) as daemon:
+        daemon.host.set_stream_handler(TEST_PROTOCOL, daemon.guard.wrap(TEST_PROTOCOL, _echo_frames))
+        async with peer_host(friend_id) as friend:
+            await connect(friend, daemon)
+            stream = await friend.new_stream(ID.from_base58(daemon.peer_id), [TEST_PROTOCOL])
+            await stream.close()
+        async with peer_host(mallory_id) as mallory:
+            for protocol in (TEST_PROTOCOL, CONTROL, "/ipfs/ping/1.0.0"):
+                with pytest.raises(Exception), trio.fail_after(10):
+                    try:
+                        await mallory.connect(peer_info(daemon.addrs()[0]))  # returns: refused after Noise
+                    except Exception:
+                        pass
+                    await trio.sleep(0.2)
+                    await mallory.new_stream(ID.from_base58(daemon.peer_id), [protocol])
+
+
+async def _echo_frames(framed, peer):
+    while (frame := await framed.read_frame()) is not None:
+        from protocols.framing import encode_frame
+
+        await framed.write(encode_frame(frame))
+
+
+def test_swarm_key_files_are_validated_with_the_reason(tmp_path):
+    good = tmp_path / "good.key"
+    good.write_text(make_swarm_key())
+    assert len(load_swarm_key(good)) == 64
+    cases = {
+        "missing": (None, "cannot read"),
+        "header": ("/key/swarm/psk/2.0.0/\n/base16/\n" + "ab" * 32, "not a swarm.key"),
+        "hex": ("/key/swarm/psk/1.0.0/\n/base16/\n" + "zz" * 32, "not hexadecimal"),
+        "short": ("/key/swarm/psk/1.0.0/\n/base16/\n" + "ab" * 16, "16 bytes"),
+    }
+    for name, (text, reason) in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(ConfigError, match=reason):
+            load_swarm_key(path)
+
+
+@pytest.mark.parametrize("addr,loopback", [
+    ("/ip4/127.0.0.1/tcp/4001", True), ("/ip4/127.8.9.1/tcp/1", True), ("/ip6/::1/tcp/4001", True),
+    ("/dns/localhost/tcp/1", True), ("/ip4/0.0.0.0/tcp/4001", False), ("/ip6/::/tcp/4001", False),
+    ("/ip4/10.0.0.5/tcp/4001", False), ("/ip4/8.8.8.8/tcp/1", False), ("/dns/example.com/tcp/1", False),
+])
+def test_what_counts_as_loopback(addr, loopback):
+    assert is_loopback_multiaddr(addr) is loopback
+
+
+def test_allowlist_entries_must_be_peer_ids():
+    with pytest.raises(ConfigError, match="peer id"):
+        make_host(HostConfig(Identity.generate(), allow=frozenset({"not-a-peer-id"})))
