@@ -1,5 +1,5 @@
 # accelmesh: every target creates or updates .venv itself, and is a fast no-op when it is current.
-#   make run    start the daemon with embedded defaults (until the daemon lands: one echo generation)
+#   make run    start a daemon in the foreground with embedded defaults (loopback, data dir .data/node)
 #   make test   install what is missing, then run the whole test suite (CI runs exactly this)
 #   make bench  run the benchmarks and rewrite docs/performance.md
 
@@ -8,7 +8,7 @@ VENV        := .venv
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.accelmesh-installed
 SYS_STAMP   := $(VENV)/.accelmesh-system-packages
-SYSTEM_PACKAGES := build-essential python3-dev libgmp-dev
+SYSTEM_PACKAGES := build-essential python3-dev libgmp-dev systemd
 TORCH_PIN   := torch==2.13.0
 PYTEST_ARGS ?=
 
@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# System packages that pip cannot provide (fastecdsa, a libp2p dependency, compiles against GMP).
+# System packages that pip cannot provide: a compiler and GMP for fastecdsa (a libp2p dependency),
+# and systemd for `systemd-analyze verify` of deploy/systemd/accelmesh.service in the tests.
 $(SYS_STAMP):
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -38,8 +39,16 @@ $(STAMP): pyproject.toml $(SYS_STAMP)
 	$(BIN)/python -m pip install -q -e '.[hf,embed,dev]'
 	@touch $@
 
+RUN_DATA    := .data/node
+
+# The daemon with embedded defaults: loopback only, echo and the embedded tiny model (preloaded).
 run: $(STAMP)
-	$(BIN)/accelmesh generate --provider echo --json "hello from accelmesh"
+	@echo "accelmesh: starting a daemon on loopback, data dir $(RUN_DATA); Ctrl-C stops it."
+	@echo "accelmesh: from a second terminal:"
+	@echo "    $(BIN)/accelmesh generate \"Hello, mesh\" --provider echo --json --data-dir $(RUN_DATA)"
+	@echo "    $(BIN)/accelmesh generate \"Hello, mesh\" --stream --data-dir $(RUN_DATA)"
+	@echo "    $(BIN)/accelmesh info --data-dir $(RUN_DATA)"
+	$(BIN)/accelmesh daemon --data-dir $(RUN_DATA) --listen /ip4/127.0.0.1/tcp/0 --providers-hf-local-preload
 
 # pytest exits 5 when it collects nothing: that is a failure too (make fails on any non-zero exit).
 test: $(STAMP)

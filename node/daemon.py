@@ -116,6 +116,8 @@ class Daemon:
                 self._register_handlers(host)
                 nursery.start_soon(self._keep_bootstrap_connected)
                 nursery.start_soon(self._forget_idle_peers)
+                if self.settings.providers.hf_local.preload:
+                    nursery.start_soon(self._preload_models)
                 self.state = "running"
                 self.started_at = time.time()
                 self.data_dir.write_daemon_json(self.daemon_json())
@@ -212,6 +214,16 @@ class Daemon:
                     retry_at[pid] = trio.current_time() + backoff[pid]
                     backoff[pid] = min(backoff[pid] * 2, self.settings.daemon.bootstrap_backoff_max)
             await trio.sleep(0.5)
+
+    async def _preload_models(self) -> None:
+        """Load hf_local's models in a worker thread (with a progress bar) so the first request is fast."""
+        try:
+            provider = self.deps.get_provider("hf_local", self.settings)
+            if provider.available().ok:
+                loaded = await trio.to_thread.run_sync(provider.preload)
+                log.info("hf_local: preloaded %s", ", ".join(loaded))
+        except Exception as exc:  # a model that fails to load must not take the daemon down
+            log.warning("hf_local: preload failed: %s", exc)
 
     def _connected(self, peer_id: Any) -> bool:
         return bool(self.host.get_network().connections.get(peer_id))

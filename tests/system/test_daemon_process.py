@@ -1,0 +1,126 @@
+"""The daemon as a real process: start, status, info, generate through it, drain on SIGTERM, refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+
+def test_start_status_info_generate_and_stop(start_daemon, accelmesh_cmd):
+    with start_daemon("alice") as alice:
+        data = str(alice.data_dir)
+        status = accelmesh_cmd("status", "--data-dir", data, "--json", check=True)
+        assert json.loads(status.stdout)["state"] == "running"
+        info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", data, check=True).stdout)
+        assert info["peer_id"] == alice.info["peer_id"] and info["addrs"] == alice.info["multiaddrs"]
+        assert set(info["stats"]) == {"inferences", "cache"}
+        out = accelmesh_cmd("generate", "hi there", "--provider", "echo", "--json", "--data-dir", data, check=True)
+        result = json.loads(out.stdout)
+        assert result["text"] == "echo: hi there" and result["peer"] == alice.info["peer_id"]
+        info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", data, check=True).stdout)
+        assert info["stats"]["inferences"] == 1 and info["stats"]["cache"]["miss"] == 1
+        stopped = accelmesh_cmd("stop", "--data-dir", data, check=True)
+        assert "stopped" in stopped.stdout
+        assert alice.wait(timeout=30) == 0
+        assert not (alice.data_dir / "daemon.json").exists()
+
+
+def test_sigterm_drains_the_request_in_flight_then_exits_zero(start_daemon, accelmesh_cmd, subprocess_env):
+    with start_daemon("alice", "--echo-latency-ms", "2000") as alice:
+        data = str(alice.data_dir)
+        slow = subprocess.Popen(["accelmesh", "generate", "slow", "--provider", "echo", "--json", "--data-dir", data],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env)
+        deadline = time.monotonic() + 30
+        while json.loads(accelmesh_cmd("status", "--json", "--data-dir", data, check=True).stdout)["in_flight"] == 0:
+            assert time.monotonic() < deadline and slow.poll() is None, slow.stderr.read() if slow.poll() else ""
+            time.sleep(0.05)
+        alice.signal(signal.SIGTERM)
+        out, err = slow.communicate(timeout=30)
+        assert slow.returncode == 0, err
+        assert json.loads(out)["text"] == "echo: slow", "the request in flight finished during the drain"
+        assert alice.wait(timeout=30) == 0
+        assert "draining: 1 request(s) in flight" in alice.stderr()
+        assert not (alice.data_dir / "daemon.json").exists()
+
+
+def test_a_second_daemon_on_the_same_data_dir_exits_non_zero(start_daemon):
+    with start_daemon("alice") as alice:
+        with start_daemon("alice", wait=False) as again:
+            assert again.wait(timeout=60) != 0
+            assert "another daemon" in again.stderr() and str(alice.proc.pid) in again.stderr()
+        assert alice.proc.poll() is None
+
+
+def test_listening_beyond_loopback_without_key_or_allowlist_is_refused(start_daemon):
+    with start_daemon("open", "--listen", "/ip4/0.0.0.0/tcp/0", wait=False) as daemon:
+        assert daemon.wait(timeout=60) == 2
+        err = daemon.stderr()
+        assert "listening beyond loopback needs a cluster key" in err and "--open" in err
+        assert not (daemon.data_dir / "daemon.json").exists()
+
+
+OUTSIDER = textwrap.dedent("""
+    import sys, trio
+    from libp2p.peer.id import ID
+    from node.mesh.host import HostConfig, make_host, peer_info, run_host
+    from protocols.records import Identity
+
+    async def main(addr, peer, protocol):
+        host = make_host(HostConfig(Identity.generate(), listen=()))
+        async with run_host(host, []):
+            try:
+                with trio.fail_after(20):
+                    await host.connect(peer_info(addr))
+                    stream = await host.new_stream(ID.from_base58(peer), [protocol])
+                    await stream.write(b"\\x00")
+                    if await stream.read(1):
+                        print("GOT-ANSWER")
+                        return
+            except Exception as exc:
+                print("REFUSED", type(exc).__name__)
+                return
+            print("REFUSED closed")
+
+    trio.run(main, *sys.argv[1:])
+""")
+
+
+def test_an_outsider_can_open_no_protocol_stream(start_daemon, subprocess_env):
+    with start_daemon("alice") as alice:
+        for protocol in ("/accelmesh/control/1.0.0",):
+            out = subprocess.run([sys.executable, "-c", OUTSIDER, alice.info["multiaddrs"][0], alice.info["peer_id"],
+                                  protocol], capture_output=True, text=True, env=subprocess_env, timeout=60)
+            assert out.stdout.startswith("REFUSED"), out.stdout + out.stderr
+
+
+def test_with_a_cluster_key_an_outsider_cannot_even_connect(start_daemon, accelmesh_cmd, subprocess_env, tmp_path):
+    key = tmp_path / "swarm.key"
+    accelmesh_cmd("keygen", "--cluster-key", str(key), check=True)
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    with start_daemon("alice", "--cluster-key", str(key)) as alice:
+        data = str(alice.data_dir)
+        # the local CLI reads the cluster key from daemon.json and still gets in
+        assert json.loads(accelmesh_cmd("status", "--json", "--data-dir", data, check=True).stdout)["state"] == "running"
+        out = subprocess.run([sys.executable, "-c", OUTSIDER, alice.info["multiaddrs"][0], alice.info["peer_id"],
+                              "/ipfs/ping/1.0.0"], capture_output=True, text=True, env=subprocess_env, timeout=60)
+        assert out.stdout.startswith("REFUSED"), out.stdout + out.stderr
+
+
+def test_cli_without_a_daemon_says_so(accelmesh_cmd, tmp_path):
+    for command in ("status", "info", "stop"):
+        out = accelmesh_cmd(command, "--data-dir", str(tmp_path / "none"))
+        assert out.returncode == 1 and "no daemon is running" in out.stderr
+
+
+def test_init_creates_both_keys_and_prints_the_ids(accelmesh_cmd, tmp_path):
+    out = accelmesh_cmd("init", "--data-dir", str(tmp_path / "d"), check=True)
+    assert "peer id    12D3KooW" in out.stdout and "client id  12D3KooW" in out.stdout
+    assert (tmp_path / "d" / "identity.key").exists() and (tmp_path / "d" / "client.key").exists()
