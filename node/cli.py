@@ -252,9 +252,8 @@ def cmd_daemon(args: argparse.Namespace, settings: Any) -> int:
             nursery.start_soon(watch_signals)
             try:
                 await nursery.start(daemon.run)
-                print(f"accelmesh daemon {daemon.peer_id} is up; data dir {daemon.data_dir.path}\n"
-                      f"  submit from another terminal: accelmesh generate \"Hello\" --data-dir {daemon.data_dir.path}",
-                      file=sys.stderr, flush=True)
+                log.info("up: submit from another terminal with `accelmesh generate \"Hello\" --data-dir %s`",
+                         daemon.data_dir.path)
                 while daemon.state != "stopped":
                     await trio.sleep(0.05)
             except Exception as exc:  # start-up errors: re-raised below, outside the nursery

@@ -197,3 +197,22 @@ async def test_peers_that_come_and_go_do_not_use_up_the_connection_limit(tmp_pat
                     await open_and_check(visitor, daemon)
                 while daemon.host.get_network().connections:
                     await trio.sleep(0.05)
+
+
+async def test_a_stream_that_never_negotiates_its_protocol_is_reset_after_negotiate_timeout(tmp_path):
+    async with running_daemon(tmp_path, ACCELMESH_LIMITS_NEGOTIATE_TIMEOUT="1") as daemon, \
+            peer_host() as mallory, peer_host() as bob:
+        serve_test_protocols(daemon)
+        await connect(mallory, daemon), await connect(bob, daemon)
+        conn = mallory.get_network().connections[ID.from_base58(daemon.peer_id)][0]
+        raw = await conn.muxed_conn.open_stream()  # a yamux stream with no multistream-select at all
+        start = trio.current_time()
+        with trio.fail_after(10):
+            await open_and_check(bob, daemon)  # others are served while mallory stalls
+            try:
+                while await raw.read(100):
+                    pass
+            except Exception:
+                pass  # reset: what we expect
+        elapsed = trio.current_time() - start
+        assert 0.9 <= elapsed < 5.0, elapsed

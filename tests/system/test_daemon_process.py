@@ -124,3 +124,15 @@ def test_init_creates_both_keys_and_prints_the_ids(accelmesh_cmd, tmp_path):
     out = accelmesh_cmd("init", "--data-dir", str(tmp_path / "d"), check=True)
     assert "peer id    12D3KooW" in out.stdout and "client id  12D3KooW" in out.stdout
     assert (tmp_path / "d" / "identity.key").exists() and (tmp_path / "d" / "client.key").exists()
+
+
+def test_json_logs_are_one_object_per_line(start_daemon, accelmesh_cmd):
+    with start_daemon("alice", "--log-format", "json") as alice:
+        accelmesh_cmd("stop", "--data-dir", str(alice.data_dir), check=True)
+        assert alice.wait(timeout=30) == 0
+    lines = [line for line in alice.stderr().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is JSON: nothing else on stderr
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    started = next(r for r in records if "listening on" in r["msg"])
+    assert started["peer"].startswith("12D3KooW") and started["level"] == "info"
+    assert any(r["msg"].startswith("draining") for r in records)
