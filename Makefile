@@ -17,11 +17,13 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # System packages that pip cannot provide: a compiler and GMP for fastecdsa (a libp2p dependency),
-# and systemd for `systemd-analyze verify` of deploy/systemd/accelmesh.service in the tests.
+# systemd for `systemd-analyze verify` of deploy/systemd/accelmesh.service in the tests, and
+# Node.js with npm (>= 20.19) for the js-libp2p interop test (a NodeSource nodejs ships npm itself).
 $(SYS_STAMP):
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
+	{ command -v node && command -v npm; } >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "accelmesh: installing missing system packages:$$missing (apt-get)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO=sudo; \

@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = command("status", "is a daemon running on the data dir, and how is it doing", cmd_status, settings=False)
     st.add_argument("--json", action="store_true", help="print JSON")
     command("stop", "stop the daemon on the data dir (it drains in-flight work first)", cmd_stop, settings=False)
-    i = command("info", "this node: peer id, addresses, version, statistics", cmd_info, settings=False)
+    i = command("info", "this node: peer id, addresses, version, providers, accelerators, statistics", cmd_info,
+                settings=False)
     i.add_argument("--json", action="store_true", help="print JSON")
+    pe = command("peers", "the cluster as this node sees it: every peer's providers, accelerators and load",
+                 cmd_peers, settings=False)
+    pe.add_argument("--json", action="store_true", help="print JSON")
     cache = sub.add_parser("cache", help="the local response store (stats, ls, get, rm, verify)",
                            description="the local response store; `rm` does not invalidate other nodes")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND")
@@ -212,17 +216,40 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=None))
 
 
-def _with_daemon(settings: Any, fn: Callable[[Any], Any]) -> Any:
-    """Run `await fn(client)` against the data dir's daemon."""
+def _trio_run(fn: Callable[..., Any], *args: Any) -> Any:
+    """`trio.run`, re-raising a lone error out of the exception groups that nurseries wrap it in."""
     import trio
 
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    import trio
+
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out += _leaves(exc)
+        elif not isinstance(exc, trio.Cancelled):
+            out.append(exc)
+    return out
+
+
+def _with_daemon(settings: Any, fn: Callable[[Any], Any]) -> Any:
+    """Run `await fn(client)` against the data dir's daemon."""
     from node.client import DaemonClient
 
     async def main() -> Any:
         async with DaemonClient.connect(_data_dir(settings)) as client:
             return await fn(client)
 
-    return trio.run(main)
+    return _trio_run(main)
 
 
 def cmd_daemon(args: argparse.Namespace, settings: Any) -> int:
@@ -262,7 +289,7 @@ def cmd_daemon(args: argparse.Namespace, settings: Any) -> int:
         if failure is not None:
             raise failure
 
-    trio.run(serve)
+    _trio_run(serve)
     return EXIT_OK
 
 
@@ -313,19 +340,57 @@ def cmd_stop(args: argparse.Namespace, settings: Any) -> int:
     return EXIT_OK
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _device(accel: dict[str, Any]) -> str:
+    cores = f", {accel['cores']} cores" if accel.get("cores") else ""
+    return (f"{accel['kind']} {accel['name']} ({_gib(accel['memory_free'])} free of "
+            f"{_gib(accel['memory_total'])}{cores})")
+
+
 def cmd_info(args: argparse.Namespace, settings: Any) -> int:
     info = _with_daemon(settings, lambda client: client.command("info"))
     if args.json:
         _print_json(info)
         return EXIT_OK
-    print(f"peer id   {info['peer_id']}\nversion   {info['version']}")
+    print(f"peer id    {info['peer_id']}\nversion    {info['version']}")
     for addr in info["addrs"]:
-        print(f"address   {addr}")
+        print(f"address    {addr}")
     for accel in info.get("accelerators", []):
-        print(f"device    {accel['kind']} {accel['name']}")
+        print(f"device     {_device(accel)}")
+    ready = [p["name"] for p in info.get("providers", []) if p["ready"]]
+    print(f"providers  {', '.join(ready) or 'none ready'}")
+    load = info.get("load", {})
+    print(f"load       {load.get('in_flight', 0)} in flight of {info.get('capacity', '?')}, "
+          f"{load.get('queued', 0)} queued; {info.get('peers', 0)} peer(s) known")
     stats = info["stats"]
-    print(f"served    {stats['inferences']} inferences; cache " +
+    print(f"served     {stats['inferences']} inferences; cache " +
           ", ".join(f"{tier} {n}" for tier, n in stats["cache"].items()))
+    return EXIT_OK
+
+
+def cmd_peers(args: argparse.Namespace, settings: Any) -> int:
+    import time
+
+    result = _with_daemon(settings, lambda client: client.command("peers"))
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    rows = [("PEER", "PROVIDERS (ready)", "DEVICES", "LOAD", "LATENCY", "SEEN")]
+    for peer in result["peers"]:
+        ready = ",".join(p["name"] for p in peer["providers"] if p["ready"]) or "-"
+        devices = ",".join(sorted({a["kind"] for a in peer["accelerators"]}))
+        load = f"{peer['load']['in_flight']}/{peer.get('capacity', '?')}+{peer['load']['queued']}"
+        latency = "-" if peer["latency_ms"] is None else f"{peer['latency_ms']:.0f} ms"
+        seen = f"{max(0.0, time.time() - peer['last_seen']):.0f} s ago"
+        rows.append((peer["peer_id"][-12:], ready, devices, load, latency, seen))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())
+    if len(rows) == 1:
+        print("(no peers yet)")
     return EXIT_OK
 
 

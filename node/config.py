@@ -266,6 +266,18 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class AdvertSettings:
+    """Capability adverts: how often a node tells the cluster what it serves."""
+
+    interval: float = setting(10.0, "seconds between two periodic adverts (and on every change)", kind="float",
+                              minimum=0.05, daemon_only=True)
+    ttl: float = setting(30.0, "seconds an advert stays valid; a peer silent this long leaves the peer table",
+                         kind="float", minimum=0.1, daemon_only=True)
+    load_interval: float = setting(1.0, "least seconds between two adverts sent because the load changed",
+                                   kind="float", minimum=0.0, daemon_only=True)
+
+
+@dataclass(frozen=True)
 class HFLocalSettings:
     """`hf_local`: Hugging Face transformers models run in this process."""
 
@@ -449,6 +461,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    adverts: AdvertSettings = field(default_factory=AdvertSettings)
     providers: ProvidersSettings = field(default_factory=ProvidersSettings)
 
     # Where each value came from (dotted key -> "default" | "file PATH" | "env NAME" | "flag --x").

@@ -28,6 +28,7 @@ from node.config import Settings
 from node.datadir import DataDir
 from node.errors import ConfigError, DaemonError, InvalidRequest
 from node.mesh.host import HostConfig, is_loopback_multiaddr, load_swarm_key, make_host, peer_info, run_host
+from node.mesh.adverts import AdvertService, PeerTable
 from node.mesh.service import Admission, serve_inference
 from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
 from protocols.codec import decode, encode
@@ -87,6 +88,9 @@ class Daemon:
         self._stop: trio.Event | None = None
         self._force: trio.Event | None = None
         self.handlers: dict[str, Any] = {}
+        self.table: PeerTable | None = None
+        self.adverts: AdvertService | None = None
+        self.accelerators: list[Any] = []
 
     @property
     def peer_id(self) -> str:
@@ -112,8 +116,19 @@ class Daemon:
                 negotiate_timeout=self.settings.limits.negotiate_timeout,
             )
             self.host = make_host(config)
+            from node.accelerators import detect
+
+            self.accelerators = await trio.to_thread.run_sync(detect)
             async with run_host(self.host, self.settings.listen) as host, trio.open_nursery() as nursery:
                 self._register_handlers(host)
+                self.table = PeerTable(self.peer_id, self.settings.adverts.ttl)
+                self.adverts = AdvertService(
+                    host, self.guard, self.table, self._build_advert,
+                    interval=self.settings.adverts.interval, load_interval=self.settings.adverts.load_interval,
+                    load=lambda: (self.admission.in_flight, self.admission.queued),
+                    load_changed=lambda: self.admission.changed, is_member=lambda peer: True,
+                )
+                await nursery.start(self.adverts.run)
                 nursery.start_soon(self._keep_bootstrap_connected)
                 nursery.start_soon(self._forget_idle_peers)
                 if self.settings.providers.hf_local.preload:
@@ -178,6 +193,45 @@ class Daemon:
         )
         for protocol, handler in self.handlers.items():
             host.set_stream_handler(protocol, handler)
+
+    def _build_advert(self, seq: int) -> Any:
+        """This node's advert, signed (blocking: readiness checks may run subprocesses)."""
+        from protocols.advert.messages import PROTOCOL_VERSION, Accelerator, Load, ProviderEntry, sign_advert
+
+        from node.accelerators import detect
+
+        self.accelerators = detect()
+        created = int(time.time() * 1000)
+        return sign_advert(
+            self.identity,
+            addrs=tuple(self.addrs()[:16]),
+            providers=tuple(ProviderEntry(p["name"], tuple(p["tasks"]), tuple(p["models"])[:64], p["ready"])
+                            for p in self.providers()[:32]),
+            accelerators=tuple(Accelerator(a.kind, a.name[:128], a.memory_total, a.memory_free, a.index, a.cores)
+                               for a in self.accelerators[:64]),
+            capacity=self.admission.max_concurrent, queue=self.admission.max_queue,
+            load=Load(self.admission.in_flight, self.admission.queued),
+            software=f"accelmesh/{__version__}", protocol=PROTOCOL_VERSION, seq=seq, created=created,
+            expires=created + int(self.settings.adverts.ttl * 1000),
+        )
+
+    def providers(self) -> list[dict[str, Any]]:
+        """The local providers this node offers (the mesh itself is not one of them)."""
+        from node.providers import registry
+
+        out = []
+        for name in registry.names():
+            if name == "mesh":
+                continue
+            try:
+                provider = self.deps.get_provider(name, self.settings)
+                readiness = provider.available()
+                out.append({"name": name, "tasks": list(provider.tasks), "models": list(provider.models()),
+                            "ready": readiness.ok})
+            except Exception as exc:  # a provider that cannot be built is advertised as not ready
+                log.debug("provider %s: %s", name, exc)
+                out.append({"name": name, "tasks": [], "models": [], "ready": False})
+        return out
 
     def addrs(self) -> list[str]:
         addrs = [str(a) for a in self.host.get_addrs()] if self.host is not None else []
@@ -264,7 +318,7 @@ class Daemon:
         if name == "stop":
             return {"stopping": True, "in_flight": self.admission.in_flight}
         if name == "peers":
-            return {"peers": []}
+            return {"peers": [entry.to_json() for entry in self.table.entries()] if self.table else []}
         if name.startswith("cache-"):
             from node.cache.commands import run_cache_command
 
@@ -281,8 +335,15 @@ class Daemon:
         }
 
     def info(self) -> dict[str, Any]:
+        advert = self.adverts.current if self.adverts is not None else None
         return {
             "peer_id": self.peer_id, "addrs": self.addrs(), "version": __version__,
+            "providers": [{"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready}
+                          for p in advert.providers] if advert else [],
+            "accelerators": [a.to_json() for a in self.accelerators],
+            "capacity": self.admission.max_concurrent, "queue": self.admission.max_queue,
+            "load": {"in_flight": self.admission.in_flight, "queued": self.admission.queued},
+            "peers": len(self.table) if self.table is not None else 0,
             "stats": self.deps.statistics().to_json() if self.deps is not None else {},
         }
 

@@ -269,7 +269,8 @@ async def request_inference(framed: FramedStream, request: Request) -> AsyncIter
     while True:
         event = await framed.read_event(idle=False)
         if event is None:
-            raise ProviderFailed(f"peer {framed.peer[-8:]}", "the stream ended before the result", retryable=True)
+            raise ProviderFailed(f"peer {framed.peer[-8:]}", "the stream ended before the result (the peer reset it: "
+                                 "over one of its limits, or shutting down; its log says which)", retryable=True)
         if isinstance(event, Result):
             event.verify()
             yield event

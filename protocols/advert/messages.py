@@ -80,10 +80,15 @@ class Load(Message):
 
 @dataclasses.dataclass(frozen=True)
 class GetAdvert(Message):
-    """Ask a peer for its current advert (no fields)."""
+    """Ask a peer for its current advert; with `known`, also for the adverts it holds of others.
+
+    The answer is a sequence of Advert frames, the peer's own first, then the stream closes.
+    Relayed adverts are signed by their subjects, so the asker verifies each one as usual.
+    """
 
     TYPE = "get-advert"
     VERSION = 1
+    known: bool = field(Bool(), default=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ def test_start_status_info_generate_and_stop(start_daemon, accelmesh_cmd):
 
 
 def test_sigterm_drains_the_request_in_flight_then_exits_zero(start_daemon, accelmesh_cmd, subprocess_env):
-    with start_daemon("alice", "--echo-latency-ms", "2000") as alice:
+    with start_daemon("alice", "--echo-latency-ms", "6000") as alice:  # long: the status polls are slow under load
         data = str(alice.data_dir)
         slow = subprocess.Popen(["accelmesh", "generate", "slow", "--provider", "echo", "--json", "--data-dir", data],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env)
@@ -47,7 +47,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits_zero(start_daemon, acce
         assert slow.returncode == 0, err
         assert json.loads(out)["text"] == "echo: slow", "the request in flight finished during the drain"
         assert alice.wait(timeout=30) == 0
-        assert "draining: 1 request(s) in flight" in alice.stderr()
+        assert "draining: 1 request(s) in flight" in alice.stderr(), alice.stderr()
         assert not (alice.data_dir / "daemon.json").exists()
 
 
@@ -136,3 +136,41 @@ def test_json_logs_are_one_object_per_line(start_daemon, accelmesh_cmd):
     started = next(r for r in records if "listening on" in r["msg"])
     assert started["peer"].startswith("12D3KooW") and started["level"] == "info"
     assert any(r["msg"].startswith("draining") for r in records)
+
+
+def test_three_daemons_bootstrapped_from_the_first_list_each_other_within_5_s(start_daemon, accelmesh_cmd):
+    with start_daemon("n0") as first:
+        bootstrap = first.info["multiaddrs"][0]
+        with start_daemon("n1", "--bootstrap", bootstrap) as n1, start_daemon("n2", "--bootstrap", bootstrap) as n2:
+            nodes = [first, n1, n2]
+            ids = {d.info["peer_id"] for d in nodes}
+            started = time.monotonic()
+            pending = set(range(3))
+            while pending and time.monotonic() - started < 5.0:
+                for i in list(pending):
+                    out = accelmesh_cmd("peers", "--json", "--data-dir", str(nodes[i].data_dir), check=True)
+                    listed = {p["peer_id"] for p in json.loads(out.stdout)["peers"]}
+                    if listed == ids - {nodes[i].info["peer_id"]}:
+                        pending.discard(i)
+                time.sleep(0.1)
+            assert not pending, f"nodes {pending} did not list the other two within 5 s"
+            peer = json.loads(accelmesh_cmd("peers", "--json", "--data-dir", str(n1.data_dir), check=True).stdout)
+            entry = peer["peers"][0]
+            assert {"peer_id", "addrs", "providers", "accelerators", "load", "last_seen", "latency_ms", "health",
+                    "cooldown_until"} <= set(entry)
+            assert any(p["name"] == "echo" and p["ready"] for p in entry["providers"])
+            assert any(a["kind"] == "cpu" for a in entry["accelerators"])
+            table = accelmesh_cmd("peers", "--data-dir", str(n1.data_dir), check=True).stdout
+            assert table.splitlines()[0].split()[:2] == ["PEER", "PROVIDERS"] and len(table.splitlines()) == 3
+            info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", str(n1.data_dir), check=True).stdout)
+            assert info["accelerators"][-1]["kind"] == "cpu" and info["capacity"] == 64
+
+
+def test_a_refused_request_is_one_clear_line_not_a_traceback(start_daemon, accelmesh_cmd):
+    with start_daemon("alice", "--limits-request-rate", "0.001", "--limits-request-burst", "1") as alice:
+        data = str(alice.data_dir)
+        accelmesh_cmd("status", "--data-dir", data, check=True)  # spends the only token
+        out = accelmesh_cmd("generate", "x", "--provider", "echo", "--data-dir", data)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert out.stderr.startswith("accelmesh: error: ") and out.stderr.count("\n") == 1
+        assert "reset" in out.stderr or "refused" in out.stderr or "closed" in out.stderr

@@ -743,13 +743,15 @@ def build_adverts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 def build_advert() -> dict[str, Any]:
-    get = {"t": "get-advert", "v": 1}
+    get = {"t": "get-advert", "v": 1, "known": False}
+    get_known = {"t": "get-advert", "v": 1, "known": True}
     minimal = advert_fields(ALICE, addrs=[], providers=[],
                             accelerators=[{"kind": "cpu", "name": "", "memory_total": 0, "memory_free": 0,
                                            "index": 0}], capacity=0, queue=0, seq=0)
     minimal, _ = signed_advert(ALICE, minimal)
     vectors = [
         vector("get-advert", get, "client"),
+        vector("get-advert, known adverts too", get_known, "client"),
         vector("advert (alice, signed)", GOOD_ADVERT, "server"),
         vector("advert: no addresses, no providers, cpu without cores", minimal, "server"),
     ]
@@ -758,6 +760,8 @@ def build_advert() -> dict[str, Any]:
     unsigned_absent = {k: v for k, v in GOOD_ADVERT.items() if k != "signature"}
     decode_only_vectors = [
         decode_only("get-advert with an unknown field", {"t": "get-advert", "v": 1, "since": 5}, get, "client"),
+        decode_only("get-advert from the first minor version (no known: false)", {"t": "get-advert", "v": 1}, get,
+                    "client"),
         decode_only("accelerator index absent (default 0)", no_defaults, GOOD_ADVERT, "server"),
         decode_only("signature absent (default empty)", unsigned_absent, {**unsigned_absent, "signature": b""},
                     "server"),

@@ -1,0 +1,471 @@
+"""Capability adverts: every node knows, within seconds, what every other node serves and how busy it is.
+
+Pure parts (tested without a network):
+
+- `PeerTable`: the newest valid advert per peer. It refuses forged (signer is not the subject),
+  tampered, replayed (not a higher `seq`), expired and newer-major-version adverts, counts
+  every refusal by reason, and forgets a peer not heard from for `ttl` seconds (its own
+  clock: silent peers leave the table even when their last advert is still "valid").
+- `LoadPublisher`: when a changed load is worth republishing (it moved to another
+  power-of-two bucket), at most once per `min_interval`.
+
+I/O part, `AdvertService`: signs and publishes this node's advert on the gossipsub topic
+periodically and on change; drains the subscription in its own task (ignoring our own
+messages); validates gossip before gossipsub relays it; serves `/accelmesh/advert/1.0.0`; and
+right after a connection opens asks the new peer for its advert and every advert it knows,
+so a newcomer is known at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from protocols.advert.messages import (
+    MAX_ADVERT_BYTES,
+    PROTOCOL_ID,
+    TOPIC,
+    Advert,
+    GetAdvert,
+    check_newer,
+    decode_advert,
+    encode_advert,
+    verify_advert,
+)
+from protocols.codec import decode, encode
+from protocols.errors import (
+    BadSignature,
+    ExpiredRecord,
+    ProtocolError,
+    StaleRecord,
+    UnsupportedVersion,
+)
+from protocols.framing import encode_frame
+
+__all__ = ["PeerEntry", "PeerTable", "PeerTableStatistics", "LoadPublisher", "AdvertService", "REJECTIONS"]
+
+log = logging.getLogger(__name__)
+
+REJECTIONS = ("forged", "bad_signature", "replayed", "expired", "unsupported_version", "malformed", "own")
+# A copy of an advert already held (the same seq from gossip and from a direct fetch) is not a
+# refusal: it is counted as a duplicate.
+MAX_KNOWN_IN_ANSWER = 256  # adverts relayed in one answer to GetAdvert(known=True)
+
+
+@dataclass
+class PeerEntry:
+    advert: Advert
+    data: bytes  # the signed bytes as received (relayed unchanged)
+    last_seen: float  # our wall clock, seconds
+    received: float  # our monotonic clock, seconds (for expiry)
+    latency_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.advert
+        return {
+            "peer_id": a.peer_id,
+            "addrs": list(a.addrs),
+            "providers": [{"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready}
+                          for p in a.providers],
+            "accelerators": [_accelerator_json(x) for x in a.accelerators],
+            "capacity": a.capacity,
+            "queue": a.queue,
+            "load": {"in_flight": a.load.in_flight, "queued": a.load.queued},
+            "version": a.software,
+            "last_seen": round(self.last_seen, 3),
+            "latency_ms": self.latency_ms,
+            "health": None,
+            "cooldown_until": None,
+        }
+
+
+def _accelerator_json(x: Any) -> dict[str, Any]:
+    out = {"kind": x.kind, "name": x.name, "memory_total": x.memory_total, "memory_free": x.memory_free,
+           "index": x.index}
+    if x.cores is not None:
+        out["cores"] = x.cores
+    return out
+
+
+@dataclass(frozen=True)
+class PeerTableStatistics:
+    peers: int
+    accepted: int
+    duplicates: int
+    rejected: dict[str, int]
+    expired: int
+
+
+class PeerTable:
+    """The newest valid, signed advert of every peer. Pure: callers pass the clocks."""
+
+    def __init__(self, own_peer_id: str, ttl: float, *, wall: Callable[[], float] = time.time) -> None:
+        self.own = own_peer_id
+        self.ttl = ttl
+        self._wall = wall
+        self._peers: dict[str, PeerEntry] = {}
+        self.accepted = 0
+        self.expired = 0
+        self.duplicates = 0
+        self.rejected = dict.fromkeys(REJECTIONS, 0)
+        self.changed = trio.Event()
+
+    def offer(self, data: bytes, now: float) -> Advert | None:
+        """Take advert bytes from gossip or a peer; the advert if it is new and valid, else None."""
+        wall_ms = int(self._wall() * 1000)
+        try:
+            advert, fields = decode_advert(data)
+            if advert.peer_id == self.own:
+                self.rejected["own"] += 1
+                return None
+            verify_advert(advert, wall_ms, fields)
+            current = self._peers.get(advert.peer_id)
+            if current is not None and current.data == data:
+                self.duplicates += 1
+                current.received, current.last_seen = now, self._wall()
+                return None
+            check_newer(current.advert if current else None, advert)
+        except ProtocolError as exc:
+            self.refused(exc)
+            return None
+        latency = current.latency_ms if current else None
+        self._peers[advert.peer_id] = PeerEntry(advert, data, self._wall(), now, latency)
+        self.accepted += 1
+        self._touch()
+        return advert
+
+    def refused(self, exc: ProtocolError) -> str:
+        """Count (and log, when it smells of an attack) an advert refused here or by the gossip validator."""
+        reason = _reason(exc)
+        self.rejected[reason] += 1
+        if reason in ("forged", "bad_signature", "unsupported_version"):
+            log.warning("refused an advert (%s): %s", reason, exc, extra={"reason": reason})
+        return reason
+
+    def expire(self, now: float) -> list[str]:
+        """Forget peers not heard from for `ttl` seconds; their ids."""
+        gone = [peer for peer, entry in self._peers.items() if now - entry.received > self.ttl]
+        for peer in gone:
+            del self._peers[peer]
+        self.expired += len(gone)
+        if gone:
+            self._touch()
+        return gone
+
+    def set_latency(self, peer: str, latency_ms: float | None) -> None:
+        entry = self._peers.get(peer)
+        if entry is not None:
+            entry.latency_ms = latency_ms
+
+    def _touch(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def get(self, peer: str) -> PeerEntry | None:
+        return self._peers.get(peer)
+
+    def entries(self) -> list[PeerEntry]:
+        return sorted(self._peers.values(), key=lambda e: e.advert.peer_id)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._peers
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def statistics(self) -> PeerTableStatistics:
+        return PeerTableStatistics(len(self._peers), self.accepted, self.duplicates,
+                                   {k: v for k, v in self.rejected.items() if v}, self.expired)
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return f"<PeerTable {s.peers} peers, accepted={s.accepted} rejected={s.rejected} expired={s.expired}>"
+
+
+def _reason(exc: ProtocolError) -> str:
+    if isinstance(exc, BadSignature):
+        return "forged" if "not the subject" in str(exc) else "bad_signature"
+    if isinstance(exc, StaleRecord):
+        return "replayed"
+    if isinstance(exc, ExpiredRecord):
+        return "expired"
+    if isinstance(exc, UnsupportedVersion):
+        return "unsupported_version"
+    return "malformed"
+
+
+def load_bucket(n: int) -> int:
+    """0, 1, 2-3, 4-7, ...: load changes within a bucket are not worth a new advert."""
+    return 0 if n <= 0 else int(math.log2(n)) + 1
+
+
+class LoadPublisher:
+    """Decides when a load change is republished: a new bucket, at most once per `min_interval` seconds."""
+
+    def __init__(self, min_interval: float) -> None:
+        self.min_interval = min_interval
+        self.published: tuple[int, int] = (0, 0)
+        self.last = -math.inf
+
+    def due(self, in_flight: int, queued: int, now: float) -> bool:
+        changed = (load_bucket(in_flight), load_bucket(queued)) != (
+            load_bucket(self.published[0]), load_bucket(self.published[1]))
+        return changed and now - self.last >= self.min_interval
+
+    def mark(self, in_flight: int, queued: int, now: float) -> None:
+        self.published, self.last = (in_flight, queued), now
+
+
+# ---------------------------------------------------------------------------------------
+# The service
+
+
+class AdvertService:
+    """Publishes this node's advert and keeps the peer table current. Runs inside the daemon's nursery."""
+
+    def __init__(
+        self,
+        host: Any,
+        guard: Any,
+        table: PeerTable,
+        build: Callable[[int], Advert],
+        *,
+        interval: float,
+        load_interval: float,
+        load: Callable[[], tuple[int, int]],
+        load_changed: Callable[[], trio.Event],
+        is_member: Callable[[str], bool],
+    ) -> None:
+        self.host, self.guard, self.table, self.build = host, guard, table, build
+        self.interval, self.load = interval, load
+        self.load_changed = load_changed
+        self.is_member = is_member
+        self.loads = LoadPublisher(load_interval)
+        self.current: Advert | None = None
+        self.current_bytes = b""
+        self._seq = 0
+        self.published = 0
+        self.bytes_published = 0
+        self.received = 0  # adverts received (gossip and fetches), valid or not
+        self.bytes_received = 0
+        self.pubsub: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._republish = trio.Event()
+
+    # -- our advert ----------------------------------------------------------------------
+
+    def refresh(self) -> bytes:
+        """Sign a new advert of this node (a higher seq each time) and keep it as current."""
+        self._seq = max(self._seq + 1, int(time.time() * 1000))
+        self.current = self.build(self._seq)
+        self.current_bytes = encode_advert(self.current)
+        return self.current_bytes
+
+    def republish_soon(self) -> None:
+        """Something this node advertises changed (providers, models): publish now."""
+        self._republish.set()
+
+    async def publish(self) -> None:
+        data = await trio.to_thread.run_sync(self.refresh)  # provider readiness may run subprocesses
+        in_flight, queued = self.load()
+        self.loads.mark(in_flight, queued, trio.current_time())
+        try:
+            await self.pubsub.publish(TOPIC, data)
+            self.published += 1
+            self.bytes_published += len(data)
+        except Exception as exc:  # no peers subscribed yet, or a transient pubsub error: next round
+            log.debug("advert publish failed: %s", exc)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB, PROTOCOL_ID_V11, GossipSub
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.tools.anyio_service import background_trio_service
+
+        router = GossipSub(
+            # A high upper degree keeps a bootstrap node's many leaves in its mesh (a star is the usual shape);
+            # beyond it, the anti-entropy pull below still reaches everyone within one interval.
+            protocols=[PROTOCOL_ID_V11, GOSSIPSUB], degree=8, degree_low=6, degree_high=32, heartbeat_interval=1,
+            spam_protection_enabled=False,  # its default of 10 messages/s per topic drops adverts silently (P4)
+        )
+        self.pubsub = Pubsub(self.host, router, max_inbound_rpc_size=2 * MAX_ADVERT_BYTES)
+        self.pubsub.set_topic_validator(TOPIC, self._validate_gossip, False)
+        self.host.set_stream_handler(PROTOCOL_ID, self.guard.wrap(PROTOCOL_ID, self._serve, allowed=self.is_member,
+                                                                    max_frame_size=MAX_ADVERT_BYTES))
+        async with background_trio_service(self.pubsub), background_trio_service(router), \
+                trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.pubsub.wait_until_ready()
+            subscription = await self.pubsub.subscribe(TOPIC)
+            self.host.get_network().register_notifee(_ConnectionWatcher(self))
+            await trio.to_thread.run_sync(self.refresh)
+            nursery.start_soon(self._drain, subscription)
+            nursery.start_soon(self._publish_periodically)
+            nursery.start_soon(self._publish_load_changes)
+            nursery.start_soon(self._expire_and_ping)
+            nursery.start_soon(self._pull_periodically)
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    def _validate_gossip(self, peer_id: Any, message: Any) -> bool:
+        """gossipsub relays only adverts that verify (the table checks replays when it takes them)."""
+        try:
+            advert, fields = decode_advert(message.data)
+            verify_advert(advert, int(time.time() * 1000), fields)
+        except ProtocolError as exc:
+            self.table.refused(exc)
+            return False
+        return True
+
+    async def _drain(self, subscription: Any) -> None:
+        own = self.host.get_id().to_bytes()
+        while True:
+            message = await subscription.get()
+            if message.from_id == own:
+                continue
+            self.received += 1
+            self.bytes_received += len(message.data)
+            self.table.offer(message.data, trio.current_time())
+
+    async def _publish_periodically(self) -> None:
+        while True:
+            await self.publish()
+            with trio.move_on_after(self.interval):
+                await self._republish.wait()
+            self._republish = trio.Event()
+
+    async def _publish_load_changes(self) -> None:
+        while True:
+            await self.load_changed().wait()
+            in_flight, queued = self.load()
+            now = trio.current_time()
+            if self.loads.due(in_flight, queued, now):
+                await self.publish()
+            elif self.loads.due(in_flight, queued, now + self.loads.min_interval):
+                # changed, but too soon after the last advert: publish when the interval is up
+                await trio.sleep(self.loads.last + self.loads.min_interval - now)
+                if self.loads.due(*self.load(), trio.current_time()):
+                    await self.publish()
+
+    async def _pull_periodically(self) -> None:
+        """Anti-entropy: each interval, fetch every advert one random connected peer knows.
+
+        Gossip is fast but best effort (a mesh can miss a node); this bounds how stale any
+        table can be to one interval, whatever the topology.
+        """
+        import random
+
+        while True:
+            await trio.sleep(self.interval * random.uniform(0.8, 1.2))
+            peers = list(self.host.get_network().connections)
+            if peers:
+                await self._fetch_from(random.choice(peers), announce=False)
+
+    async def _expire_and_ping(self) -> None:
+        from libp2p.host.ping import PingService
+        from libp2p.peer.id import ID
+
+        ping = PingService(self.host)
+        while True:
+            await trio.sleep(min(self.interval, self.table.ttl / 3))
+            self.table.expire(trio.current_time())
+            for entry in self.table.entries():
+                peer = ID.from_base58(entry.advert.peer_id)
+                if not self.host.get_network().connections.get(peer):
+                    self.table.set_latency(entry.advert.peer_id, None)
+                    continue
+                try:
+                    with trio.fail_after(5):
+                        rtts = await ping.ping(peer, ping_amt=1)
+                    self.table.set_latency(entry.advert.peer_id, float(rtts[0]) if rtts else None)
+                except Exception:  # ping failures leave the latency unknown
+                    self.table.set_latency(entry.advert.peer_id, None)
+
+    # -- the advert protocol -------------------------------------------------------------
+
+    async def _serve(self, framed: Any, peer: str) -> None:
+        frame = await framed.read_frame()
+        if frame is None:
+            return
+        ask = decode(frame, GetAdvert)
+        assert isinstance(ask, GetAdvert)
+        await framed.write(encode_frame(self.current_bytes, MAX_ADVERT_BYTES))
+        if ask.known:
+            for entry in self.table.entries()[:MAX_KNOWN_IN_ANSWER]:
+                if entry.advert.peer_id != peer:
+                    await framed.write(encode_frame(entry.data, MAX_ADVERT_BYTES))
+
+    async def fetch(self, peer_id: Any) -> int:
+        """Ask a peer for its advert and the adverts it knows; the number of adverts taken."""
+        from node.mesh.streams import FramedStream, StreamLimits
+
+        taken = 0
+        stream = await self.host.new_stream(peer_id, [PROTOCOL_ID])
+        framed = FramedStream(stream, StreamLimits(max_frame_size=MAX_ADVERT_BYTES, idle_timeout=5.0))
+        try:
+            await framed.write(encode_frame(encode(GetAdvert(known=True))))
+            for _ in range(MAX_KNOWN_IN_ANSWER + 1):
+                frame = await framed.read_frame()
+                if frame is None:
+                    break
+                self.received += 1
+                self.bytes_received += len(frame)
+                taken += self.table.offer(frame, trio.current_time()) is not None
+        finally:
+            await framed.close()
+        return taken
+
+    async def _fetch_from(self, peer_id: Any, announce: bool = True) -> None:
+        """Take the peer's adverts; after a new connection, also tell the cluster about us through it."""
+        if not self.is_member(str(peer_id)):
+            return
+        try:
+            with trio.fail_after(10):
+                await self.fetch(peer_id)
+        except Exception as exc:  # a peer without the protocol (a client) or one that went away
+            log.debug("no advert from %s: %s", peer_id, exc)
+            return
+        if not announce:
+            return
+        # Our advert from before this connection reached nobody new: publish again once the peer
+        # has told gossipsub it subscribes, so the rest of the cluster learns us through it.
+        with trio.move_on_after(5):
+            await self.pubsub.wait_for_subscription(peer_id, TOPIC)
+            await trio.sleep(0.05)  # let gossipsub graft the peer into the topic's mesh
+        self.republish_soon()
+
+    def peer_connected(self, peer_id: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._fetch_from, peer_id)
+
+
+class _ConnectionWatcher:
+    """A libp2p network notifee: a new connection triggers an advert exchange."""
+
+    def __init__(self, service: AdvertService) -> None:
+        self.service = service
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self.service.peer_connected(conn.muxed_conn.peer_id)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass

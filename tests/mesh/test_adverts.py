@@ -1,0 +1,279 @@
+"""Capability adverts: the peer table's rules (pure), accelerator parsers, and convergence on real hosts."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import aclosing
+
+import pytest
+import trio
+from libp2p.peer.id import ID
+
+from node.accelerators import Accelerator, detect, detect_cpu, parse_nvidia_smi, parse_rocm_smi
+from node.client import DaemonClient
+from node.mesh.adverts import LoadPublisher, PeerTable, load_bucket
+from protocols.advert.messages import TOPIC, encode_advert
+from protocols.codec import encode
+from protocols.inference.messages import Request
+from protocols.records import Identity
+from tests.mesh.conftest import connect, peer_host, running_daemon
+from tests.protocols.test_messages import make_advert
+
+alice, bob, mallory = (Identity.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.wall
+
+
+def table(ttl: float = 30.0) -> tuple[PeerTable, Clock]:
+    clock = Clock()
+    return PeerTable(bob.peer_id, ttl, wall=clock), clock
+
+
+def advert_bytes(identity=alice, *, seq=1, clock: Clock | None = None, **kw) -> bytes:
+    created = int((clock.wall if clock else 1_800_000_000.0) * 1000)
+    return encode_advert(make_advert(identity, seq=seq, created=created, **kw))
+
+
+# -- the peer table (pure) ----------------------------------------------------------------------
+
+
+def test_a_valid_advert_is_taken_and_a_newer_one_replaces_it():
+    t, clock = table()
+    assert t.offer(advert_bytes(seq=1, clock=clock), now=0.0).seq == 1
+    assert t.offer(advert_bytes(seq=2, clock=clock), now=1.0).seq == 2
+    assert len(t) == 1 and t.get(alice.peer_id).advert.seq == 2
+    assert t.statistics().accepted == 2
+
+
+def test_mallory_forging_alices_advert_is_refused():
+    t, clock = table()
+    forged = dataclasses.replace(make_advert(mallory, created=int(clock.wall * 1000)), peer_id=alice.peer_id)
+    assert t.offer(encode(forged), 0.0) is None
+    assert t.rejected["forged"] == 1 and alice.peer_id not in t
+
+
+def test_a_tampered_advert_is_refused():
+    t, clock = table()
+    good = make_advert(alice, created=int(clock.wall * 1000))
+    assert t.offer(encode(dataclasses.replace(good, capacity=10**6)), 0.0) is None
+    assert t.rejected["bad_signature"] == 1
+
+
+def test_a_replayed_older_advert_is_refused_and_a_copy_is_a_duplicate():
+    t, clock = table()
+    old, new = advert_bytes(seq=1, clock=clock), advert_bytes(seq=2, clock=clock)
+    t.offer(new, 0.0)
+    assert t.offer(old, 1.0) is None and t.rejected["replayed"] == 1
+    assert t.offer(new, 2.0) is None and t.duplicates == 1 and t.rejected["replayed"] == 1
+    assert t.get(alice.peer_id).advert.seq == 2
+
+
+def test_an_advert_from_a_future_major_version_is_refused():
+    t, clock = table()
+    assert t.offer(advert_bytes(protocol="2.0", clock=clock), 0.0) is None
+    assert t.rejected["unsupported_version"] == 1
+    assert t.offer(advert_bytes(protocol="1.3", clock=clock), 0.0) is not None  # a newer minor is fine
+
+
+def test_expired_and_own_adverts_are_refused():
+    t, clock = table()
+    clock.wall += 600
+    assert t.offer(advert_bytes(), 0.0) is None and t.rejected["expired"] == 1
+    assert t.offer(advert_bytes(bob, clock=clock), 0.0) is None and t.rejected["own"] == 1
+
+
+def test_silent_peers_leave_after_ttl_on_our_own_clock():
+    t, clock = table(ttl=30.0)
+    t.offer(advert_bytes(alice, clock=clock), now=100.0)
+    t.offer(advert_bytes(mallory, clock=clock), now=110.0)
+    assert t.expire(now=130.0) == [] and len(t) == 2  # exactly at the ttl: kept
+    assert t.expire(now=130.5) == [alice.peer_id] and len(t) == 1
+    assert t.statistics().expired == 1
+
+
+def test_table_statistics_and_repr():
+    t, clock = table()
+    t.offer(advert_bytes(clock=clock), 0.0)
+    t.offer(b"garbage", 0.0)
+    s = t.statistics()
+    assert (s.peers, s.accepted, s.rejected) == (1, 1, {"malformed": 1})
+    assert "1 peers" in repr(t) and "malformed" in repr(t)
+
+
+def test_peer_entry_json_has_the_contract_shape():
+    t, clock = table()
+    t.offer(advert_bytes(clock=clock), 0.0)
+    entry = t.get(alice.peer_id).to_json()
+    assert set(entry) >= {"peer_id", "addrs", "providers", "accelerators", "load", "last_seen", "latency_ms",
+                          "health", "cooldown_until"}
+    assert entry["health"] is None and entry["cooldown_until"] is None
+    assert entry["providers"][0] == {"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True}
+
+
+@pytest.mark.parametrize("n,bucket", [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (7, 3), (8, 4), (64, 7)])
+def test_load_buckets(n, bucket):
+    assert load_bucket(n) == bucket
+
+
+def test_load_is_republished_on_a_bucket_change_at_most_once_per_interval():
+    loads = LoadPublisher(min_interval=1.0)
+    assert not loads.due(0, 0, now=0.0)
+    assert loads.due(1, 0, now=0.0)
+    loads.mark(1, 0, now=0.0)
+    assert not loads.due(1, 0, now=5.0), "no change, no advert"
+    assert not loads.due(5, 0, now=0.5), "changed, but inside the interval"
+    assert loads.due(5, 0, now=1.0)
+    loads.mark(5, 0, now=1.0)
+    assert not loads.due(6, 0, now=9.0), "4..7 is one bucket"
+    assert loads.due(6, 3, now=9.0)
+
+
+# -- accelerators -----------------------------------------------------------------------------------
+
+
+# Output shapes constructed from the tools' documentation (no GPU was available to record them):
+# `nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits` (MiB), and
+# `rocm-smi --showproductname --showmeminfo vram --json` (bytes, as strings).
+NVIDIA_SMI = "0, NVIDIA H100 80GB HBM3, 81559, 80918\n1, NVIDIA H100 80GB HBM3, 81559, 1024\n"
+ROCM_SMI = ('{"card0": {"Card series": "Instinct MI300X", "Card model": "0x74a1", '
+            '"VRAM Total Memory (B)": "206141652992", "VRAM Total Used Memory (B)": "10485760"}, '
+            '"system": {"Driver version": "6.7.0"}}')
+
+
+def test_nvidia_smi_output_is_parsed_per_device():
+    devices = parse_nvidia_smi(NVIDIA_SMI)
+    assert devices == [
+        Accelerator("cuda", "NVIDIA H100 80GB HBM3", 81559 * 2**20, 80918 * 2**20, 0),
+        Accelerator("cuda", "NVIDIA H100 80GB HBM3", 81559 * 2**20, 1024 * 2**20, 1),
+    ]
+    assert parse_nvidia_smi("garbage line\n") == []
+
+
+def test_rocm_smi_output_is_parsed_per_card():
+    assert parse_rocm_smi(ROCM_SMI) == [
+        Accelerator("rocm", "Instinct MI300X", 206141652992, 206141652992 - 10485760, 0)]
+    assert parse_rocm_smi("not json") == []
+
+
+def test_the_cpu_is_always_detected_with_cores_and_memory():
+    import os
+
+    cpu = detect_cpu()
+    assert cpu.kind == "cpu" and cpu.cores == os.cpu_count() and cpu.memory_total > cpu.memory_free > 0
+    devices = detect()
+    assert devices[-1].kind == "cpu" and all(d.kind in ("cuda", "rocm", "mps", "cpu") for d in devices)
+
+
+# -- on real hosts -----------------------------------------------------------------------------------
+
+
+FAST = {"ACCELMESH_ADVERTS_INTERVAL": "60"}  # long: convergence must not wait for the periodic advert
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> float:
+    start = trio.current_time()
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+    return trio.current_time() - start
+
+
+async def test_five_daemons_bootstrapped_from_one_converge(tmp_path):
+    async with running_daemon(tmp_path, "n0", **FAST) as first:
+        async with running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as n1, \
+                running_daemon(tmp_path, "n2", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as n2, \
+                running_daemon(tmp_path, "n3", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as n3, \
+                running_daemon(tmp_path, "n4", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as n4:
+            nodes = [first, n1, n2, n3, n4]
+            took = await wait_until(lambda: all(len(n.table) == 4 for n in nodes))
+            assert took < 5.0
+            for node in nodes:
+                assert {e.advert.peer_id for e in node.table.entries()} == {n.peer_id for n in nodes} - {node.peer_id}
+
+
+async def test_a_node_joining_late_learns_everyone_at_once(tmp_path):
+    async with running_daemon(tmp_path, "n0", **FAST) as first, \
+            running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as n1, \
+            running_daemon(tmp_path, "n2", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as n2:
+        await wait_until(lambda: len(first.table) == 2)
+        async with running_daemon(tmp_path, "late", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as late:
+            took = await wait_until(lambda: len(late.table) == 3)
+            assert took < 2.0, "the late node asked its bootstrap peer for every advert it knows"
+            assert {e.advert.peer_id for e in late.table.entries()} == {first.peer_id, n1.peer_id, n2.peer_id}
+
+
+async def test_a_killed_node_expires(tmp_path):
+    env = {"ACCELMESH_ADVERTS_TTL": "1.5", "ACCELMESH_ADVERTS_INTERVAL": "0.5"}
+    async with running_daemon(tmp_path, "n0", **env) as first:
+        async with running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **env) as victim:
+            await wait_until(lambda: victim.peer_id in first.table)
+            victim.request_stop(force=True)
+        await wait_until(lambda: victim.peer_id not in first.table, timeout=10)
+        assert first.table.statistics().expired >= 1
+
+
+async def test_load_changes_propagate(tmp_path):
+    env = {"ACCELMESH_ADVERTS_LOAD_INTERVAL": "0.1", "ACCELMESH_ECHO_LATENCY_MS": "3000", **FAST}
+    async with running_daemon(tmp_path, "n0", **env) as first, \
+            running_daemon(tmp_path, "busy", ACCELMESH_BOOTSTRAP=first.addrs()[0], **env) as busy:
+        await wait_until(lambda: busy.peer_id in first.table)
+        assert first.table.get(busy.peer_id).advert.load.in_flight == 0
+
+        async def slow_request():
+            async with DaemonClient.connect(busy.data_dir) as client:
+                request = Request(id="r", task="generate", prompt="x", provider="echo", timeout_ms=30_000)
+                async with aclosing(client.generate(request)) as items:
+                    async for _ in items:
+                        pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_request)
+            await wait_until(lambda: first.table.get(busy.peer_id).advert.load.in_flight == 1, timeout=5)
+        await wait_until(lambda: first.table.get(busy.peer_id).advert.load.in_flight == 0, timeout=5)
+
+
+def gossip(host):
+    """mallory's own gossipsub, to publish whatever she likes on the advert topic."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+
+    router = GossipSub(protocols=[PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4, degree_high=12,
+                       heartbeat_interval=1, spam_protection_enabled=False)
+    return Pubsub(host, router), router
+
+
+async def test_mallorys_gossip_never_enters_the_table(tmp_path):
+    from libp2p.tools.anyio_service import background_trio_service
+
+    async with running_daemon(tmp_path, "alice", **FAST) as daemon, peer_host(mallory) as host:
+        pubsub, router = gossip(host)
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            await pubsub.subscribe(TOPIC)
+            await connect(host, daemon)
+            with trio.fail_after(10):
+                await pubsub.wait_for_subscription(ID.from_base58(daemon.peer_id), TOPIC)
+            now = int(time.time() * 1000)
+            victim = Identity.generate()
+            genuine_old = make_advert(victim, seq=1, created=now)
+            genuine_new = make_advert(victim, seq=2, created=now)
+            forged = dataclasses.replace(make_advert(mallory, created=now), peer_id=victim.peer_id)
+            tampered = dataclasses.replace(genuine_new, capacity=10**6)
+            future = make_advert(victim, seq=3, created=now, protocol="2.0")
+            await pubsub.publish(TOPIC, encode(genuine_new))
+            await wait_until(lambda: victim.peer_id in daemon.table)
+            for data in (encode(forged), encode(tampered), encode(future), encode(genuine_old)):
+                await pubsub.publish(TOPIC, data)
+                await trio.sleep(0.05)
+            await wait_until(lambda: sum(daemon.table.rejected.values()) >= 4)
+            assert daemon.table.get(victim.peer_id).advert == genuine_new
+            assert daemon.table.rejected["forged"] >= 1 and daemon.table.rejected["bad_signature"] >= 1
+            assert daemon.table.rejected["unsupported_version"] >= 1 and daemon.table.rejected["replayed"] >= 1
+            assert mallory.peer_id not in daemon.table  # mallory herself never advertised
