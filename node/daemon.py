@@ -127,6 +127,7 @@ class Daemon:
                     interval=self.settings.adverts.interval, load_interval=self.settings.adverts.load_interval,
                     load=lambda: (self.admission.in_flight, self.admission.queued),
                     load_changed=lambda: self.admission.changed, is_member=lambda peer: True,
+                    offer_signature=lambda: [(p["name"], p["ready"], p["models"]) for p in self.providers()],
                 )
                 await nursery.start(self.adverts.run)
                 nursery.start_soon(self._keep_bootstrap_connected)

@@ -241,11 +241,13 @@ class AdvertService:
         load: Callable[[], tuple[int, int]],
         load_changed: Callable[[], trio.Event],
         is_member: Callable[[str], bool],
+        offer_signature: Callable[[], Any] | None = None,
     ) -> None:
         self.host, self.guard, self.table, self.build = host, guard, table, build
         self.interval, self.load = interval, load
         self.load_changed = load_changed
         self.is_member = is_member
+        self.offer_signature = offer_signature  # what we serve (providers, models, readiness), to spot changes
         self.loads = LoadPublisher(load_interval)
         self.current: Advert | None = None
         self.current_bytes = b""
@@ -311,6 +313,8 @@ class AdvertService:
             nursery.start_soon(self._publish_load_changes)
             nursery.start_soon(self._expire_and_ping)
             nursery.start_soon(self._pull_periodically)
+            if self.offer_signature is not None:
+                nursery.start_soon(self._watch_offer)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -353,6 +357,17 @@ class AdvertService:
                 await trio.sleep(self.loads.last + self.loads.min_interval - now)
                 if self.loads.due(*self.load(), trio.current_time()):
                     await self.publish()
+
+    async def _watch_offer(self) -> None:
+        """Publish at once when what this node offers changes (a provider becomes ready, a model appears)."""
+        assert self.offer_signature is not None
+        last = await trio.to_thread.run_sync(self.offer_signature)
+        while True:
+            await trio.sleep(min(self.interval, 2.0))
+            now = await trio.to_thread.run_sync(self.offer_signature)
+            if now != last:
+                last = now
+                self.republish_soon()
 
     async def _pull_periodically(self) -> None:
         """Anti-entropy: each interval, fetch every advert one random connected peer knows.

@@ -277,3 +277,17 @@ async def test_mallorys_gossip_never_enters_the_table(tmp_path):
             assert daemon.table.rejected["forged"] >= 1 and daemon.table.rejected["bad_signature"] >= 1
             assert daemon.table.rejected["unsupported_version"] >= 1 and daemon.table.rejected["replayed"] >= 1
             assert mallory.peer_id not in daemon.table  # mallory herself never advertised
+
+
+async def test_a_change_in_what_a_node_offers_is_published_at_once(tmp_path):
+    import node
+    from tests.fakes.providers import ScriptedProvider
+
+    async with running_daemon(tmp_path, "n0", **FAST) as first, \
+            running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as second:
+        await wait_until(lambda: second.peer_id in first.table)
+        assert "fresh" not in {p.name for p in first.table.get(second.peer_id).advert.providers}
+        node.register_llm_provider("fresh", lambda: ScriptedProvider("fresh"))  # (both daemons share the registry)
+        took = await wait_until(
+            lambda: "fresh" in {p.name for p in first.table.get(second.peer_id).advert.providers}, timeout=10)
+        assert took < 5.0, "published on change, not at the next periodic advert (60 s here)"
