@@ -1,6 +1,7 @@
 # accelmesh: every target creates or updates .venv itself, and is a fast no-op when it is current.
 #   make run    start a daemon in the foreground with embedded defaults (loopback, data dir .data/node)
 #   make test   install what is missing, then run the whole test suite (CI runs exactly this)
+#   make demo   a 3-node cluster on loopback: prompts streamed through one node, served by all three
 #   make bench  run the benchmarks and rewrite docs/performance.md
 
 PYTHON      ?= python3.11
@@ -55,6 +56,9 @@ run: $(STAMP)
 # pytest exits 5 when it collects nothing: that is a failure too (make fails on any non-zero exit).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m node.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.run

@@ -34,6 +34,8 @@ _EXPORTS = {
     "ProviderInfo": "node.providers.base",
     "Readiness": "node.providers.base",
     "Settings": "node.config",
+    "connect": "node.remote",
+    "Client": "node.remote",
     "load_settings": "node.config",
 }
 _ERRORS = (
@@ -71,6 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from node.deps import RouterDeps, get_default_router_deps, set_default_router_deps
     from node.errors import *  # noqa: F403
     from node.providers.base import ProviderInfo, Readiness
+    from node.remote import Client, connect
     from node.router import (
         Result,
         acomplete,

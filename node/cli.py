@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accelerator", metavar="KIND", choices=("cuda", "rocm", "mps", "cpu"),
                    help="only peers with this accelerator may serve (needs the mesh)")
     g.add_argument("--json", action="store_true", help="print one JSON object (with --stream: JSON lines)")
+    remote = g.add_argument_group("submit to a daemon elsewhere (instead of --data-dir)")
+    remote.add_argument("--peer", metavar="MULTIADDR", help="the entry daemon, a full multiaddr with /p2p/")
+    remote.add_argument("--identity", metavar="FILE", help="this client's libp2p private key (default: a new one)")
+    remote.add_argument("--cluster-key", dest="peer_cluster_key", metavar="FILE", help="the cluster's swarm.key")
 
     p = command("providers", "list providers, whether each is ready, and why", cmd_providers)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -183,6 +187,10 @@ def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
         kwargs["on_peers"] = tuple(args.on_peers)
     if args.accelerator:
         kwargs["accelerator"] = args.accelerator
+    if args.peer:
+        return _generate_via_daemon(args, settings, prompt, kwargs)
+    if args.identity or args.peer_cluster_key:
+        raise _UsageError("--identity and --cluster-key go with --peer")
     if settings.sources.get("data_dir", "default") != "default" and _data_dir(settings).daemon() is not None:
         return _generate_via_daemon(args, settings, prompt, kwargs)
     deps = _router_deps(args, settings)
@@ -239,6 +247,30 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
         elif not isinstance(exc, trio.Cancelled):
             out.append(exc)
     return out
+
+
+def _with_peer(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:
+    """Run `await fn(client)` as a client peer of the daemon at --peer."""
+    from pathlib import Path
+
+    from node.client import PeerClient
+    from node.mesh.host import load_swarm_key
+    from protocols.errors import MalformedMessage
+    from protocols.records import Identity
+
+    identity = None
+    if args.identity:
+        try:
+            identity = Identity.from_protobuf(Path(args.identity).read_bytes())
+        except (OSError, MalformedMessage) as exc:
+            raise _UsageError(f"--identity {args.identity}: not a libp2p Ed25519 private key file ({exc})") from None
+    key = load_swarm_key(args.peer_cluster_key) if args.peer_cluster_key else None
+
+    async def main() -> Any:
+        async with PeerClient.connect(args.peer, identity=identity, cluster_key=key) as client:
+            return await fn(client)
+
+    return _trio_run(main)
 
 
 def _with_daemon(settings: Any, fn: Callable[[Any], Any]) -> Any:
@@ -418,7 +450,7 @@ def cmd_cache(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _generate_via_daemon(args: argparse.Namespace, settings: Any, prompt: str, kwargs: dict[str, Any]) -> int:
-    """`generate` through the data dir's running daemon (the control protocol)."""
+    """`generate` through a daemon: the data dir's (control protocol), or `--peer` (as a client peer)."""
     import time
     import uuid
     from contextlib import aclosing
@@ -450,7 +482,10 @@ def _generate_via_daemon(args: argparse.Namespace, settings: Any, prompt: str, k
                 out.flush()
         raise _UsageError("the daemon sent no result")
 
-    result = _with_daemon(settings, run)
+    if args.peer:
+        result = _with_peer(args, run)
+    else:
+        result = _with_daemon(settings, run)
     if args.json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:

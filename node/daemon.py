@@ -73,6 +73,8 @@ def _limits(settings: Settings) -> StreamLimits:
 
 class Daemon:
     def __init__(self, settings: Settings, *, data_dir: DataDir | None = None) -> None:
+        if settings.sources.get("enable_mesh", "default") == "default":
+            settings = dataclasses.replace(settings, enable_mesh=True)  # a daemon routes through the mesh by default
         self.settings = settings
         self.data_dir = data_dir or DataDir(settings.data_dir)
         self.limits = _limits(settings)
@@ -90,6 +92,7 @@ class Daemon:
         self.handlers: dict[str, Any] = {}
         self.table: PeerTable | None = None
         self.adverts: AdvertService | None = None
+        self.mesh: Any = None
         self.accelerators: list[Any] = []
 
     @property
@@ -181,17 +184,25 @@ class Daemon:
     def _router_deps(self) -> tuple[Any, Any]:
         from node.cache import LocalStore, MemoryCache, TieredCache
         from node.deps import RouterDeps
+        from node.mesh.provider import MeshProvider
 
         c = self.settings.cache
         store = LocalStore(self.data_dir.store_file, max_bytes=c.store_max_bytes, verify_on_read=c.verify_on_read)
         memory = MemoryCache(c.memory_max_entries, c.memory_max_bytes, c.memory_ttl)
-        return RouterDeps(response_cache=TieredCache(memory, store), settings=self.settings), store
+        deps = RouterDeps(response_cache=TieredCache(memory, store), settings=self.settings)
+        self.mesh = MeshProvider(self)
+        deps.pin_provider("mesh", self.mesh)
+        return deps, store
 
     def _register_handlers(self, host: Any) -> None:
+        from protocols.inference.machine import MAX_FRAME_SIZE as INFER_FRAME
+        from protocols.inference.messages import PROTOCOL_ID as INFER
+
         self.handlers[control.PROTOCOL_ID] = self.guard.wrap(
             control.PROTOCOL_ID, self._control, allowed=lambda peer: peer == self.client_peer_id,
             max_frame_size=control.MAX_FRAME_SIZE,
         )
+        self.handlers[INFER] = self.guard.wrap(INFER, self._infer, max_frame_size=INFER_FRAME)
         for protocol, handler in self.handlers.items():
             host.set_stream_handler(protocol, handler)
 
@@ -348,10 +359,53 @@ class Daemon:
             "stats": self.deps.statistics().to_json() if self.deps is not None else {},
         }
 
+    # -- remote inference ------------------------------------------------------------------
+
+    async def _infer(self, framed: FramedStream, peer: str) -> None:
+        """`/accelmesh/infer/1.0.0`: a Request from a client or another node, answered here."""
+        from protocols.inference.machine import MAX_FRAME_SIZE as INFER_FRAME
+
+        machine = InferenceStream(Role.SERVER, INFER_FRAME)
+        framed.decoder = machine
+        request = await framed.read_event()
+        if request is None:
+            return
+        await serve_inference(framed, machine, request, self.run_local, self.admission, peer_id=self.peer_id)
+
+    def candidates(self) -> list[Any]:
+        """The nodes that could serve a request: every peer in the table, and this one."""
+        from node.mesh.provider import Candidate
+
+        out = [Candidate(e.advert.peer_id, tuple((p.name, tuple(p.tasks), tuple(p.models), p.ready)
+                                                 for p in e.advert.providers),
+                         frozenset(a.kind for a in e.advert.accelerators))
+               for e in (self.table.entries() if self.table is not None else [])]
+        advert = self.adverts.current if self.adverts is not None else None
+        if advert is not None:
+            out.append(Candidate(self.peer_id, tuple((p.name, tuple(p.tasks), tuple(p.models), p.ready)
+                                                     for p in advert.providers),
+                                 frozenset(a.kind for a in advert.accelerators), is_self=True))
+        return out
+
     # -- serving requests through the local router ---------------------------------------
 
     async def run_local(self, request: Request) -> AsyncIterator[Any]:
-        """The runner handed to the inference service: the local router, nothing remote."""
+        """The runner handed to the inference service: this node's router. A request forwarded by
+        another node (hops at the limit) is served by local providers only: the mesh is skipped."""
+        from node.mesh.provider import FORWARDED_HOPS, LOCAL_ONLY
+
+        token = LOCAL_ONLY.set(True) if request.hops >= FORWARDED_HOPS else None  # read by the mesh provider
+        try:
+            async for item in self._run_router(request):
+                yield item
+        finally:
+            if token is not None:
+                try:
+                    LOCAL_ONLY.reset(token)
+                except ValueError:  # closed from another context: that context never saw the flag
+                    pass
+
+    async def _run_router(self, request: Request) -> AsyncIterator[Any]:
         from node import router
 
         if request.task == "embed":
@@ -363,6 +417,10 @@ class Daemon:
         kwargs.update(cache=request.cache, timeout=request.timeout_ms / 1000.0, request_id=request.id)
         if request.strategy:
             kwargs["strategy"] = request.strategy
+        if request.on_peers:
+            kwargs["on_peers"] = request.on_peers
+        if request.accelerator:
+            kwargs["accelerator"] = request.accelerator
         async with aclosing(router.aiter_request(prompt, provider=request.provider, model_name=request.model,
                                                  deps=self.deps, **kwargs)) as items:
             async for item in items:

@@ -60,6 +60,7 @@ class RouterDeps:
         self.backend_manager = backend_manager
         self.settings = settings  # None: read the environment at each call
         self.inflight = InFlight()
+        self.pinned: dict[str, BaseProvider] = {}  # instances owned by the caller (the daemon's mesh provider)
         self._lock = threading.Lock()
         self._tiers = dict.fromkeys(TIERS, 0)
         self._inferences = 0
@@ -84,8 +85,15 @@ class RouterDeps:
                     self._response_cache_arg = memory
         return self._response_cache
 
+    def pin_provider(self, name: str, provider: BaseProvider) -> None:
+        """Use this instance for `name` in calls with these deps, whatever the provider-cache setting."""
+        self.pinned[name] = provider
+
     def get_provider(self, name: str, settings: Settings) -> BaseProvider:
         """The provider instance for `name`, constructed once per settings when provider caching is on."""
+        pinned = self.pinned.get(name)
+        if pinned is not None:
+            return pinned
         if not settings.provider_cache:
             return self._construct(name, settings)
         cache_key = name

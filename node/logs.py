@@ -44,3 +44,5 @@ def configure_logging(level: str = "warning", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("libp2p", "multiaddr", "zeroconf"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # py-libp2p logs a multi-line ERROR for every stream a peer refuses; we report those failures ourselves.
+    logging.getLogger("libp2p.host.basic_host").setLevel(logging.CRITICAL)

@@ -101,7 +101,8 @@ class Request:
     def for_provider(self, timeout: float) -> ProviderRequest:
         return ProviderRequest(
             task=self.task, prompt=self.prompt, messages=self.messages, model=self.model,
-            params=dict(self.params), timeout=timeout, request_id=self.request_id,
+            params=dict(self.params), timeout=timeout, request_id=self.request_id, on_peers=self.on_peers,
+            accelerator=self.accelerator, strategy=self.strategy, cache_mode=self.cache_mode,
         )
 
 
@@ -247,10 +248,28 @@ def _chain(settings: Any) -> list[str]:
     return order
 
 
+def _serving(deps: RouterDeps, settings: Any, model: str) -> list[str]:
+    """Registered providers (the mesh aside) that list `model` among the models they serve."""
+    out = []
+    for name in registry.names():
+        if name == "mesh":
+            continue
+        try:
+            if model in deps.get_provider(name, settings).models():
+                out.append(name)
+        except Exception:  # a provider that cannot be built lists nothing; the chain reports why
+            continue
+    return out
+
+
 def _candidates(
-    name: str | None, deps: RouterDeps, settings: Any
+    name: str | None, deps: RouterDeps, settings: Any, model: str | None = None
 ) -> tuple[list[tuple[str, BaseProvider]], list[tuple[str, BaseException | str]], bool]:
-    """(providers to try in order, providers skipped with their reason, whether one was named)."""
+    """(providers to try in order, providers skipped with their reason, whether one was named).
+
+    With a model named, the providers that list it come right after the mesh, before the rest
+    of the chain (which may still serve model ids it does not list, e.g. an OpenAI-compatible API).
+    """
     chosen = name or settings.provider
     if chosen:
         provider = deps.get_provider(chosen, settings)
@@ -260,7 +279,12 @@ def _candidates(
         return [(chosen, provider)], [], True
     ready: list[tuple[str, BaseProvider]] = []
     skipped: list[tuple[str, BaseException | str]] = []
-    for candidate in _chain(settings):
+    order = _chain(settings)
+    if model:
+        listing = _serving(deps, settings, model)
+        head = ["mesh"] if order[:1] == ["mesh"] else []
+        order = [*head, *listing, *(n for n in order if n not in listing and n not in head)]
+    for candidate in order:
         if not registry.is_registered(candidate):
             skipped.append((candidate, "not installed"))
             continue
@@ -292,6 +316,8 @@ class _Attempt:
         self.key = request_key(canonical, settings.cache_key)
         mode, enabled = request.cache_mode, settings.response_cache
         self.lookup = enabled and mode != "no-cache" and (not request.sampled or mode in ("force", "only-if-cached"))
+        if provider.routes_remotely:
+            self.lookup = False  # the serving node keys, looks up and answers (its tier comes back)
         self.store = enabled and mode not in ("no-store", "only-if-cached") and (not request.sampled or mode == "force")
         self.publish = self.store and mode != "private" and deps.remote_cache is not None
         self.coalesce = self.lookup and self.store
@@ -360,6 +386,8 @@ class _Attempt:
     # finishing ----------------------------------------------------------------------
 
     def finish(self, completion: Completion, started: float) -> tuple[Result, bytes]:
+        if completion.remote is not None:
+            return self.finish_remote(completion, started)
         data = response_bytes(
             task=self.request.task, model=self.identity, text=completion.text,
             finish_reason=completion.finish_reason, usage=completion.usage,
@@ -376,11 +404,27 @@ class _Attempt:
         )
         return result, data
 
-    def remote_set(self, data: bytes) -> None:
+    def finish_remote(self, completion: Completion, started: float) -> tuple[Result, bytes]:
+        """An answer another node computed: keep its exact bytes (already checked against the CID)."""
+        remote = completion.remote
+        assert remote is not None
+        body = decode_response(remote.response, trusted=True)
+        if self.store and self.cache is not None:
+            self.cache.store(remote.key, remote.response, remote.cid)
+        # Not counted here: the node that answered counts its tier (and its inference).
+        result = Result(
+            text=completion.text, provider=remote.provider, model=body["model"], cache=remote.cache, key=remote.key,
+            cid=remote.cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - started) * 1000.0,
+            finish_reason=body["finish_reason"], usage=body["usage"], response=remote.response, peer=remote.peer,
+            served_from=remote.served_from,
+        )
+        return result, remote.response
+
+    def remote_set(self, key: str, data: bytes) -> None:
         try:
-            self.deps.remote_cache.set(self.key, data)
+            self.deps.remote_cache.set(key, data)
         except Exception as exc:  # a third-party cache must not fail the request
-            _log().warning("remote cache set(%s) failed: %s", self.key, exc)
+            _log().warning("remote cache set(%s) failed: %s", key, exc)
 
 
 def _log() -> Any:
@@ -438,7 +482,7 @@ def complete(
     started = time.monotonic()
     request, deps, settings = _prepare(prompt, provider, model_name, deps, kwargs)
     deadline = started + request.timeout
-    candidates, failures, named = _candidates(provider, deps, settings)
+    candidates, failures, named = _candidates(provider, deps, settings, request.model)
     for name, candidate in candidates:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(request.timeout)
@@ -485,7 +529,7 @@ def _attempt_sync(attempt: _Attempt, deadline: float, started: float) -> Result:
         if leader and flight is not None:
             inflight.finish(attempt.key, flight)
     if attempt.publish:
-        attempt.remote_set(data)
+        attempt.remote_set(result.key, data)
     return result
 
 
@@ -526,7 +570,7 @@ async def aiter_request(
     started = time.monotonic()
     request, deps, settings = _prepare(prompt, provider, model_name, deps, kwargs)
     deadline = trio.current_time() + request.timeout
-    candidates, failures, named = _candidates(provider, deps, settings)
+    candidates, failures, named = _candidates(provider, deps, settings, request.model)
     for name, candidate in candidates:
         if trio.current_time() >= deadline:
             raise DeadlineExceeded(request.timeout)
@@ -597,7 +641,7 @@ async def _attempt_async(attempt: _Attempt, deadline: float, started: float) -> 
         if leader and flight is not None:
             inflight.finish(attempt.key, flight)
     if attempt.publish:
-        await trio.to_thread.run_sync(attempt.remote_set, data)
+        await trio.to_thread.run_sync(attempt.remote_set, result.key, data)
     yield result
 
 

@@ -439,7 +439,7 @@ class AdvertService:
 
     async def _fetch_from(self, peer_id: Any, announce: bool = True) -> None:
         """Take the peer's adverts; after a new connection, also tell the cluster about us through it."""
-        if not self.is_member(str(peer_id)):
+        if not self.is_member(str(peer_id)) or not await self._speaks_adverts(peer_id):
             return
         try:
             with trio.fail_after(10):
@@ -455,6 +455,20 @@ class AdvertService:
             await self.pubsub.wait_for_subscription(peer_id, TOPIC)
             await trio.sleep(0.05)  # let gossipsub graft the peer into the topic's mesh
         self.republish_soon()
+
+    async def _speaks_adverts(self, peer_id: Any, wait: float = 3.0) -> bool:
+        """Whether the peer serves the advert protocol, per identify (clients do not)."""
+        peerstore = self.host.get_peerstore()
+        with trio.move_on_after(wait):
+            while True:
+                try:
+                    protocols = peerstore.get_protocols(peer_id) or []
+                except Exception:  # not in the peerstore yet
+                    protocols = []
+                if protocols:
+                    return PROTOCOL_ID in protocols
+                await trio.sleep(0.02)
+        return True  # identify said nothing in time: just ask
 
     def peer_connected(self, peer_id: Any) -> None:
         if self._nursery is not None:

@@ -214,14 +214,20 @@ async def run_host(host: Any, listen: Iterable[str]) -> AsyncIterator[Any]:
     import trio
 
     addrs = [multiaddr.Multiaddr(a) for a in listen]
+    failure: BaseException | None = None
     async with host.run(listen_addrs=addrs):
         try:
             yield host
+        except (Exception, GeneratorExit) as exc:  # re-raised once the host is down, so the caller gets it
+            failure = exc  # as is: through host.run's nursery it would arrive inside an exception group
+            # (GeneratorExit: an async generator closed while it held a host, e.g. node.Client.astream_text)
         finally:
             # Close while the host's tasks still run: closed after `run()` has exited, a host that
             # listens nowhere leaves its connections open at the peer's end.
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await host.close()
+    if failure is not None:
+        raise failure
 
 
 def peer_info(addr: str) -> Any:

@@ -164,7 +164,10 @@ async def serve_inference(
             while True:
                 event = await framed.read_event(idle=False)
                 if event is None:
-                    return  # the client closed its side: it needs no more credit, it still reads
+                    # The client's end of the stream before our answer means it went away: a client
+                    # keeps its side open until the answer ends (and py-libp2p reports a remote
+                    # reset as an end of stream, so the two cannot be told apart).
+                    raise StreamClosedEarly("the client closed its side before the answer")
                 credit.set()
                 credit = trio.Event()
         except StreamClosedEarly:

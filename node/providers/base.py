@@ -26,6 +26,7 @@ __all__ = [
     "ProviderInfo",
     "Completion",
     "ProviderRequest",
+    "RemoteAnswer",
     "BaseProvider",
     "PlainProvider",
     "adapt",
@@ -55,6 +56,19 @@ class ProviderInfo:
 
 
 @dataclass(frozen=True)
+class RemoteAnswer:
+    """An answer computed by another node: its exact response bytes (checked against `cid`) and where."""
+
+    response: bytes
+    cid: str
+    key: str  # the request key the serving node computed (its model identity, its weights)
+    peer: str  # the peer that computed it
+    provider: str  # the provider that answered there
+    cache: str  # the tier the serving node found it in
+    served_from: str | None = None
+
+
+@dataclass(frozen=True)
 class Completion:
     """A provider's finished answer."""
 
@@ -63,6 +77,7 @@ class Completion:
     finish_reason: str = "stop"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    remote: RemoteAnswer | None = None  # set by providers that route to other nodes (the mesh)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -81,6 +96,11 @@ class ProviderRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
     timeout: float = 120.0  # seconds left when the provider is called
     request_id: str = ""
+    # Routing constraints and the cache mode, for providers that send the request elsewhere.
+    on_peers: tuple[str, ...] = ()
+    accelerator: str | None = None
+    strategy: str | None = None
+    cache_mode: str = "default"
 
     @property
     def text(self) -> str:
@@ -107,6 +127,9 @@ class BaseProvider:
 
     name: ClassVar[str] = "base"
     tasks: ClassVar[tuple[str, ...]] = ("generate", "chat")
+    # True for a provider that hands the request to another node (the mesh): the entry node cannot
+    # key the request before it knows which model will answer, so it skips its own lookups.
+    routes_remotely: ClassVar[bool] = False
 
     def available(self) -> Readiness:
         return READY

@@ -23,6 +23,7 @@ BUILTIN_PROVIDERS: dict[str, str] = {
     "gemini_cli": "node.providers.gemini_cli:GeminiCLIProvider",
     "claude_code": "node.providers.claude_code:ClaudeCodeProvider",
     "copilot_sdk": "node.providers.copilot_sdk:CopilotSDKProvider",
+    "mesh": "node.mesh.provider:DetachedMesh",  # a daemon pins its live mesh provider in its RouterDeps
 }
 
 _lock = threading.Lock()

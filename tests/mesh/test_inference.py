@@ -1,0 +1,220 @@
+"""Remote inference between real daemons: routing, streaming, cancellation, deadlines, busy, abuse."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+import pytest
+import trio
+from libp2p.peer.id import ID
+
+import node
+from node.client import PeerClient
+from node.errors import DeadlineExceeded, ModelNotFound
+from node.mesh.service import RemoteError
+from node.mesh.streams import FramedStream, StreamLimits
+from protocols.inference.machine import InferenceStream, Role
+from protocols.inference.messages import PROTOCOL_ID as INFER
+from protocols.inference.messages import Request, Result
+from tests.fakes.openai_server import FakeOpenAIServer
+from tests.fakes.providers import ScriptedProvider
+from tests.mesh.conftest import connect, peer_host, running_daemon
+
+QUIET = {"ACCELMESH_ADVERTS_INTERVAL": "60"}
+
+
+async def until(predicate, timeout=10.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+def request(prompt="hello", *, model="echo", provider="mesh", **kw) -> Request:
+    return Request(id="r1", task="generate", prompt=prompt, model=model, provider=provider,
+                   timeout_ms=kw.pop("timeout_ms", 20_000), **kw)
+
+
+async def collect(client, req):
+    async with aclosing(client.generate(req)) as items:
+        return [item async for item in items]
+
+
+async def test_the_request_reaches_the_peer_that_has_the_model(tmp_path):
+    with FakeOpenAIServer(slow_seconds=1) as server:
+        bob_env = {"ACCELMESH_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL": server.base_url,
+                   "ACCELMESH_PROVIDERS_OPENAI_COMPATIBLE_DEFAULT_MODEL": "gpt-only-on-bob"}
+        async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+                running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET, **bob_env) as bob:
+            await until(lambda: bob.peer_id in alice.table)
+            async with PeerClient.connect(alice.addrs()[0]) as client:
+                for i in range(3):  # round robin cannot pick alice: only bob serves that model
+                    *chunks, result = await collect(client, request(f"which model? {i}", model="gpt-only-on-bob"))
+                    assert result.peer == bob.peer_id and result.provider == "openai_compatible"
+                    assert "".join(chunks) == f"answer to: which model? {i}" == result.verify()["text"]
+                    assert result.cache == "miss"
+                again = (await collect(client, request("which model? 0", model="gpt-only-on-bob")))[-1]
+                assert (again.peer, again.cache) == (bob.peer_id, "memory"), "bob answers a repeat from his cache"
+            assert len(server.requests) == 3 and server.requests[0]["body"]["model"] == "gpt-only-on-bob"
+            assert alice.info()["stats"]["inferences"] == 0 and bob.info()["stats"]["inferences"] == 3
+            with pytest.raises((ModelNotFound, RemoteError)):
+                async with PeerClient.connect(alice.addrs()[0]) as client:
+                    await collect(client, request(model="no-such-model"))
+
+
+async def test_round_robin_across_the_cluster_and_peer_is_always_set(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob:
+        await until(lambda: bob.peer_id in alice.table)
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            peers = []
+            for i in range(4):
+                *chunks, result = await collect(client, request(f"prompt {i} with several words"))
+                assert chunks == ["echo:", " prompt", f" {i}", " with", " several", " words"]  # in order
+                peers.append(result.peer)
+        assert sorted(peers) == sorted([alice.peer_id, bob.peer_id] * 2), "every answer names its node"
+
+
+async def test_constraints_on_peers_and_accelerator(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob:
+        await until(lambda: bob.peer_id in alice.table)
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            for _ in range(3):
+                result = (await collect(client, request(on_peers=(bob.peer_id,))))[-1]
+                assert result.peer == bob.peer_id
+            result = (await collect(client, request(accelerator="cpu")))[-1]
+            assert result.peer in (alice.peer_id, bob.peer_id)
+            with pytest.raises((ModelNotFound, RemoteError), match="cuda"):
+                await collect(client, request(accelerator="cuda"))
+
+
+async def test_closing_the_stream_cancels_the_generation_and_frees_the_slot_within_a_second(tmp_path):
+    async with running_daemon(tmp_path, "alice", ACCELMESH_ECHO_LATENCY_MS="30000", **QUIET) as alice, \
+            peer_host() as client_host:
+        await connect(client_host, alice)
+        stream = await client_host.new_stream(ID.from_base58(alice.peer_id), [INFER])
+        machine = InferenceStream(Role.CLIENT)
+        await stream.write(machine.send(request(provider="echo")))
+        await until(lambda: alice.admission.in_flight == 1)
+        await stream.reset()  # the caller goes away
+        start = trio.current_time()
+        await until(lambda: alice.admission.in_flight == 0, timeout=5)
+        assert trio.current_time() - start < 1.0
+
+
+async def test_the_deadline_travels_with_the_request(tmp_path):
+    async with running_daemon(tmp_path, "alice", ACCELMESH_ECHO_LATENCY_MS="30000", **QUIET) as alice:
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            start = trio.current_time()
+            with trio.fail_after(10), pytest.raises(DeadlineExceeded):
+                await collect(client, request(provider="echo", timeout_ms=500))
+            assert trio.current_time() - start < 3.0
+        await until(lambda: alice.admission.in_flight == 0, timeout=2)
+
+
+async def test_busy_only_when_every_slot_and_the_queue_are_full(tmp_path):
+    env = {"ACCELMESH_ECHO_LATENCY_MS": "1500", "ACCELMESH_LIMITS_MAX_CONCURRENT": "1",
+           "ACCELMESH_LIMITS_MAX_QUEUE": "1"}
+    async with running_daemon(tmp_path, "alice", **env, **QUIET) as alice:
+        outcomes = []
+
+        async def one(i):
+            try:
+                async with PeerClient.connect(alice.addrs()[0]) as client:
+                    outcomes.append(("ok", (await collect(client, request(f"p{i}", provider="echo")))[-1]))
+            except RemoteError as exc:
+                outcomes.append((exc.code, exc))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(one, i)
+                    await until(lambda: alice.admission.in_flight + alice.admission.queued >= min(i + 1, 2))
+        codes = sorted(code for code, _ in outcomes)
+        assert codes == ["busy", "ok", "ok"], "one served, one queued then served, one refused"
+        busy = next(exc for code, exc in outcomes if code == "busy")
+        assert busy.retryable and busy.retry_after is not None
+
+
+async def test_a_malformed_frame_resets_that_stream_only(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, peer_host() as mallory:
+        await connect(mallory, alice)
+        for garbage in (b"\x05hello", b"\xff\xff\xff\xff\xff\xff", b"\x03\x93\x01\x02"):
+            stream = await mallory.new_stream(ID.from_base58(alice.peer_id), [INFER])
+            await stream.write(garbage)
+            with trio.fail_after(5), pytest.raises(Exception):
+                if not await stream.read(100):
+                    raise ConnectionError("closed without an answer")
+        assert alice.guard.refused["protocol_error"] >= 2
+        async with PeerClient.connect(alice.addrs()[0]) as client:  # the node keeps serving
+            assert (await collect(client, request(provider="echo")))[-1].verify()["text"] == "echo: hello"
+
+
+class ManyChunks(ScriptedProvider):
+    """Yields `total` chunks as fast as it is allowed to, counting how far it got."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__("many")
+        self.total, self.produced = total, 0
+
+    async def astream(self, request):
+        from node.providers.base import Completion
+
+        for i in range(self.total):
+            self.produced += 1
+            yield f"w{i} "
+        yield Completion("".join(f"w{i} " for i in range(self.total)), model="many")
+
+
+async def test_a_slow_reader_holds_the_generation_back_instead_of_growing_a_buffer(tmp_path):
+    provider = ManyChunks(500)
+    node.register_llm_provider("many", lambda: provider)
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, peer_host() as reader_host:
+        await connect(reader_host, alice)
+        stream = await reader_host.new_stream(ID.from_base58(alice.peer_id), [INFER])
+        framed = FramedStream(stream, StreamLimits(), decoder=InferenceStream(Role.CLIENT))
+        await framed.write(framed.decoder.send(request("x", model=None, provider="many", window=8)))
+        first = await framed.read_event()
+        assert first.text == "w0 "
+        await trio.sleep(1.0)  # a reader that stops reading (and sends no credit)
+        assert provider.produced <= 8 + 2, f"{provider.produced} chunks produced for a window of 8"
+        await framed.reset()
+        await until(lambda: alice.admission.in_flight == 0, timeout=5)
+        assert provider.produced < 500, "the rest was never generated"
+
+
+async def test_a_forwarded_request_is_never_forwarded_again(tmp_path):
+    with FakeOpenAIServer() as server:
+        bob_env = {"ACCELMESH_PROVIDERS_OPENAI_COMPATIBLE_BASE_URL": server.base_url,
+                   "ACCELMESH_PROVIDERS_OPENAI_COMPATIBLE_DEFAULT_MODEL": "bobs-model"}
+        async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+                running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET, **bob_env) as bob:
+            await until(lambda: bob.peer_id in alice.table and alice.peer_id in bob.table)
+            async with PeerClient.connect(alice.addrs()[0]) as client:
+                hops_two = request("x", model="bobs-model", hops=2)  # as if another node had forwarded it
+                with pytest.raises(RemoteError) as info:
+                    await collect(client, hops_two)
+                assert info.value.code in ("no_provider", "model_not_found")
+                assert "hop limit" in str(info.value)
+            assert server.requests == [], "alice served locally only: she never forwarded it to bob"
+
+
+async def test_node_connect_data_dir_and_peer(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice:
+        def blocking():
+            with node.connect(data_dir=alice.data_dir.path) as client:
+                text = client.generate_text("one two", provider="echo")
+                chunks = list(client.stream_text("three four", provider="echo"))
+                result = client.complete("five", provider="echo")
+            return text, chunks, result
+
+        text, chunks, result = await trio.to_thread.run_sync(blocking)
+        assert text == "echo: one two" and chunks == ["echo:", " three", " four"]
+        assert result.peer == alice.peer_id and result.cid.startswith("bafkrei") and result.cache == "miss"
+        client = node.connect(peer=alice.addrs()[0])
+        assert await client.agenerate_text("six", provider="echo") == "echo: six"
+        assert [c async for c in client.astream_text("seven", provider="echo")] == ["echo:", " seven"]
+        with pytest.raises(node.InvalidRequest, match="HTTP API"):
+            node.connect(http_url="http://127.0.0.1:8080")
+        with pytest.raises(node.InvalidRequest, match="exactly one"):
+            node.connect()
