@@ -22,7 +22,7 @@ import trio
 from node.datadir import DaemonInfo, DataDir
 from node.errors import DaemonError
 from node.mesh.host import HostConfig, load_swarm_key, make_host, peer_info, run_host
-from node.mesh.service import request_inference
+from node.mesh.service import StreamPool, request_inference
 from node.mesh.streams import FramedStream, StreamClosedEarly, StreamLimits
 from protocols.codec import decode, encode
 from protocols.control import messages as control
@@ -92,9 +92,22 @@ class _Session:
 
 
 class PeerClient(_Session):
-    """A client peer with its own identity, talking `/accelmesh/infer/1.0.0` to any daemon it can reach."""
+    """A client peer with its own identity, talking `/accelmesh/infer/1.0.0` to any daemon it can reach.
+
+    Its streams are kept alive between requests (`StreamPool`): a request on an open stream costs
+    no protocol negotiation.
+    """
 
     protocol = INFER_PROTOCOL
+
+    def __init__(self, host: Any, peer_id: str) -> None:
+        super().__init__(host, peer_id)
+        self.pool = StreamPool(host, _LIMITS, protocol=INFER_PROTOCOL)
+
+    async def generate(self, request: Request) -> AsyncIterator[str | Result]:
+        async with aclosing(self.pool.request(self.peer_id, request)) as items:
+            async for item in items:
+                yield item
 
     @classmethod
     @asynccontextmanager
@@ -102,7 +115,12 @@ class PeerClient(_Session):
                       cluster_key: str | None = None) -> AsyncIterator[PeerClient]:
         peer = peer_info(addr)
         async with connected_host(addr, identity or Identity.generate(), cluster_key) as host:
-            yield cls(host, str(peer.peer_id))
+            client = cls(host, str(peer.peer_id))
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.pool.close()
 
 
 class DaemonClient(_Session):

@@ -29,7 +29,7 @@ from node.datadir import DataDir
 from node.errors import ConfigError, DaemonError, InvalidRequest
 from node.mesh.host import HostConfig, is_loopback_multiaddr, load_swarm_key, make_host, peer_info, run_host
 from node.mesh.adverts import AdvertService, PeerTable
-from node.mesh.service import Admission, serve_inference
+from node.mesh.service import Admission, StreamPool, serve_inference, serve_inference_stream
 from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
 from protocols.codec import decode, encode
 from protocols.control import messages as control
@@ -93,6 +93,7 @@ class Daemon:
         self.table: PeerTable | None = None
         self.adverts: AdvertService | None = None
         self.mesh: Any = None
+        self.streams: StreamPool | None = None  # keep-alive inference streams to other nodes
         self.accelerators: list[Any] = []
 
     @property
@@ -124,6 +125,7 @@ class Daemon:
             self.accelerators = await trio.to_thread.run_sync(detect)
             async with run_host(self.host, self.settings.listen) as host, trio.open_nursery() as nursery:
                 self._register_handlers(host)
+                self.streams = StreamPool(host, self.limits)
                 self.table = PeerTable(self.peer_id, self.settings.adverts.ttl)
                 self.adverts = AdvertService(
                     host, self.guard, self.table, self._build_advert,
@@ -362,15 +364,9 @@ class Daemon:
     # -- remote inference ------------------------------------------------------------------
 
     async def _infer(self, framed: FramedStream, peer: str) -> None:
-        """`/accelmesh/infer/1.0.0`: a Request from a client or another node, answered here."""
-        from protocols.inference.machine import MAX_FRAME_SIZE as INFER_FRAME
-
-        machine = InferenceStream(Role.SERVER, INFER_FRAME)
-        framed.decoder = machine
-        request = await framed.read_event()
-        if request is None:
-            return
-        await serve_inference(framed, machine, request, self.run_local, self.admission, peer_id=self.peer_id)
+        """`/accelmesh/infer/1.0.0`: requests from a client or another node, answered here (keep-alive)."""
+        await serve_inference_stream(framed, self.run_local, self.admission, peer_id=self.peer_id,
+                                     allow_request=lambda: self.guard.take_token(peer))
 
     def candidates(self) -> list[Any]:
         """The nodes that could serve a request: every peer in the table, and this one."""

@@ -108,6 +108,44 @@ def libp2p_keypair(identity: Identity) -> Any:
     return create_new_key_pair(identity.seed)
 
 
+WRITE_TIMEOUT = 30.0  # seconds a peer may take to accept one muxer frame before its connection is dropped
+
+
+def _atomic_muxer_writes() -> None:
+    """Work around a py-libp2p 0.8.1 bug: a cancelled Yamux write can corrupt the whole connection.
+
+    `Yamux._write_frame` encrypts a frame (advancing the Noise nonce) and then sends it; a trio
+    cancellation in between (a deadline, a reset stream, a task that stops reading while yamux
+    sends a window update from inside `read`) leaves the frame unsent or half sent, and the peer's
+    next decryption fails ("Failed authentication of message"): every stream of that connection
+    dies. Here each frame is written shielded from cancellation (the wait for the connection's
+    write lock stays cancellable); a peer that does not take a frame within WRITE_TIMEOUT gets
+    its connection closed, since it is unusable anyway. Replaces `Yamux._write_frame`, which
+    only logs, takes `_write_lock` and writes.
+    """
+    import trio
+    from libp2p.stream_muxer.yamux import yamux
+
+    if getattr(yamux.Yamux, "_accelmesh_atomic_writes", False):
+        return
+
+    async def write_frame(self: Any, data: bytes) -> None:
+        async with self._write_lock:  # waiting for our turn may be cancelled: nothing is half done yet
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                await self.secured_conn.write(data)
+        if scope.cancelled_caught:
+            log.warning("a peer took no frame for %g s: closing its connection", WRITE_TIMEOUT)
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.secured_conn.close()  # first, so close() does not wait to send a GO_AWAY
+                await self.close()
+            raise trio.BrokenResourceError("muxer write timed out; connection closed")
+        await trio.lowlevel.checkpoint()  # where cancellation may land: between frames, never inside one
+
+    yamux.Yamux._write_frame = write_frame
+    yamux.Yamux._accelmesh_atomic_writes = True
+
+
 def make_host(config: HostConfig) -> Any:
     """A libp2p host for `config` (not yet listening: use `run_host`)."""
     from libp2p import new_host
@@ -116,6 +154,7 @@ def make_host(config: HostConfig) -> Any:
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
     from libp2p.security.noise.transport import Transport as NoiseTransport
 
+    _atomic_muxer_writes()
     keypair = libp2p_keypair(config.identity)
     timeout = PSK_UPGRADE_TIMEOUT if config.cluster_key else 10.0
     connection_config = ConnectionConfig(

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from node.errors import ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
 from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
-from protocols.inference.messages import MAX_HOPS, ChatMessage, Request, Result
+from protocols.inference.messages import MAX_HOPS, ChatMessage, Request, Result  # noqa: F401 (Result: typing)
 
 __all__ = [
     "MeshProvider",
@@ -92,8 +92,7 @@ class MeshNode(Protocol):
     """What the mesh provider needs from its daemon."""
 
     peer_id: str
-    host: Any
-    limits: Any
+    streams: Any  # node.mesh.service.StreamPool
 
     def candidates(self) -> list[Candidate]: ...
     def run_local(self, request: Request) -> AsyncIterator[Any]: ...
@@ -184,32 +183,9 @@ class MeshProvider(BaseProvider):
                 )
 
     async def _remote(self, peer_id: str, request: Request) -> AsyncIterator[str | Result]:
-        from libp2p.peer.id import ID
-
-        from node.mesh.service import request_inference
-        from node.mesh.streams import FramedStream
-        from protocols.inference.machine import MAX_FRAME_SIZE, InferenceStream, Role
-        from protocols.inference.messages import PROTOCOL_ID
-
-        try:
-            stream = await self.node.host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
-        except Exception as exc:  # libp2p: no connection, protocol refused, stream reset
-            raise ProviderFailed(f"peer {peer_id[-8:]}", f"cannot open a stream: {type(exc).__name__}: {exc}",
-                                 retryable=True) from exc
-        framed = FramedStream(stream, self.node.limits, MAX_FRAME_SIZE,
-                              decoder=InferenceStream(Role.CLIENT, MAX_FRAME_SIZE))
-        finished = False
-        try:
-            async with aclosing(request_inference(framed, request)) as items:
-                async for item in items:
-                    if isinstance(item, Result):
-                        finished = True
-                    yield item
-        finally:
-            if finished:
-                await framed.close()
-            else:
-                await framed.reset()  # tells the serving node to stop: the caller went away
+        async with aclosing(self.node.streams.request(peer_id, request)) as items:
+            async for item in items:
+                yield item
 
     def statistics(self) -> dict[str, Any]:
         return {"served_by": dict(self.served_by)}

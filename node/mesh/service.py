@@ -36,7 +36,8 @@ from node.errors import (
 )
 from node.mesh.streams import FramedStream, StreamClosedEarly, StreamTimeout
 from protocols.errors import ProtocolError
-from protocols.inference.machine import InferenceStream
+from protocols.inference.machine import MAX_FRAME_SIZE as MAX_INFER_FRAME
+from protocols.inference.machine import InferenceStream, Role
 from protocols.inference.messages import Credit, Error, Request, Result
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "raise_for",
     "request_inference",
     "serve_inference",
+    "serve_inference_stream",
+    "StreamPool",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,19 +154,28 @@ async def serve_inference(
     admission: Admission,
     *,
     peer_id: str,
-) -> None:
-    """Run `request` and answer on `framed` (the Request has already been received by `machine`)."""
+) -> Request | None:
+    """Run `request` and answer on `framed` (the Request has already been received by `machine`).
+
+    Returns the client's next Request if it arrived while this one was being answered (keep-alive).
+    """
     credit = trio.Event()
     finished = False
     peer_error: ProtocolError | StreamTimeout | None = None
+    next_request: Request | None = None
 
     async def take_credits(cancel_scope: trio.CancelScope) -> None:
         """Read the client's side: Credit messages, or its going away (which cancels the request)."""
-        nonlocal credit, peer_error
+        nonlocal credit, peer_error, next_request
         try:
             while True:
                 event = await framed.read_event(idle=False)
+                if isinstance(event, Request):
+                    next_request = event  # keep-alive: the next request, after our answer
+                    return
                 if event is None:
+                    if finished:
+                        return  # the client closed an idle stream: fine
                     # The client's end of the stream before our answer means it went away: a client
                     # keeps its side open until the answer ends (and py-libp2p reports a remote
                     # reset as an end of stream, so the two cannot be told apart).
@@ -220,9 +232,46 @@ async def serve_inference(
                 finished = True
                 log.exception("request %s failed", request.id, extra={"request_id": request.id})
                 await _send_error(framed, machine, error_for(exc))
-            nursery.cancel_scope.cancel()
+            if next_request is None:
+                nursery.cancel_scope.cancel()
     if peer_error is not None:
         raise peer_error  # the stream guard resets the stream and logs why
+    return next_request
+
+
+async def serve_inference_stream(
+    framed: FramedStream,
+    runner: Runner,
+    admission: Admission,
+    *,
+    peer_id: str,
+    allow_request: Callable[[], bool] | None = None,
+) -> None:
+    """Serve every request of one keep-alive stream, until the client closes it or it idles out.
+
+    `allow_request` is asked before each request after the first (the first was admitted when the
+    stream opened): the per-peer request rate applies to requests, not only to streams.
+    """
+    machine = InferenceStream(Role.SERVER, MAX_INFER_FRAME)
+    framed.decoder = machine
+    request: Any = await framed.read_event()
+    first = True
+    while request is not None:
+        if isinstance(request, Request):
+            if not first and allow_request is not None and not allow_request():
+                await _send_error(framed, machine, Error(code="busy", message="over this peer's request rate",
+                                                         retryable=True, retry_after=1.0))
+                request = None
+            else:
+                request = await serve_inference(framed, machine, request, runner, admission, peer_id=peer_id)
+            first = False
+        else:
+            request = None  # a Credit that arrived after its answer: ignored
+        if request is None:
+            try:
+                request = await framed.read_event()  # the next request, within the idle timeout
+            except StreamTimeout:
+                return  # an idle keep-alive stream: close it quietly
 
 
 async def _send_error(framed: FramedStream, machine: InferenceStream, error: Error) -> None:
@@ -285,3 +334,87 @@ async def request_inference(framed: FramedStream, request: Request) -> AsyncIter
         if consumed >= top_up and machine.state.value == "active":
             await framed.write(machine.send(Credit(consumed)))
             consumed = 0
+
+
+class StreamPool:
+    """Keep-alive inference streams per peer: a request on an open stream costs no negotiation.
+
+    `request(peer_id, request)` takes an idle stream to that peer (or opens one), runs the
+    request, and gives the stream back when its answer ended cleanly; a stream whose answer
+    did not end (cancelled, failed) is reset. An idle stream the server has meanwhile closed is
+    noticed at once (no answer at all) and the request is retried once on a fresh stream.
+    """
+
+    def __init__(self, host: Any, limits: Any, *, protocol: str = "/accelmesh/infer/1.0.0",
+                 max_idle_per_peer: int = 16, max_idle_seconds: float = 20.0) -> None:
+        self.host, self.limits, self.protocol = host, limits, protocol
+        self.max_idle_per_peer, self.max_idle_seconds = max_idle_per_peer, max_idle_seconds
+        self._idle: dict[str, list[tuple[float, FramedStream]]] = {}
+        self.opened = self.reused = 0
+
+    async def _open(self, peer_id: str) -> FramedStream:
+        from libp2p.peer.id import ID
+
+        try:
+            stream = await self.host.new_stream(ID.from_base58(peer_id), [self.protocol])
+        except Exception as exc:  # libp2p: no connection, protocol refused, stream reset
+            raise ProviderFailed(f"peer {peer_id[-8:]}", f"cannot open a stream: {type(exc).__name__}: {exc}",
+                                 retryable=True) from exc
+        self.opened += 1
+        return FramedStream(stream, self.limits, MAX_INFER_FRAME, decoder=InferenceStream(Role.CLIENT, MAX_INFER_FRAME))
+
+    def _take_idle(self, peer_id: str) -> FramedStream | None:
+        idle = self._idle.get(peer_id, [])
+        now = trio.current_time()
+        while idle:
+            since, framed = idle.pop()
+            if now - since < self.max_idle_seconds:
+                self.reused += 1
+                return framed
+        return None
+
+    async def _give_back(self, peer_id: str, framed: FramedStream) -> None:
+        idle = self._idle.setdefault(peer_id, [])
+        if len(idle) < self.max_idle_per_peer:
+            idle.append((trio.current_time(), framed))
+        else:
+            await framed.close()
+
+    async def request(self, peer_id: str, request: Request) -> AsyncIterator[str | Result]:
+        for attempt in range(2):
+            framed = self._take_idle(peer_id)
+            reused = framed is not None
+            framed = framed or await self._open(peer_id)
+            machine = framed.decoder
+            yielded = False
+            try:
+                async with aclosing(request_inference(framed, request)) as items:
+                    async for item in items:
+                        yielded = True
+                        yield item
+            except (ProviderFailed, StreamClosedEarly) as exc:  # the stream broke, not the request
+                await framed.reset()
+                if reused and not yielded and attempt == 0:
+                    log.debug("idle stream to %s was gone (%s); retrying on a new one", peer_id, exc)
+                    continue
+                raise
+            except BaseException:
+                if machine.state.value == "done":  # the server answered with an Error: the stream is fine
+                    await self._give_back(peer_id, framed)
+                else:
+                    await framed.reset()  # cancelled or failed mid-answer: the server stops
+                raise
+            if machine.state.value == "done":
+                await self._give_back(peer_id, framed)
+            else:
+                await framed.reset()
+            return
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for _, framed in idle:
+                await framed.close()
+        self._idle.clear()
+
+    def statistics(self) -> dict[str, int]:
+        return {"opened": self.opened, "reused": self.reused, "idle": sum(len(v) for v in self._idle.values())}

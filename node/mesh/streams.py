@@ -143,6 +143,16 @@ class StreamGuard:
         state.streams += 1
         state.by_protocol[protocol] = open_here + 1
 
+    def take_token(self, peer: str) -> bool:
+        """Charge one request to `peer`'s rate (for the next request on a keep-alive stream)."""
+        state = self._peers.get(peer)
+        if state is None or state.bucket is None:
+            return True
+        if state.bucket.take(self._clock()):
+            return True
+        self.refused["rate_limited"] += 1
+        return False
+
     def release(self, peer: str, protocol: str) -> None:
         state = self._peers.get(peer)
         if state is None:

@@ -6,14 +6,17 @@ buffers bytes from the peer and `next_event()` returns the next message or `NEED
 raising a `RemoteProtocolError` when the *peer* breaks the protocol.
 
     client                                   server
-    IDLE --send Request--> WAITING           IDLE --recv Request--> SERVING
-    WAITING --recv Chunk--> WAITING          SERVING --send Chunk (credit > 0)--> SERVING
-    WAITING --send Credit--> WAITING         SERVING --recv Credit--> SERVING (credit += n)
-    WAITING --recv Result | Error--> DONE    SERVING --send Result | Error--> DONE
+    IDLE --send Request--> ACTIVE            IDLE --recv Request--> ACTIVE
+    ACTIVE --recv Chunk--> ACTIVE            ACTIVE --send Chunk (credit > 0)--> ACTIVE
+    ACTIVE --send Credit--> ACTIVE           ACTIVE --recv Credit--> ACTIVE (credit += n)
+    ACTIVE --recv Result | Error--> DONE     ACTIVE --send Result | Error--> DONE
+    DONE --send Request--> ACTIVE            DONE --recv Request--> ACTIVE   (keep-alive)
 
 Chunks are numbered from 0 with no gaps; a server may have at most `window` chunks (plus
-credits received) outstanding; a request with ``stream=False`` gets no chunks at all. A
-stream reset by either side is not a message: the I/O layer treats it as cancellation.
+credits received) outstanding; a request with ``stream=False`` gets no chunks at all. After
+an answer the stream may carry the next Request (keep-alive: opening a stream costs several
+round trips in py-libp2p, re-using one does not). A stream reset by either side is not a
+message: the I/O layer treats it as cancellation.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ class InferenceStream:
         self.role = role
         self.state = State.IDLE
         self.request: Request | None = None
-        self.chunks = 0  # chunks sent (server) or received (client)
+        self.chunks = 0  # chunks sent (server) or received (client) for the current request
         self.credit = 0  # chunks the server may still send
+        self.requests = 0  # requests started on this stream
         self._decoder = FrameDecoder(max_frame_size)
         self._max_frame = max_frame_size
 
@@ -78,8 +82,8 @@ class InferenceStream:
 
     def send(self, message: Message) -> bytes:
         """Check that we may send `message` now, update the state, return the frame to write."""
-        if self.state is State.DONE:
-            raise LocalProtocolError(f"{self.role.value} cannot send {message.TYPE}: the stream is done")
+        if self.state is State.DONE and not (self.role is Role.CLIENT and isinstance(message, Request)):
+            raise LocalProtocolError(f"{self.role.value} cannot send {message.TYPE}: the answer is done")
         if self.role is Role.CLIENT:
             self._client_sends(message)
         else:
@@ -88,9 +92,9 @@ class InferenceStream:
 
     def _client_sends(self, message: Message) -> None:
         if isinstance(message, Request):
-            if self.state is not State.IDLE:
-                raise LocalProtocolError("a stream carries exactly one Request")
-            self.request, self.state, self.credit = message, State.ACTIVE, message.window
+            if self.state is State.ACTIVE:
+                raise LocalProtocolError("one Request at a time: wait for the answer before the next")
+            self._start(message)
         elif isinstance(message, Credit):
             if self.state is not State.ACTIVE:
                 raise LocalProtocolError("Credit before the Request")
@@ -144,7 +148,8 @@ class InferenceStream:
         if self.state is State.DONE:
             if self.role is Role.SERVER and isinstance(message, Credit):
                 return  # a Credit sent while our Result was in flight: a normal race, nothing to do
-            raise RemoteProtocolError(f"{self.role.value} received {message.TYPE} after the stream was done")
+            if not (self.role is Role.SERVER and isinstance(message, Request)):
+                raise RemoteProtocolError(f"{self.role.value} received {message.TYPE} after the answer was done")
         expected = SERVER_MESSAGES if self.role is Role.CLIENT else CLIENT_MESSAGES
         if not isinstance(message, expected):
             raise MalformedMessage(f"a {self.role.value} does not receive {message.TYPE}", message_type=message.TYPE)
@@ -169,16 +174,20 @@ class InferenceStream:
         else:  # Result or Error
             self.state = State.DONE
 
+    def _start(self, request: Request) -> None:
+        self.request, self.state, self.credit, self.chunks = request, State.ACTIVE, request.window, 0
+        self.requests += 1
+
     def _server_receives(self, message: Message) -> None:
         if isinstance(message, Request):
-            if self.state is not State.IDLE:
-                raise RemoteProtocolError("a second Request on one stream")
-            self.request, self.state, self.credit = message, State.ACTIVE, message.window
+            if self.state is State.ACTIVE:
+                raise RemoteProtocolError("a second Request before the answer to the first")
+            self._start(message)
         else:  # Credit
             if self.state is not State.ACTIVE:
                 raise RemoteProtocolError("Credit before the Request")
             self.credit = min(self.credit + message.n, MAX_CREDIT)  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
-        return (f"<InferenceStream {self.role.value} {self.state.value} chunks={self.chunks} "
-                f"credit={self.credit}>")
+        return (f"<InferenceStream {self.role.value} {self.state.value} request {self.requests} "
+                f"chunks={self.chunks} credit={self.credit}>")

@@ -147,3 +147,62 @@ def test_what_counts_as_loopback(addr, loopback):
 def test_allowlist_entries_must_be_peer_ids():
     with pytest.raises(ConfigError, match="peer id"):
         make_host(HostConfig(Identity.generate(), allow=frozenset({"not-a-peer-id"})))
+
+
+class SlowSecureConn:
+    """The part of a secured connection Yamux writes through: takes bytes slowly, or never."""
+
+    is_initiator = True
+
+    def __init__(self, stall: bool = False) -> None:
+        self.sent = bytearray()
+        self.stall = stall
+        self.closed = False
+
+    async def write(self, data: bytes) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError("closed")
+        if self.stall:
+            await trio.sleep_forever()
+        for i in range(0, len(data), 10):
+            self.sent += data[i:i + 10]
+            await trio.sleep(0.01)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def yamux_over(conn: SlowSecureConn):
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    from node.mesh.host import _atomic_muxer_writes
+
+    _atomic_muxer_writes()  # what make_host installs
+    return Yamux(conn, ID(b"peer"), is_initiator=True)
+
+
+async def test_a_cancelled_muxer_write_still_sends_its_whole_frame():
+    # py-libp2p 0.8.1 would leave the frame half sent: the peer's Noise decryption then fails
+    # and every stream of the connection dies.
+    conn = SlowSecureConn()
+    muxer = yamux_over(conn)
+    frame = bytes(range(100))
+    with trio.fail_after(5):
+        with trio.move_on_after(0.015) as scope:
+            await muxer._write_frame(frame)
+        assert scope.cancelled_caught  # the caller was cancelled, at the end of the frame
+        assert bytes(conn.sent) == frame
+        await muxer._write_frame(b"next")  # and the connection still writes
+    assert bytes(conn.sent) == frame + b"next"
+
+
+async def test_a_peer_that_takes_no_frame_gets_its_connection_closed(autojump_clock):
+    from node.mesh.host import WRITE_TIMEOUT
+
+    conn = SlowSecureConn(stall=True)
+    muxer = yamux_over(conn)
+    started = trio.current_time()
+    with trio.fail_after(WRITE_TIMEOUT + 10), pytest.raises(trio.BrokenResourceError):
+        await muxer._write_frame(b"stuck")
+    assert trio.current_time() - started >= WRITE_TIMEOUT
+    assert conn.closed and muxer.is_closed

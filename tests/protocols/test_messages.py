@@ -227,20 +227,31 @@ def test_no_chunks_for_a_non_streaming_request():
     assert link(server, client, server.send(response())) == [response()]
 
 
-def test_one_request_per_stream_and_nothing_after_done():
+def test_one_request_at_a_time_and_nothing_after_an_answer_but_the_next_request():
     client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
     link(client, server, client.send(request()))
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="one Request at a time"):
         client.send(request())
     second = InferenceStream(Role.CLIENT).send(request())
-    with pytest.raises(RemoteProtocolError, match="second Request"):
+    with pytest.raises(RemoteProtocolError, match="second Request before the answer"):
         link(client, server, second)
     error = Error(code="busy", message="queue full", retryable=True, retry_after=0.5)
     link(server, client, server.send(error))
     with pytest.raises(LocalProtocolError, match="done"):
         server.send(error)
-    with pytest.raises(RemoteProtocolError, match="after the stream was done"):
+    with pytest.raises(RemoteProtocolError, match="after the answer was done"):
         link(server, client, _raw_error_frame(error))
+
+
+def test_keep_alive_a_stream_carries_the_next_request_after_an_answer():
+    client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
+    for i in range(3):
+        got = link(client, server, client.send(request(window=2)))
+        assert got[0].window == 2 and server.state is State.ACTIVE and server.chunks == 0 and server.credit == 2
+        assert [c.text for c in link(server, client, server.chunk("a") + server.chunk("b"))] == ["a", "b"]
+        link(server, client, server.send(response()))
+        assert client.state is State.DONE and server.state is State.DONE
+    assert client.requests == server.requests == 3
 
 
 def _raw_error_frame(error: Error) -> bytes:

@@ -914,8 +914,11 @@ def build_inference() -> dict[str, Any]:
         {"name": "data after the Result", "steps": [
             step("client", req_generate), step("server", result),
             step("server", chunk0, "RemoteProtocolError", "LocalProtocolError")]},
-        {"name": "a second Request", "steps": [
+        {"name": "a second Request before the answer", "steps": [
             step("client", req_generate), step("client", req_generate, "RemoteProtocolError", "LocalProtocolError")]},
+        {"name": "keep-alive: the next Request after an answer", "steps": [
+            step("client", win1), step("server", chunk0), step("client", credit), step("server", chunk1),
+            step("server", result), step("client", no_stream), step("server", result)]},
         {"name": "Credit before the Request", "steps": [
             step("client", credit, "RemoteProtocolError", "LocalProtocolError")]},
         {"name": "a chunk before the Request", "steps": [
