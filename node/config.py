@@ -411,7 +411,7 @@ class Settings:
     )
     enable_mesh: bool = setting(
         False,
-        "put the mesh (backend manager) first in the fallback chain",
+        "put the mesh first in the fallback chain (a daemon turns it on unless set)",
         kind="bool",
         alias="IPFS_ACCELERATE_PY_ENABLE_BACKEND_MANAGER",
     )

@@ -363,7 +363,7 @@ class StreamPool:
         self.opened += 1
         return FramedStream(stream, self.limits, MAX_INFER_FRAME, decoder=InferenceStream(Role.CLIENT, MAX_INFER_FRAME))
 
-    def _take_idle(self, peer_id: str) -> FramedStream | None:
+    async def _take_idle(self, peer_id: str) -> FramedStream | None:
         idle = self._idle.get(peer_id, [])
         now = trio.current_time()
         while idle:
@@ -371,6 +371,7 @@ class StreamPool:
             if now - since < self.max_idle_seconds:
                 self.reused += 1
                 return framed
+            await framed.close()  # idle too long: the server's idle timeout may be about to end it
         return None
 
     async def _give_back(self, peer_id: str, framed: FramedStream) -> None:
@@ -382,7 +383,7 @@ class StreamPool:
 
     async def request(self, peer_id: str, request: Request) -> AsyncIterator[str | Result]:
         for attempt in range(2):
-            framed = self._take_idle(peer_id)
+            framed = await self._take_idle(peer_id)
             reused = framed is not None
             framed = framed or await self._open(peer_id)
             machine = framed.decoder

@@ -218,3 +218,44 @@ async def test_node_connect_data_dir_and_peer(tmp_path):
             node.connect(http_url="http://127.0.0.1:8080")
         with pytest.raises(node.InvalidRequest, match="exactly one"):
             node.connect()
+
+
+async def test_requests_share_one_keep_alive_stream_and_a_cancelled_one_is_never_reused(tmp_path):
+    slow = ScriptedProvider("slow", latency=30)
+    node.register_llm_provider("slow", lambda: slow)
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice:
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            for i in range(3):
+                *chunks, result = await collect(client, request(f"turn {i}", provider="echo"))
+                assert "".join(chunks) == f"echo: turn {i}" and result.peer == alice.peer_id
+            assert (client.pool.opened, client.pool.reused) == (1, 2)
+
+            with trio.move_on_after(0.5) as scope:  # the caller gives up mid-request
+                await collect(client, request("never answered", model=None, provider="slow"))
+            assert scope.cancelled_caught
+            await until(lambda: alice.admission.in_flight == 0, timeout=1.5)
+            assert slow.cancelled == 1, "the generation itself was cancelled"
+            assert client.pool.statistics()["idle"] == 0, "the cancelled stream was reset, not pooled"
+
+            result = (await collect(client, request("after the cancel", provider="echo")))[-1]
+            assert result.verify()["text"] == "echo: after the cancel"
+            assert client.pool.opened == 2
+
+
+async def test_a_provider_concurrency_cap_queues_requests_instead_of_refusing_them(tmp_path):
+    env = {"ACCELMESH_ECHO_LATENCY_MS": "300", "ACCELMESH_ECHO_CONCURRENCY": "1"}
+    async with running_daemon(tmp_path, "alice", **env, **QUIET) as alice:
+        results = []
+
+        async def one(i):
+            async with PeerClient.connect(alice.addrs()[0]) as client:
+                results.append((await collect(client, request(f"p{i}", provider="echo")))[-1])
+
+        start = trio.current_time()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(one, i)
+        assert sorted(r.verify()["text"] for r in results) == ["echo: p0", "echo: p1", "echo: p2"]
+        assert trio.current_time() - start >= 0.9, "one generation at a time: three in a row"
+        assert alice.info()["stats"]["inferences"] == 3

@@ -1,0 +1,162 @@
+"""Remote inference: a client peer to zero-latency echo on a daemon in another process, vs in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import aclosing
+from pathlib import Path
+
+import trio
+
+import node
+from node import RouterDeps
+from node.client import PeerClient
+from node.config import load_settings
+from protocols.inference.messages import Request
+from tests.benchmarks.run import Section, percentile
+
+TITLE = "Remote inference (issue 8)"
+DURATION = 6.0  # seconds per concurrency level
+CONCURRENCY = (1, 8, 64)
+WORDS = 200  # streaming: an answer of 201 chunks
+
+
+def pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def start_daemon(tmp: Path) -> tuple[subprocess.Popen, str]:
+    data = tmp / "server"
+    proc = subprocess.Popen([*pin(1), sys.executable, "-m", "node.cli", "daemon", "--data-dir", str(data), "--listen",
+                             "/ip4/127.0.0.1/tcp/0", "--limits-request-rate", "100000", "--limits-request-burst",
+                             "100000", "--limits-max-concurrent", "256", "--limits-max-queue", "1024",
+                             "--log-level", "info"], stdout=subprocess.DEVNULL, stderr=open(tmp / "daemon.log", "w"))
+    deadline = time.monotonic() + 90
+    while not (data / "daemon.json").exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("the benchmark daemon did not start")
+        time.sleep(0.05)
+    return proc, json.loads((data / "daemon.json").read_text())["multiaddrs"][0]
+
+
+def request(i: int, stream: bool, prompt: str | None = None) -> Request:
+    return Request(id=uuid.uuid4().hex, task="generate", prompt=prompt or f"bench prompt {i}", provider="echo",
+                   stream=stream, cache="no-cache", timeout_ms=60_000)
+
+
+async def load(addr: str, concurrency: int, stream: bool) -> tuple[list[float], float]:
+    """Latencies (ms) of requests issued by `concurrency` tasks for DURATION seconds, and requests/s."""
+    latencies: list[float] = []
+    async with PeerClient.connect(addr) as client:
+        for i in range(20):  # warm up the connection and the daemon
+            async with aclosing(client.generate(request(i, stream))) as items:
+                async for _ in items:
+                    pass
+        stop_at = trio.current_time() + DURATION
+
+        async def worker(w: int) -> None:
+            i = 0
+            while trio.current_time() < stop_at:
+                t = trio.current_time()
+                async with aclosing(client.generate(request(w * 100000 + i, stream))) as items:
+                    async for _ in items:
+                        pass
+                latencies.append((trio.current_time() - t) * 1000)
+                i += 1
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for w in range(concurrency):
+                nursery.start_soon(worker, w)
+        elapsed = trio.current_time() - start
+    return latencies, len(latencies) / elapsed
+
+
+async def streaming(addr: str) -> tuple[list[float], list[float]]:
+    """Time to first chunk (ms) and chunks per second, for answers of WORDS + 1 chunks."""
+    ttfc, rates = [], []
+    prompt = " ".join(f"w{i}" for i in range(WORDS))
+    async with PeerClient.connect(addr) as client:
+        for i in range(30):
+            t = trio.current_time()
+            first, n = None, 0
+            async with aclosing(client.generate(request(i, True, prompt))) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        n += 1
+                        first = first or trio.current_time() - t
+            total = trio.current_time() - t
+            if i >= 5:
+                ttfc.append(first * 1000)
+                rates.append(n / total)
+    return ttfc, rates
+
+
+async def in_process(concurrency: int) -> tuple[list[float], float]:
+    deps = RouterDeps(settings=load_settings(env={}))
+    latencies: list[float] = []
+    stop_at = trio.current_time() + DURATION / 2
+
+    async def worker(w: int) -> None:
+        i = 0
+        while trio.current_time() < stop_at:
+            t = trio.current_time()
+            await node.acomplete(f"bench prompt {w * 100000 + i}", provider="echo", deps=deps, cache="no-cache")
+            latencies.append((trio.current_time() - t) * 1000)
+            i += 1
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for w in range(concurrency):
+            nursery.start_soon(worker, w)
+    return latencies, len(latencies) / (trio.current_time() - start)
+
+
+def run() -> Section:
+    if pin(0):
+        os.sched_setaffinity(0, {0})  # the client on core 0, the daemon on core 1
+    rows, samples = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, addr = start_daemon(Path(tmp))
+        try:
+            for c in CONCURRENCY:
+                base, base_rps = trio.run(in_process, c)
+                remote, rps = trio.run(load, addr, c, False)
+                rows.append((c, statistics.median(base), percentile(base, 0.99), base_rps,
+                             statistics.median(remote), percentile(remote, 0.99), rps))
+                samples += [{"mode": "in_process", "concurrency": c, "ms": v} for v in base]
+                samples += [{"mode": "mesh", "concurrency": c, "ms": v} for v in remote]
+            ttfc, rates = trio.run(streaming, addr)
+            samples += [{"mode": "stream_ttfc", "ms": v} for v in ttfc]
+            samples += [{"mode": "stream_chunks_per_s", "value": v} for v in rates]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    lines = [
+        "A client peer (this process, core 0) sends non-streaming requests over `/accelmesh/infer/1.0.0` to a",
+        "daemon in another process (core 1) that answers with zero-latency `echo`, cache off (every request",
+        f"runs the provider); {DURATION:g} s per concurrency level, one connection, keep-alive streams (one per concurrent caller, reused across its requests).",
+        "In-process: `node.acomplete(provider='echo')` in one trio loop. Overhead = mesh p50 - in-process p50.",
+        "",
+        "| concurrency | in-process p50 (ms) | p99 | req/s | mesh p50 (ms) | p99 | req/s | p50 overhead (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {c} | {b50:.2f} | {b99:.2f} | {brps:,.0f} | {m50:.2f} | {m99:.2f} | {mrps:,.0f} | {m50 - b50:+.2f} |"
+          for c, b50, b99, brps, m50, m99, mrps in rows),
+        "",
+        f"Targets: p50 overhead under 3 ms (concurrency 1: **{rows[0][4] - rows[0][1]:.2f} ms**); at least 300",
+        f"requests/s per serving node (best: **{max(r[6] for r in rows):,.0f} req/s**).",
+        "",
+        f"Streaming ({WORDS + 1}-chunk answers, credit window 32, 25 runs): time to first chunk median "
+        f"{statistics.median(ttfc):.2f} ms (p99 {percentile(ttfc, 0.99):.2f} ms), "
+        f"{statistics.median(rates):,.0f} chunks/s.",
+    ]
+    return Section("\n".join(lines), samples, sample_count=len(samples))
