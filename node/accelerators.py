@@ -2,8 +2,10 @@
 
 Detection order, each step only if the one before found nothing of its kind:
 
-- CUDA / ROCm through torch when torch is installed (names, total and free memory per
-  device; a ROCm build of torch reports HIP devices through the same API);
+- CUDA / ROCm through torch when torch is installed and a GPU driver's device node exists
+  (/dev/nvidiactl, /dev/nvidia0, /dev/kfd, /dev/dxg; without one torch finds nothing, and
+  importing it costs a second of start-up) (names, total and free memory per device; a ROCm
+  build of torch reports HIP devices through the same API);
 - else `nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits`
   (MiB), and `rocm-smi --showproductname --showmeminfo vram --json` (bytes), when on PATH;
 - Apple MPS through torch (unified memory: the host's RAM);
@@ -32,6 +34,7 @@ __all__ = [
     "parse_nvidia_smi",
     "parse_rocm_smi",
     "pick_torch_device",
+    "torch_could_find_gpus",
     "KINDS",
 ]
 
@@ -152,8 +155,18 @@ def detect_cpu() -> Accelerator:
     return Accelerator("cpu", _cpu_name(), total, free, 0, cores=os.cpu_count() or 1)
 
 
+GPU_DEVICE_NODES = ("nvidiactl", "nvidia0", "kfd", "dxg")  # NVIDIA driver, AMD ROCm, WSL2's GPU bridge
+
+
+def torch_could_find_gpus(dev: str = "/dev", system: str | None = None) -> bool:
+    """Whether asking torch is worth its import (over a second): macOS (MPS), or a GPU driver's device node."""
+    if (system or platform.system()) == "Darwin":
+        return True
+    return any(os.path.exists(os.path.join(dev, name)) for name in GPU_DEVICE_NODES)
+
+
 def _torch_gpus() -> list[Accelerator]:
-    if importlib.util.find_spec("torch") is None:
+    if importlib.util.find_spec("torch") is None or not torch_could_find_gpus():
         return []
     import torch
 

@@ -259,6 +259,7 @@ class AdvertService:
         self.pubsub: Any = None
         self._nursery: trio.Nursery | None = None
         self._republish = trio.Event()
+        self._stopping = False
 
     # -- our advert ----------------------------------------------------------------------
 
@@ -299,6 +300,8 @@ class AdvertService:
         )
         self.pubsub = Pubsub(self.host, router, max_inbound_rpc_size=2 * MAX_ADVERT_BYTES)
         self.pubsub.set_topic_validator(TOPIC, self._validate_gossip, False)
+        for protocol in (PROTOCOL_ID_V11, GOSSIPSUB):
+            self.host.set_stream_handler(protocol, self._gossip_stream)
         self.host.set_stream_handler(PROTOCOL_ID, self.guard.wrap(PROTOCOL_ID, self._serve, allowed=self.is_member,
                                                                     max_frame_size=MAX_ADVERT_BYTES))
         async with background_trio_service(self.pubsub), background_trio_service(router), \
@@ -316,7 +319,25 @@ class AdvertService:
             if self.offer_signature is not None:
                 nursery.start_soon(self._watch_offer)
             task_status.started(self)
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._stopping = True  # before the pubsub service below stops
+
+    async def _gossip_stream(self, stream: Any) -> None:
+        """Pubsub's stream handler, minus a py-libp2p 0.8.1 shutdown race.
+
+        Pubsub reads its streams in the swarm's tasks, not its own, and hands each message to its
+        service's task nursery; a message arriving while that nursery closes raises RuntimeError
+        ("Nursery is closed to new arrivals") in the swarm, which takes the whole host down with
+        it. While this node stops, such a stream is reset instead.
+        """
+        try:
+            await self.pubsub.stream_handler(stream)
+        except RuntimeError as exc:
+            if not (self._stopping or "closed to new arrivals" in str(exc)):
+                raise
+            await _reset_quietly(stream)
 
     def _validate_gossip(self, peer_id: Any, message: Any) -> bool:
         """gossipsub relays only adverts that verify (the table checks replays when it takes them)."""
@@ -498,3 +519,11 @@ class _ConnectionWatcher:
 
     async def listen_close(self, network: Any, multiaddr: Any) -> None:
         pass
+
+
+async def _reset_quietly(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception:  # already gone
+            pass

@@ -22,7 +22,7 @@ from node import RouterDeps
 from node.client import PeerClient
 from node.config import load_settings
 from protocols.inference.messages import Request
-from tests.benchmarks.run import Section, percentile
+from tests.benchmarks.run import Section, percentile, percentiles
 
 TITLE = "Remote inference (issue 8)"
 DURATION = 6.0  # seconds per concurrency level
@@ -124,7 +124,7 @@ async def in_process(concurrency: int) -> tuple[list[float], float]:
 def run() -> Section:
     if pin(0):
         os.sched_setaffinity(0, {0})  # the client on core 0, the daemon on core 1
-    rows, samples = [], []
+    rows, samples, measured = [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         proc, addr = start_daemon(Path(tmp))
         try:
@@ -133,11 +133,13 @@ def run() -> Section:
                 remote, rps = trio.run(load, addr, c, False)
                 rows.append((c, statistics.median(base), percentile(base, 0.99), base_rps,
                              statistics.median(remote), percentile(remote, 0.99), rps))
-                samples += [{"mode": "in_process", "concurrency": c, "ms": v} for v in base]
-                samples += [{"mode": "mesh", "concurrency": c, "ms": v} for v in remote]
+                samples += percentiles({"mode": "in_process", "concurrency": c}, base)
+                samples += percentiles({"mode": "mesh", "concurrency": c}, remote)
+                measured += len(base) + len(remote)
             ttfc, rates = trio.run(streaming, addr)
             samples += [{"mode": "stream_ttfc", "ms": v} for v in ttfc]
             samples += [{"mode": "stream_chunks_per_s", "value": v} for v in rates]
+            measured += len(ttfc) + len(rates)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
@@ -159,4 +161,5 @@ def run() -> Section:
         f"{statistics.median(ttfc):.2f} ms (p99 {percentile(ttfc, 0.99):.2f} ms), "
         f"{statistics.median(rates):,.0f} chunks/s.",
     ]
-    return Section("\n".join(lines), samples, sample_count=len(samples))
+    return Section("\n".join(lines), samples, sample_count=measured)
+

@@ -3,9 +3,10 @@
     python -m tests.benchmarks.run            # every benchmark
     python -m tests.benchmarks.run router     # only tests/benchmarks/bench_router.py
 
-Each `bench_<name>.py` defines `TITLE` and `run() -> Section`. Raw samples go to
-tests/benchmarks/results/<name>.jsonl (one JSON object per line); docs/performance.md keeps
-one block per benchmark, so running one benchmark leaves the others' results in place.
+Each `bench_<name>.py` defines `TITLE` and `run() -> Section`. Samples go to
+tests/benchmarks/results/<name>.jsonl (one JSON object per line; long runs keep their
+percentiles, see `percentiles()`); docs/performance.md keeps one block per benchmark, so
+running one benchmark leaves the others' results in place.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ DOC = ROOT / "docs" / "performance.md"
 HEADER = """# Performance
 
 Written by `make bench` (`python -m tests.benchmarks.run`); do not edit by hand. Each block
-says when, on what and how it was measured; raw samples are in `tests/benchmarks/results/`.
+says when, on what and how it was measured; samples (or, for long runs, their percentiles) are in
+`tests/benchmarks/results/`.
 Targets live here, not in timed tests.
 """
 
@@ -39,6 +41,13 @@ class Section:
     markdown: str  # the block's body: tables and a sentence on what was measured
     samples: list[dict[str, Any]] = field(default_factory=list)  # raw samples for the .jsonl file
     sample_count: int = 0
+
+
+def percentiles(labels: dict[str, Any], values: list[float], unit: str = "ms") -> list[dict[str, Any]]:
+    """Samples for the .jsonl file when a run has thousands: the 0th..100th percentiles and the count."""
+    ordered = sorted(values)
+    return [{**labels, "percentile": q, unit: ordered[round(q / 100 * (len(ordered) - 1))], "count": len(ordered)}
+            for q in range(101)] if ordered else []
 
 
 def percentile(values: list[float], q: float) -> float:

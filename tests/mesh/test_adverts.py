@@ -162,6 +162,17 @@ def test_rocm_smi_output_is_parsed_per_card():
     assert parse_rocm_smi("not json") == []
 
 
+def test_torch_is_asked_only_where_a_gpu_driver_or_mps_could_answer(tmp_path):
+    from node.accelerators import torch_could_find_gpus
+
+    assert not torch_could_find_gpus(str(tmp_path), "Linux")
+    assert torch_could_find_gpus(str(tmp_path), "Darwin")
+    for node in ("nvidiactl", "kfd", "dxg"):
+        (tmp_path / node).touch()
+        assert torch_could_find_gpus(str(tmp_path), "Linux")
+        (tmp_path / node).unlink()
+
+
 def test_the_cpu_is_always_detected_with_cores_and_memory():
     import os
 
@@ -260,6 +271,8 @@ async def test_mallorys_gossip_never_enters_the_table(tmp_path):
             await connect(host, daemon)
             with trio.fail_after(10):
                 await pubsub.wait_for_subscription(ID.from_base58(daemon.peer_id), TOPIC)
+            # gossipsub sends a publish to the topic's mesh, which a heartbeat fills: wait for alice in it
+            await wait_until(lambda: ID.from_base58(daemon.peer_id) in router.mesh.get(TOPIC, ()))
             now = int(time.time() * 1000)
             victim = Identity.generate()
             genuine_old = make_advert(victim, seq=1, created=now)
@@ -291,3 +304,36 @@ async def test_a_change_in_what_a_node_offers_is_published_at_once(tmp_path):
         took = await wait_until(
             lambda: "fresh" in {p.name for p in first.table.get(second.peer_id).advert.providers}, timeout=10)
         assert took < 5.0, "published on change, not at the next periodic advert (60 s here)"
+
+
+class ClosingPubsub:
+    """Pubsub's stream handler as py-libp2p 0.8.1 behaves when a message lands while pubsub stops."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    async def stream_handler(self, stream) -> None:
+        raise RuntimeError(self.message)
+
+
+class RecordingStream:
+    def __init__(self) -> None:
+        self.was_reset = False
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_a_gossip_message_racing_shutdown_resets_its_stream_instead_of_killing_the_host():
+    from node.mesh.adverts import AdvertService, PeerTable
+
+    service = AdvertService(None, None, PeerTable("self", 60), lambda seq: None, interval=60, load_interval=5,
+                            load=lambda: (0, 0), load_changed=trio.Event, is_member=lambda peer: True)
+    service.pubsub = ClosingPubsub("Nursery is closed to new arrivals")
+    stream = RecordingStream()
+    with trio.fail_after(5):
+        await service._gossip_stream(stream)
+    assert stream.was_reset
+    service.pubsub = ClosingPubsub("some other bug")  # anything else is not ours to hide
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="other bug"):
+        await service._gossip_stream(RecordingStream())
