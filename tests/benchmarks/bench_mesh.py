@@ -53,32 +53,37 @@ def request(i: int, stream: bool, prompt: str | None = None) -> Request:
                    stream=stream, cache="no-cache", timeout_ms=60_000)
 
 
+async def closed_loop(concurrency: int, duration: float, call) -> tuple[list[float], float]:
+    """`concurrency` tasks each awaiting `call(i)` back to back for `duration` s: latencies (ms) and calls/s."""
+    latencies: list[float] = []
+    stop_at = trio.current_time() + duration
+
+    async def worker(w: int) -> None:
+        i = 0
+        while trio.current_time() < stop_at:
+            t = trio.current_time()
+            await call(w * 100000 + i)
+            latencies.append((trio.current_time() - t) * 1000)
+            i += 1
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for w in range(concurrency):
+            nursery.start_soon(worker, w)
+    return latencies, len(latencies) / (trio.current_time() - start)
+
+
 async def load(addr: str, concurrency: int, stream: bool) -> tuple[list[float], float]:
     """Latencies (ms) of requests issued by `concurrency` tasks for DURATION seconds, and requests/s."""
-    latencies: list[float] = []
     async with PeerClient.connect(addr) as client:
-        for i in range(20):  # warm up the connection and the daemon
+        async def one(i: int) -> None:
             async with aclosing(client.generate(request(i, stream))) as items:
                 async for _ in items:
                     pass
-        stop_at = trio.current_time() + DURATION
 
-        async def worker(w: int) -> None:
-            i = 0
-            while trio.current_time() < stop_at:
-                t = trio.current_time()
-                async with aclosing(client.generate(request(w * 100000 + i, stream))) as items:
-                    async for _ in items:
-                        pass
-                latencies.append((trio.current_time() - t) * 1000)
-                i += 1
-
-        start = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            for w in range(concurrency):
-                nursery.start_soon(worker, w)
-        elapsed = trio.current_time() - start
-    return latencies, len(latencies) / elapsed
+        for i in range(20):  # warm up the connection and the daemon
+            await one(i)
+        return await closed_loop(concurrency, DURATION, one)
 
 
 async def streaming(addr: str) -> tuple[list[float], list[float]]:
@@ -103,22 +108,11 @@ async def streaming(addr: str) -> tuple[list[float], list[float]]:
 
 async def in_process(concurrency: int) -> tuple[list[float], float]:
     deps = RouterDeps(settings=load_settings(env={}))
-    latencies: list[float] = []
-    stop_at = trio.current_time() + DURATION / 2
 
-    async def worker(w: int) -> None:
-        i = 0
-        while trio.current_time() < stop_at:
-            t = trio.current_time()
-            await node.acomplete(f"bench prompt {w * 100000 + i}", provider="echo", deps=deps, cache="no-cache")
-            latencies.append((trio.current_time() - t) * 1000)
-            i += 1
+    async def one(i: int) -> None:
+        await node.acomplete(f"bench prompt {i}", provider="echo", deps=deps, cache="no-cache")
 
-    start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        for w in range(concurrency):
-            nursery.start_soon(worker, w)
-    return latencies, len(latencies) / (trio.current_time() - start)
+    return await closed_loop(concurrency, DURATION / 2, one)
 
 
 def run() -> Section:
