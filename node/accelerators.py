@@ -27,6 +27,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from node.providers.base import ACCELERATOR_KINDS
+
 __all__ = [
     "Accelerator",
     "detect",
@@ -40,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS = ("cuda", "rocm", "mps", "cpu")
+KINDS = ACCELERATOR_KINDS  # cuda, rocm, mps, cpu
 TOOL_TIMEOUT = 10.0  # seconds for nvidia-smi / rocm-smi
 MIB = 1024 * 1024
 

@@ -455,13 +455,14 @@ def _generate_via_daemon(args: argparse.Namespace, settings: Any, prompt: str, k
     import uuid
     from contextlib import aclosing
 
+    from node.mesh.service import wire_timeout_ms
     from protocols.inference.messages import Request, Result
 
     params = {k: v for k, v in kwargs.items() if k in ("temperature", "max_tokens")}
     request = Request(
         id=uuid.uuid4().hex, task="generate", prompt=prompt, model=settings.model, provider=settings.provider,
         params=params, stream=bool(args.stream), cache=kwargs.get("cache", "default"),
-        timeout_ms=int(settings.request_timeout * 1000), on_peers=tuple(args.on_peers),
+        timeout_ms=wire_timeout_ms(settings.request_timeout), on_peers=tuple(args.on_peers),
         accelerator=args.accelerator,
     )
     out = sys.stdout

@@ -53,6 +53,7 @@ class Client:
     def __init__(self, *, data_dir: Path | None, peer: str | None, identity: Any, cluster_key: str | None) -> None:
         self.data_dir, self.peer, self._identity, self._cluster_key = data_dir, peer, identity, cluster_key
         self._portal: _Portal | None = None
+        self._portal_lock = threading.Lock()
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -79,6 +80,7 @@ class Client:
     def _request(self, prompt: Any, provider: str | None, model_name: str | None, kwargs: dict[str, Any],
                  stream: bool) -> Any:
         from node.config import current_settings
+        from node.mesh.service import wire_timeout_ms
         from protocols.inference.messages import ChatMessage, Request
 
         settings = current_settings()
@@ -89,7 +91,7 @@ class Client:
             messages=tuple(ChatMessage(str(m["role"]), str(m["content"])) for m in r.messages)
             if r.messages is not None else None,
             model=r.model, provider=provider, params=dict(r.params), stream=stream, cache=r.cache_mode,
-            timeout_ms=int(r.timeout * 1000), on_peers=r.on_peers, accelerator=r.accelerator, strategy=r.strategy,
+            timeout_ms=wire_timeout_ms(r.timeout), on_peers=r.on_peers, accelerator=r.accelerator, strategy=r.strategy,
         )
 
     async def _items(self, session: Any, request: Any) -> AsyncIterator[str | Result]:
@@ -135,23 +137,16 @@ class Client:
     # -- blocking API (one shared connection in a worker thread) ----------------------------
 
     def _get_portal(self) -> _Portal:
-        if self._portal is None:
-            self._portal = _Portal(self._session)
-        return self._portal
+        with self._portal_lock:  # two threads asking at once share one connection
+            if self._portal is None:
+                self._portal = _Portal(self._session)
+            return self._portal
 
     def iter_request(self, prompt: Any, *, provider: str | None = None, model_name: str | None = None,
                      **kwargs: Any) -> Iterator[str | Result]:
         request = self._request(prompt, provider, model_name, kwargs, stream=True)
         portal = self._get_portal()
-        items = portal.run_sync(lambda: self._items(portal.session, request))
-        try:
-            while True:
-                item = portal.run(_next, items)
-                if item is _DONE:
-                    return
-                yield item
-        finally:
-            portal.run(items.aclose)
+        yield from portal.iterate(lambda: self._items(portal.session, request))
 
     def complete(self, prompt: Any, **kwargs: Any) -> Result:
         for item in self.iter_request(prompt, **kwargs):
@@ -168,9 +163,10 @@ class Client:
                 yield item
 
     def close(self) -> None:
-        if self._portal is not None:
-            self._portal.close()
-            self._portal = None
+        with self._portal_lock:
+            if self._portal is not None:
+                self._portal.close()
+                self._portal = None
 
     def __enter__(self) -> Client:
         return self
@@ -183,14 +179,11 @@ class Client:
         return f"<node.Client {target}{' connected' if self._portal else ''}>"
 
 
-_DONE = object()
+class _Failure:
+    """An exception raised in the portal's loop, carried to the thread that iterates."""
 
-
-async def _next(items: AsyncIterator[Any]) -> Any:
-    try:
-        return await items.__anext__()
-    except StopAsyncIteration:
-        return _DONE
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class _Portal:
@@ -204,6 +197,7 @@ class _Portal:
         self.session: Any = None
         self._token: Any = None
         self._stop: Any = None
+        self._nursery: Any = None
         self._thread = threading.Thread(target=trio.run, args=(self._main, session_factory), daemon=True,
                                         name="accelmesh-client")
         self._thread.start()
@@ -215,13 +209,54 @@ class _Portal:
         import trio
 
         try:
-            async with session_factory() as session:
+            async with session_factory() as session, trio.open_nursery() as nursery:
                 self.session, self._token, self._stop = session, trio.lowlevel.current_trio_token(), trio.Event()
+                self._nursery = nursery
                 self._ready.set()
                 await self._stop.wait()
+                nursery.cancel_scope.cancel()
         except BaseException as exc:  # reported to the thread that asked for the connection
             self._error = _unwrap(exc)
             self._ready.set()
+
+    def iterate(self, make_items: Any) -> Iterator[Any]:
+        """Iterate, from a blocking thread, the async iterator `make_items()` runs in the loop.
+
+        One task in the loop drives the whole iteration and hands items over a rendezvous channel
+        (the caller's pace is the producer's pace). When the caller stops early, or is
+        interrupted (Ctrl-C) while waiting, that task is cancelled, which closes the iterator
+        and with it the request.
+        """
+        import trio
+
+        send, receive = trio.open_memory_channel[Any](0)
+        scope = trio.CancelScope()
+
+        async def pump() -> None:
+            with scope:
+                async with send:
+                    try:
+                        async with aclosing(make_items()) as items:
+                            async for item in items:
+                                await send.send(item)
+                    except Exception as exc:
+                        await send.send(_Failure(_unwrap(exc)))
+
+        self.run_sync(self._nursery.start_soon, pump)
+        try:
+            while True:
+                try:
+                    item = self.run(receive.receive)
+                except trio.EndOfChannel:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            try:
+                self.run_sync(scope.cancel)
+            except trio.RunFinishedError:
+                pass
 
     def run(self, afn: Any, *args: Any) -> Any:
         import trio

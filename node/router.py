@@ -39,7 +39,7 @@ from node.errors import (
     ProviderUnavailable,
 )
 from node.providers import registry
-from node.providers.base import BaseProvider, Completion, ProviderRequest
+from node.providers.base import ACCELERATOR_KINDS, BaseProvider, Completion, ProviderRequest
 from protocols.canonical import canonicalize, decode_response, request_bytes, response_bytes
 from protocols.cid import cid_of, request_key
 from protocols.errors import MalformedMessage, NotCanonical
@@ -217,6 +217,12 @@ def build_request(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
     on_peers = reserved.get("on_peers") or ()
+    on_peers = (on_peers,) if isinstance(on_peers, str) else on_peers
+    if not isinstance(on_peers, (list, tuple)) or not all(isinstance(p, str) and p for p in on_peers):
+        raise InvalidRequest(f"on_peers must be a peer id or a list of peer ids, got {on_peers!r}")
+    accelerator = reserved.get("accelerator")
+    if accelerator is not None and accelerator not in ACCELERATOR_KINDS:
+        raise InvalidRequest(f"accelerator must be one of {', '.join(ACCELERATOR_KINDS)}, got {accelerator!r}")
     return Request(
         task=task,
         prompt=text,
@@ -226,8 +232,8 @@ def build_request(
         cache_mode=mode,
         timeout=float(timeout),
         request_id=str(reserved.get("request_id") or uuid.uuid4().hex),
-        on_peers=(on_peers,) if isinstance(on_peers, str) else tuple(on_peers),
-        accelerator=reserved.get("accelerator"),
+        on_peers=tuple(on_peers),
+        accelerator=accelerator,
         strategy=reserved.get("strategy"),
     )
 
@@ -299,6 +305,38 @@ def _candidates(
         else:
             skipped.append((candidate, f"not ready: {readiness.reason}"))
     return ready, skipped, False
+
+
+def _constrained(
+    candidates: list[tuple[str, BaseProvider]], skipped: list[tuple[str, BaseException | str]], named: bool,
+    request: Request,
+) -> list[tuple[str, BaseProvider]]:
+    """The candidates that can honour the request's constraints; the others join `skipped`, with why.
+
+    `on_peers` leaves only a provider that routes to other nodes (the mesh, which picks among
+    those peers). `accelerator` leaves the mesh and the providers computing on that kind of
+    device here (hf_local on its device, echo on the CPU; an API or CLI tool computes elsewhere).
+    """
+    if not (request.on_peers or request.accelerator):
+        return candidates
+    kept = []
+    for name, provider in candidates:
+        if provider.routes_remotely:
+            kept.append((name, provider))
+            continue
+        if request.on_peers:
+            reason = "cannot honour on_peers: only the mesh chooses who serves (submit through a daemon)"
+        else:
+            here = provider.accelerator()
+            if here == request.accelerator:
+                kept.append((name, provider))
+                continue
+            reason = (f"computes on {here}, not {request.accelerator}" if here
+                      else f"does not compute on a local {request.accelerator} accelerator")
+        if named:
+            raise ProviderUnavailable(name, reason)
+        skipped.append((name, reason))
+    return kept
 
 
 # ---------------------------------------------------------------------------------------
@@ -433,6 +471,11 @@ def _log() -> Any:
     return logging.getLogger("node.router")
 
 
+# Errors that mean the same whichever provider raised them (the mesh relays a serving node's):
+# they end the request as they are, instead of becoming one provider's failure.
+_PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest)
+
+
 def _as_provider_error(name: str, exc: Exception) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
@@ -483,6 +526,7 @@ def complete(
     request, deps, settings = _prepare(prompt, provider, model_name, deps, kwargs)
     deadline = started + request.timeout
     candidates, failures, named = _candidates(provider, deps, settings, request.model)
+    candidates = _constrained(candidates, failures, named, request)
     for name, candidate in candidates:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(request.timeout)
@@ -510,8 +554,8 @@ def _attempt_sync(attempt: _Attempt, deadline: float, started: float) -> Result:
         hit = attempt.lookup_sync(started)
         if hit is not None:
             return hit
-        if attempt.request.cache_mode == "only-if-cached":
-            raise CacheMiss(attempt.key)
+        if attempt.request.cache_mode == "only-if-cached" and not attempt.provider.routes_remotely:
+            raise CacheMiss(attempt.key)  # (through the mesh, the serving node looks up and says)
         if not attempt.coalesce:
             break
         leader, flight = inflight.join(attempt.key)
@@ -522,6 +566,8 @@ def _attempt_sync(attempt: _Attempt, deadline: float, started: float) -> Result:
     try:
         try:
             completion = attempt.provider.complete_sync(attempt.request.for_provider(deadline - time.monotonic()))
+        except _PASS_THROUGH:
+            raise
         except Exception as exc:
             raise _as_provider_error(attempt.name, exc) from exc
         result, data = attempt.finish(completion, started)
@@ -571,6 +617,7 @@ async def aiter_request(
     request, deps, settings = _prepare(prompt, provider, model_name, deps, kwargs)
     deadline = trio.current_time() + request.timeout
     candidates, failures, named = _candidates(provider, deps, settings, request.model)
+    candidates = _constrained(candidates, failures, named, request)
     for name, candidate in candidates:
         if trio.current_time() >= deadline:
             raise DeadlineExceeded(request.timeout)
@@ -600,8 +647,8 @@ async def _attempt_async(attempt: _Attempt, deadline: float, started: float) -> 
             yield hit.text
             yield hit
             return
-        if attempt.request.cache_mode == "only-if-cached":
-            raise CacheMiss(attempt.key)
+        if attempt.request.cache_mode == "only-if-cached" and not attempt.provider.routes_remotely:
+            raise CacheMiss(attempt.key)  # (through the mesh, the serving node looks up and says)
         if not attempt.coalesce:
             break
         leader, flight = inflight.join(attempt.key)
@@ -621,7 +668,7 @@ async def _attempt_async(attempt: _Attempt, deadline: float, started: float) -> 
                         item = await stream.__anext__()
                     except StopAsyncIteration:
                         break
-                    except (ProviderError, trio.Cancelled):
+                    except (*_PASS_THROUGH, trio.Cancelled):
                         raise
                     except Exception as exc:
                         raise _as_provider_error(attempt.name, exc) from exc

@@ -178,7 +178,7 @@ def test_reserved_kwargs_never_reach_the_provider_nor_the_key():
 
     node.register_llm_provider("rec", Recorder)
     a = node.complete("p", provider="rec", timeout=5, request_id="r1", stream=False, strategy="x",
-                      on_peers=["12D3"], accelerator="cpu", cache="no-store", extra=1)
+                      on_peers=[], accelerator=None, cache="no-store", extra=1)  # (constraints: below)
     b = node.complete("p", provider="rec", extra=1, cache="no-store")
     assert seen == [{"extra": 1}, {"extra": 1}]
     assert a.key == b.key and a.request_id == "r1"
@@ -238,3 +238,55 @@ def test_get_and_describe_providers():
     assert infos["echo"].ready and infos["echo"].models == ("echo",)
     assert not infos["alice"].ready and infos["alice"].reason == "no key"
     assert node.get_llm_provider("echo").name == "echo"
+
+
+class OnDevice(ScriptedProvider):
+    def __init__(self, name: str, kind: str | None) -> None:
+        super().__init__(name)
+        self.kind = kind
+
+    def accelerator(self):
+        return self.kind
+
+
+def test_on_peers_is_only_honoured_by_the_mesh_never_by_a_local_fallback():
+    deps = deps_with(ScriptedProvider("local_a"), ScriptedProvider("local_b"))
+    with pytest.raises(AllProvidersFailed, match="only the mesh chooses who serves") as info:
+        node.generate_text("x", on_peers=["12D3KooWAnyone"], deps=deps)
+    assert "local_a" in str(info.value) and "local_b" in str(info.value)
+    with pytest.raises(ProviderUnavailable, match="only the mesh"):
+        node.generate_text("x", provider="local_a", on_peers="12D3KooWAnyone", deps=deps)
+    assert node.generate_text("x", deps=deps) == "local_a: x"  # unconstrained: as before
+
+
+def test_accelerator_keeps_the_providers_on_that_kind_of_device():
+    gpu, cpu, api = OnDevice("on_gpu", "cuda"), OnDevice("on_cpu", "cpu"), OnDevice("an_api", None)
+    deps = deps_with(api, gpu, cpu)
+    assert node.complete("x", accelerator="cpu", deps=deps).provider == "on_cpu"
+    assert node.complete("x", accelerator="cuda", deps=deps).provider == "on_gpu"
+    assert node.complete("x", deps=deps).provider == "an_api"
+    with pytest.raises(AllProvidersFailed, match="does not compute on a local mps"):
+        node.generate_text("x", accelerator="mps", deps=deps)
+    with pytest.raises(ProviderUnavailable, match="computes on cuda, not cpu"):
+        node.generate_text("x", provider="on_gpu", accelerator="cpu", deps=deps)
+    assert api.calls == 1 and gpu.calls == 1 and cpu.calls == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"accelerator": "gpu"}, "accelerator must be one of cuda, rocm, mps, cpu"),
+    ({"on_peers": [1, 2]}, "on_peers must be"),
+    ({"on_peers": {"a": 1}}, "on_peers must be"),
+])
+def test_constraints_are_checked(kwargs, message):
+    with pytest.raises(InvalidRequest, match=message):
+        node.generate_text("x", provider="echo", **kwargs)
+
+
+def test_the_accelerator_kinds_agree_everywhere():
+    from node.accelerators import KINDS
+    from node.providers.base import ACCELERATOR_KINDS
+    from protocols.advert.messages import ACCELERATOR_KINDS as ADVERTISED
+    from protocols.inference.messages import Request
+
+    requested = Request.__dataclass_fields__["accelerator"].metadata["spec"].choices
+    assert KINDS == ACCELERATOR_KINDS == ADVERTISED == requested

@@ -25,8 +25,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from node.errors import ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
+from node.errors import AllProvidersFailed, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
 from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
+from node.mesh.service import wire_timeout_ms
 from protocols.inference.messages import MAX_HOPS, ChatMessage, Request, Result  # noqa: F401 (Result: typing)
 
 __all__ = [
@@ -159,13 +160,14 @@ class MeshProvider(BaseProvider):
             messages=tuple(ChatMessage(str(m["role"]), str(m["content"])) for m in request.messages)
             if request.messages is not None else None,
             model=request.model, provider=provider, params=dict(request.params), stream=True, hops=FORWARDED_HOPS,
-            cache=request.cache_mode, timeout_ms=max(1, int(request.timeout * 1000)),
+            accelerator=request.accelerator,  # the serving node keeps to providers on that kind of device
+            cache=request.cache_mode, timeout_ms=wire_timeout_ms(request.timeout),
         )
 
     async def _ask(self, node: Candidate, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         forwarded = self._forward(request, node)
         if node.is_self:
-            items = self.node.run_local(forwarded)
+            items = self._local(forwarded)
         else:
             items = self._remote(node.peer_id, forwarded)
         async with aclosing(items) as answers:
@@ -181,6 +183,15 @@ class MeshProvider(BaseProvider):
                     prompt_tokens=body["usage"].get("prompt_tokens"),
                     completion_tokens=body["usage"].get("completion_tokens"), remote=answer,
                 )
+
+    async def _local(self, request: Request) -> AsyncIterator[Any]:
+        """This node serving: a failure here is one node's failure, so the next node may still serve."""
+        try:
+            async with aclosing(self.node.run_local(request)) as items:
+                async for item in items:
+                    yield item
+        except (ProviderError, AllProvidersFailed) as exc:
+            raise ProviderFailed("this node", str(exc), retryable=True) from exc
 
     async def _remote(self, peer_id: str, request: Request) -> AsyncIterator[str | Result]:
         async with aclosing(self.node.streams.request(peer_id, request)) as items:

@@ -13,6 +13,7 @@ cancels the runner at once, which frees the slot.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +39,7 @@ from node.mesh.streams import FramedStream, StreamClosedEarly, StreamTimeout
 from protocols.errors import ProtocolError
 from protocols.inference.machine import MAX_FRAME_SIZE as MAX_INFER_FRAME
 from protocols.inference.machine import InferenceStream, Role
-from protocols.inference.messages import Credit, Error, Request, Result
+from protocols.inference.messages import MAX_HOPS, MAX_TIMEOUT_MS, Credit, Error, Request, Result
 
 __all__ = [
     "Admission",
@@ -52,11 +53,14 @@ __all__ = [
     "serve_inference",
     "serve_inference_stream",
     "StreamPool",
+    "wire_timeout_ms",
 ]
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[Request], AsyncIterator[Any]]
+
+MAX_ERROR_MESSAGE = 4096  # characters: the inference protocol's bound on Error.message
 
 
 class Busy(AccelmeshError):
@@ -76,44 +80,54 @@ class AdmissionStatistics:
 
 
 class Admission:
-    """`max_concurrent` requests at once; up to `max_queue` more wait; beyond that: busy."""
+    """`max_concurrent` requests at once; up to `max_queue` more wait; beyond that: busy.
+
+    Two lanes, each with those limits: requests from callers (which this node may forward) and
+    requests forwarded by other nodes (served here with local providers only). A forwarded
+    request never waits behind callers' requests, so two busy nodes forwarding to each other
+    cannot each hold every slot while waiting for the other's.
+    """
 
     def __init__(self, max_concurrent: int, max_queue: int) -> None:
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
-        self._limiter = trio.CapacityLimiter(max_concurrent)
-        self.queued = 0
+        self._limiters = {lane: trio.CapacityLimiter(max_concurrent) for lane in (False, True)}
+        self._queued = {False: 0, True: 0}
         self.served = 0
         self.refused_busy = 0
         self.changed = trio.Event()  # set whenever in_flight or queued changes (load adverts watch it)
 
     @property
     def in_flight(self) -> int:
-        return int(self._limiter.borrowed_tokens)
+        return sum(int(limiter.borrowed_tokens) for limiter in self._limiters.values())
+
+    @property
+    def queued(self) -> int:
+        return sum(self._queued.values())
 
     def _touch(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        token = object()
-        if self._limiter.available_tokens == 0:
-            if self.queued >= self.max_queue:
+    async def slot(self, *, forwarded: bool = False) -> AsyncIterator[None]:
+        limiter, token = self._limiters[forwarded], object()
+        if limiter.available_tokens == 0:
+            if self._queued[forwarded] >= self.max_queue:
                 self.refused_busy += 1
                 raise Busy(retry_after=1.0)
-            self.queued += 1
+            self._queued[forwarded] += 1
             self._touch()
             try:
-                await self._limiter.acquire_on_behalf_of(token)
+                await limiter.acquire_on_behalf_of(token)
             finally:
-                self.queued -= 1
+                self._queued[forwarded] -= 1
         else:
-            await self._limiter.acquire_on_behalf_of(token)
+            await limiter.acquire_on_behalf_of(token)
         self._touch()
         try:
             yield
         finally:
-            self._limiter.release_on_behalf_of(token)
+            limiter.release_on_behalf_of(token)
             self.served += 1
             self._touch()
 
@@ -126,7 +140,14 @@ class Admission:
 
 
 def error_for(exc: BaseException) -> Error:
-    """The wire Error for an exception raised while serving."""
+    """The wire Error for an exception raised while serving (messages cut to what the wire allows)."""
+    error = _error_for(exc)
+    if len(error.message) > MAX_ERROR_MESSAGE:
+        error = dataclasses.replace(error, message=error.message[:MAX_ERROR_MESSAGE - 1] + "…")
+    return error
+
+
+def _error_for(exc: BaseException) -> Error:
     if isinstance(exc, Busy):
         return Error(code="busy", message=str(exc), retryable=True, retry_after=exc.retry_after)
     if isinstance(exc, DeadlineExceeded):
@@ -138,12 +159,49 @@ def error_for(exc: BaseException) -> Error:
     if isinstance(exc, ModelNotFound):
         return Error(code="model_not_found", message=str(exc), retryable=True)
     if isinstance(exc, (ProviderNotFound, ProviderUnavailable, AllProvidersFailed)):
-        return Error(code="no_provider", message=str(exc)[:4000], retryable=True)
+        return Error(code="no_provider", message=str(exc), retryable=True)
     if isinstance(exc, ProviderError):
         retry_after = exc.retry_after if exc.retry_after is None or math.isfinite(exc.retry_after) else None
-        return Error(code="provider_failed", message=str(exc)[:4000], retryable=exc.retryable,
+        return Error(code="provider_failed", message=str(exc), retryable=exc.retryable,
                      retry_after=None if retry_after is None else min(max(retry_after, 0.0), 86_400.0))
-    return Error(code="internal", message=f"{type(exc).__name__}: {exc}"[:4000])
+    return Error(code="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+class ClientSide:
+    """The one reader of a stream a server answers on: the client's Credits, its next Request, its leaving.
+
+    A single task reads for the stream's whole life and is never cancelled while the stream is
+    in use (a cancelled py-libp2p read can lose bytes it already took off the connection). It
+    wakes the writer on each Credit, hands Requests over one at a time, and cancels the answer
+    in progress when the client goes away (the end of its side before the answer, or a reset)
+    or breaks the protocol (`error`, re-raised by the server for the stream guard to log).
+    """
+
+    def __init__(self, framed: FramedStream) -> None:
+        self.framed = framed
+        self.credit = trio.Event()  # replaced after each Credit: wait on the current one
+        self.answering: trio.CancelScope | None = None  # the answer in progress, if any
+        self.error: ProtocolError | StreamTimeout | None = None
+        self._send, self.requests = trio.open_memory_channel[Request](1)
+
+    async def run(self) -> None:
+        try:
+            async with self._send:
+                while True:
+                    event = await self.framed.read_event(idle=False)  # the server times idleness itself
+                    if event is None:
+                        break  # the client closed its side: before an answer that means it went away
+                    if isinstance(event, Request):
+                        await self._send.send(event)
+                    else:
+                        self.credit.set()
+                        self.credit = trio.Event()
+        except StreamClosedEarly:
+            pass
+        except (ProtocolError, StreamTimeout) as exc:
+            self.error = exc
+        if self.answering is not None:
+            self.answering.cancel()
 
 
 async def serve_inference(
@@ -154,89 +212,15 @@ async def serve_inference(
     admission: Admission,
     *,
     peer_id: str,
-) -> Request | None:
-    """Run `request` and answer on `framed` (the Request has already been received by `machine`).
-
-    Returns the client's next Request if it arrived while this one was being answered (keep-alive).
-    """
-    credit = trio.Event()
-    finished = False
-    peer_error: ProtocolError | StreamTimeout | None = None
-    next_request: Request | None = None
-
-    async def take_credits(cancel_scope: trio.CancelScope) -> None:
-        """Read the client's side: Credit messages, or its going away (which cancels the request)."""
-        nonlocal credit, peer_error, next_request
-        try:
-            while True:
-                event = await framed.read_event(idle=False)
-                if isinstance(event, Request):
-                    next_request = event  # keep-alive: the next request, after our answer
-                    return
-                if event is None:
-                    if finished:
-                        return  # the client closed an idle stream: fine
-                    # The client's end of the stream before our answer means it went away: a client
-                    # keeps its side open until the answer ends (and py-libp2p reports a remote
-                    # reset as an end of stream, so the two cannot be told apart).
-                    raise StreamClosedEarly("the client closed its side before the answer")
-                credit.set()
-                credit = trio.Event()
-        except StreamClosedEarly:
-            if not finished:
-                log.info("request %s cancelled: the client went away", request.id,
-                         extra={"request_id": request.id, "peer": framed.peer})
-                cancel_scope.cancel()
-        except (ProtocolError, StreamTimeout) as exc:  # re-raised below, outside the nursery
-            peer_error = exc
-            cancel_scope.cancel()
-
-    async def send(data: bytes) -> None:
-        await framed.write(data)
-
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(take_credits, scope)
-            try:
-                with trio.fail_after(request.timeout_ms / 1000.0):
-                    async with admission.slot():
-                        answer = None
-                        async with aclosing(runner(request)) as items:
-                            async for item in items:
-                                if isinstance(item, str):
-                                    if not request.stream or not item:
-                                        continue
-                                    while not machine.can_send_chunk:
-                                        await credit.wait()
-                                    await send(machine.chunk(item))
-                                else:
-                                    answer = item
-                        if answer is None:
-                            raise ProviderError("node", "the runner produced no answer")
-                        result = Result(
-                            response=answer.response, cid=answer.cid, key=answer.key, provider=answer.provider,
-                            peer=answer.peer or peer_id, cache=answer.cache,
-                            timings={"total_ms": float(answer.latency_ms)}, served_from=answer.served_from,
-                        )
-                        finished = True
-                        await send(machine.send(result))
-            except trio.TooSlowError:
-                finished = True
-                await _send_error(framed, machine, error_for(DeadlineExceeded(request.timeout_ms / 1000.0)))
-            except StreamClosedEarly:
-                scope.cancel()
-            except AccelmeshError as exc:
-                finished = True
-                await _send_error(framed, machine, error_for(exc))
-            except Exception as exc:  # a bug in a runner: answer `internal`, log the traceback, keep serving
-                finished = True
-                log.exception("request %s failed", request.id, extra={"request_id": request.id})
-                await _send_error(framed, machine, error_for(exc))
-            if next_request is None:
-                nursery.cancel_scope.cancel()
-    if peer_error is not None:
-        raise peer_error  # the stream guard resets the stream and logs why
-    return next_request
+) -> None:
+    """Answer one `request` already received by `machine` on `framed` (the control protocol's `generate`)."""
+    client = ClientSide(framed)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        await _answer(framed, machine, request, runner, admission, client, peer_id)
+        nursery.cancel_scope.cancel()  # one request per control stream: nothing more to read
+    if client.error is not None:
+        raise client.error
 
 
 async def serve_inference_stream(
@@ -254,31 +238,112 @@ async def serve_inference_stream(
     """
     machine = InferenceStream(Role.SERVER, MAX_INFER_FRAME)
     framed.decoder = machine
-    request: Any = await framed.read_event()
-    first = True
-    while request is not None:
-        if isinstance(request, Request):
+    client = ClientSide(framed)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        first = True
+        while True:
+            request: Request | None = None
+            with trio.move_on_after(framed.limits.idle_timeout) as idle:
+                try:
+                    request = await client.requests.receive()
+                except trio.EndOfChannel:
+                    pass
+            if request is None:
+                if idle.cancelled_caught and first:
+                    raise StreamTimeout("idle_timeout", "no request after the stream opened")
+                break  # the client closed the stream, broke the protocol, or left it idle: done
             if not first and allow_request is not None and not allow_request():
-                await _send_error(framed, machine, Error(code="busy", message="over this peer's request rate",
-                                                         retryable=True, retry_after=1.0))
-                request = None
+                usable = await _send_error(framed, machine, Error(
+                    code="busy", message="over this peer's request rate", retryable=True, retry_after=1.0))
             else:
-                request = await serve_inference(framed, machine, request, runner, admission, peer_id=peer_id)
+                usable = await _answer(framed, machine, request, runner, admission, client, peer_id)
+            if not usable:
+                break
             first = False
-        else:
-            request = None  # a Credit that arrived after its answer: ignored
-        if request is None:
-            try:
-                request = await framed.read_event()  # the next request, within the idle timeout
-            except StreamTimeout:
-                return  # an idle keep-alive stream: close it quietly
+        nursery.cancel_scope.cancel()
+    if client.error is not None:
+        raise client.error
 
 
-async def _send_error(framed: FramedStream, machine: InferenceStream, error: Error) -> None:
+async def _answer(
+    framed: FramedStream,
+    machine: InferenceStream,
+    request: Request,
+    runner: Runner,
+    admission: Admission,
+    client: ClientSide,
+    peer_id: str,
+) -> bool:
+    """Run `request` and stream its answer; True if the stream can carry another request."""
+    torn = False  # a write was cut off midway: half a message is on the stream
+
+    async def send(data: bytes) -> None:
+        nonlocal torn
+        torn = True
+        await framed.write(data)
+        torn = False
+
+    failure: BaseException | None = None
+    with trio.CancelScope() as scope:
+        client.answering = scope
+        try:
+            with trio.fail_after(request.timeout_ms / 1000.0):
+                async with admission.slot(forwarded=request.hops >= MAX_HOPS):
+                    answer = None
+                    async with aclosing(runner(request)) as items:
+                        async for item in items:
+                            if isinstance(item, str):
+                                if not request.stream or not item:
+                                    continue
+                                while not machine.can_send_chunk:
+                                    await client.credit.wait()
+                                await send(machine.chunk(item))
+                            else:
+                                answer = item
+                    if answer is None:
+                        raise ProviderError("node", "the runner produced no answer")
+                    result = Result(
+                        response=answer.response, cid=answer.cid, key=answer.key, provider=answer.provider,
+                        peer=answer.peer or peer_id, cache=answer.cache,
+                        timings={"total_ms": float(answer.latency_ms)}, served_from=answer.served_from,
+                    )
+                    await send(machine.send(result))
+        except trio.TooSlowError:
+            failure = DeadlineExceeded(request.timeout_ms / 1000.0)
+        except StreamClosedEarly:
+            return False
+        except AccelmeshError as exc:
+            failure = exc
+        except Exception as exc:  # a bug in a runner: answer `internal`, log the traceback, keep serving
+            log.exception("request %s failed", request.id, extra={"request_id": request.id})
+            failure = exc
+        finally:
+            client.answering = None
+    if scope.cancelled_caught:  # the client went away or broke the protocol: the generation is cancelled
+        log.info("request %s cancelled: the client went away", request.id,
+                 extra={"request_id": request.id, "peer": framed.peer})
+        await framed.reset()
+        return False
+    if torn or (failure is not None and machine.state.value != "active"):
+        # Cut off while writing (the deadline), or failed after the Result went out: nothing more
+        # can be said on this stream, and the client must not wait for it.
+        await framed.reset()
+        return False
+    if failure is not None:
+        return await _send_error(framed, machine, error_for(failure))
+    return True
+
+
+async def _send_error(framed: FramedStream, machine: InferenceStream, error: Error) -> bool:
+    """Answer with `error`; True if the stream can carry another request."""
     try:
-        await framed.write(machine.send(error))
-    except StreamClosedEarly:
-        pass
+        with trio.fail_after(framed.limits.idle_timeout):  # a client that takes not even an Error is gone
+            await framed.write(machine.send(error))
+    except (StreamClosedEarly, trio.TooSlowError):
+        await framed.reset()
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,8 +367,8 @@ def raise_for(error: Error, peer: str) -> None:
         raise CacheMiss(error.message)
     if error.code == "bad_request":
         raise InvalidRequest(error.message)
-    if error.code == "model_not_found":
-        raise ModelNotFound(f"peer {peer[-8:]}", error.message)
+    if error.code == "model_not_found":  # retryable: the mesh tries the next node (the advert was stale)
+        raise ModelNotFound(f"peer {peer[-8:]}", error.message, retryable=error.retryable)
     raise RemoteError(peer, error)
 
 
@@ -316,6 +381,7 @@ async def request_inference(framed: FramedStream, request: Request) -> AsyncIter
     """
     machine = framed.decoder
     assert isinstance(machine, InferenceStream)
+    _check_sendable(request)
     await framed.write(machine.send(request))
     consumed, top_up = 0, max(1, request.window // 2)
     while True:
@@ -334,6 +400,22 @@ async def request_inference(framed: FramedStream, request: Request) -> AsyncIter
         if consumed >= top_up and machine.state.value == "active":
             await framed.write(machine.send(Credit(consumed)))
             consumed = 0
+
+
+def _check_sendable(request: Request) -> None:
+    """Refuse here, with the field and the reason, a Request the server would refuse to decode
+    (e.g. more than 16 `on_peers`): otherwise the caller would only see its stream reset."""
+    from protocols.codec import decode, encode
+
+    try:
+        decode(encode(request), (Request,))
+    except ProtocolError as exc:
+        raise InvalidRequest(f"this request cannot be sent: {exc}") from exc
+
+
+def wire_timeout_ms(seconds: float) -> int:
+    """A deadline in seconds as the Request's `timeout_ms` (the protocol allows 1 ms to 1 hour)."""
+    return min(MAX_TIMEOUT_MS, max(1, int(seconds * 1000)))
 
 
 class StreamPool:
@@ -398,7 +480,13 @@ class StreamPool:
                 if reused and not yielded and attempt == 0:
                     log.debug("idle stream to %s was gone (%s); retrying on a new one", peer_id, exc)
                     continue
+                if isinstance(exc, StreamClosedEarly):  # reset by the peer: its limits, or it is stopping
+                    raise ProviderFailed(f"peer {peer_id[-8:]}", f"the peer reset the stream: {exc}",
+                                         retryable=True) from exc
                 raise
+            except ProtocolError as exc:  # the peer broke the protocol, or sent bytes that fail their CID
+                await framed.reset()
+                raise ProviderFailed(f"peer {peer_id[-8:]}", f"{type(exc).__name__}: {exc}", retryable=True) from exc
             except BaseException:
                 if machine.state.value == "done":  # the server answered with an Error: the stream is fine
                     await self._give_back(peer_id, framed)

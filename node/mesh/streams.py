@@ -52,6 +52,7 @@ REFUSAL_REASONS = (
     "idle_timeout",  # no frame started within idle_timeout
     "protocol_error",  # the peer sent something the protocol forbids (malformed, oversize, ...)
     "shutting_down",  # the node is draining
+    "internal",  # a bug in our handler: logged with its traceback; only this stream is lost
 )
 
 
@@ -207,6 +208,11 @@ class StreamGuard:
                 self._refuse(stream, peer, protocol, Refusal("protocol_error", str(exc)))
                 await _reset(stream)
             except StreamClosedEarly:
+                await _reset(stream)
+            except Exception as exc:  # incl. exception groups: py-libp2p would let it take the connection down
+                self.refused["internal"] += 1
+                log.error("reset %s stream from %s: handler failed: %s", protocol, peer, exc, exc_info=exc,
+                          extra={"peer": peer, "protocol": protocol, "reason": "internal"})
                 await _reset(stream)
             finally:
                 self.release(peer, protocol)

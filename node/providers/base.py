@@ -21,6 +21,7 @@ from typing import Any, ClassVar, NamedTuple
 from node.errors import InvalidRequest, ProviderError, ProviderFailed
 
 __all__ = [
+    "ACCELERATOR_KINDS",
     "Readiness",
     "READY",
     "ProviderInfo",
@@ -32,6 +33,8 @@ __all__ = [
     "adapt",
     "messages_to_text",
 ]
+
+ACCELERATOR_KINDS = ("cuda", "rocm", "mps", "cpu")  # what `accelerator=` may name (the adverts' kinds)
 
 
 class Readiness(NamedTuple):
@@ -140,6 +143,11 @@ class BaseProvider:
     def default_model(self) -> str | None:
         models = self.models()
         return models[0] if models else None
+
+    def accelerator(self) -> str | None:
+        """The kind of device this provider computes on here (cuda, rocm, mps, cpu); None when it
+        computes elsewhere (an API, a command-line tool's service). Read for `accelerator=`."""
+        return None
 
     def model_identity(self, model: str | None) -> str:
         """What goes into the request key for the model that will answer."""

@@ -79,6 +79,9 @@ class EchoProvider(BaseProvider):
     def model_identity(self, model: str | None) -> str:
         return MODEL  # the answer never depends on the model asked for
 
+    def accelerator(self) -> str:
+        return "cpu"
+
     def _draw(self) -> tuple[float, bool]:
         """Per attempt: the latency in seconds and whether this attempt fails."""
         lo, hi = self.latency_ms

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "accelmesh-tiny"
 _EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".py")
+STREAM_BUFFER_CHUNKS = 64  # text pieces generated ahead of a streaming reader before generation pauses
 _digest_cache: dict[tuple[str, int, int], str] = {}
 _digest_lock = threading.Lock()
 
@@ -195,6 +196,28 @@ def _context_length(model: Any) -> int | None:
     return None
 
 
+class Handoff:
+    """Pieces of text from the generating thread to the async reader, at most `size` waiting.
+
+    A reader that stops reading pauses the generation (the producer waits at its next piece)
+    instead of letting text pile up; `stop` (cancel, deadline) releases a waiting producer at once.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=size)
+        self.stop = threading.Event()
+
+    def put(self, item: tuple[str, Any]) -> bool:
+        """Hand `item` over, waiting while the reader is behind; False if stopped meanwhile."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
 class HFLocalProvider(BaseProvider):
     name = "hf_local"
 
@@ -268,6 +291,15 @@ class HFLocalProvider(BaseProvider):
         from node.accelerators import pick_torch_device
 
         return pick_torch_device()
+
+    def accelerator(self) -> str:
+        """The kind of this provider's device: cuda (or rocm, on a ROCm build of torch), mps or cpu."""
+        device = self.device().split(":")[0]
+        if device == "cuda":
+            import torch
+
+            return "rocm" if getattr(torch.version, "hip", None) else "cuda"
+        return device
 
     def load(self, model: str | None = None, *, progress: bool = False) -> _Loaded:
         """Load (once) and return `model` on this provider's device. Blocking: call in a thread."""
@@ -417,15 +449,15 @@ class HFLocalProvider(BaseProvider):
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         import trio
 
-        chunks: queue.Queue[tuple[str, Any]] = queue.Queue()
-        stop = threading.Event()
+        handoff = Handoff(STREAM_BUFFER_CHUNKS)
+        chunks, stop, put = handoff.queue, handoff.stop, handoff.put
 
         def work() -> None:
             try:
-                completion = self._generate(request, on_text=lambda t: chunks.put(("text", t)), stop_event=stop)
-                chunks.put(("done", completion))
+                completion = self._generate(request, on_text=lambda t: put(("text", t)), stop_event=stop)
+                put(("done", completion))
             except BaseException as exc:  # delivered to the async side, which re-raises it
-                chunks.put(("error", exc))
+                put(("error", exc))
 
         worker = threading.Thread(target=work, name="hf_local-generate", daemon=True)
         worker.start()

@@ -21,6 +21,7 @@ __all__ = [
     "MAX_HOPS",
     "DEFAULT_WINDOW",
     "MAX_WINDOW",
+    "MAX_TIMEOUT_MS",
     "MAX_PROMPT_CHARS",
     "MAX_CHUNK_CHARS",
     "MAX_RESPONSE_BYTES",
@@ -42,6 +43,7 @@ PROTOCOL_ID = "/accelmesh/infer/1.0.0"
 MAX_HOPS = 2  # entry node -> serving node (+1 spare); the router refuses to forward a forwarded request
 DEFAULT_WINDOW = 32  # chunks a server may send ahead of the client's credit
 MAX_WINDOW = 1024
+MAX_TIMEOUT_MS = 3_600_000  # one hour: a longer deadline is sent as this
 MAX_PROMPT_CHARS = 1024 * 1024  # 1 Mi characters of prompt or of one chat message
 MAX_CHUNK_CHARS = 64 * 1024  # one streamed delta
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # the canonical response bytes (one cache block)
@@ -76,7 +78,7 @@ class Request(Message):
 
     id: str = field(Str(max_len=64))  # request id, echoed in logs and results
     task: str = field(Str(max_len=16, choices=TASKS))
-    timeout_ms: int = field(Int(1, 3_600_000))  # the caller's remaining deadline when sent
+    timeout_ms: int = field(Int(1, MAX_TIMEOUT_MS))  # the caller's remaining deadline when sent
     prompt: str | None = field(Str(max_len=MAX_PROMPT_CHARS), optional=True)  # generate / embed
     messages: tuple[ChatMessage, ...] | None = field(List(Nested(ChatMessage), max_items=1024), optional=True)
     model: str | None = field(Str(max_len=256), optional=True)  # None: the server's default

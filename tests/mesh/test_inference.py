@@ -10,7 +10,7 @@ from libp2p.peer.id import ID
 
 import node
 from node.client import PeerClient
-from node.errors import DeadlineExceeded, ModelNotFound
+from node.errors import CacheMiss, DeadlineExceeded, ModelNotFound
 from node.mesh.service import RemoteError
 from node.mesh.streams import FramedStream, StreamLimits
 from protocols.inference.machine import InferenceStream, Role
@@ -259,3 +259,132 @@ async def test_a_provider_concurrency_cap_queues_requests_instead_of_refusing_th
         assert sorted(r.verify()["text"] for r in results) == ["echo: p0", "echo: p1", "echo: p2"]
         assert trio.current_time() - start >= 0.9, "one generation at a time: three in a row"
         assert alice.info()["stats"]["inferences"] == 3
+
+
+class StallingStream:
+    """A FramedStream whose client takes the small frames but never the Result (a stalled reader)."""
+
+    limits = StreamLimits()
+    peer = "12D3KooWStalledReader"
+
+    def __init__(self) -> None:
+        self.written, self.was_reset = [], False
+
+    async def write(self, data: bytes) -> None:
+        if len(data) > 200:  # the Result
+            self.written.append(data[:100])  # half of it went out
+            await trio.sleep_forever()
+        self.written.append(data)
+
+    async def read_event(self, *, idle: bool = True):
+        await trio.sleep_forever()
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_a_deadline_while_the_result_is_written_resets_the_stream_and_raises_nothing():
+    # The answer is complete (the state machine is DONE) when the deadline cuts the Result's write:
+    # no Error may follow half a Result, and nothing may escape to the connection (py-libp2p would
+    # take the whole connection down with it).
+    from node.mesh.service import Admission, serve_inference
+
+    answer = await node.acomplete("a b c", provider="echo", cache="no-store")
+
+    async def runner(req):
+        yield "a"
+        yield answer
+
+    framed, machine = StallingStream(), InferenceStream(Role.SERVER)
+    req = request("a b c", provider="echo", timeout_ms=300)
+    machine.receive_message(req)
+    admission = Admission(1, 0)
+    with trio.fail_after(5):
+        await serve_inference(framed, machine, req, runner, admission, peer_id="12D3KooWServer")
+    assert framed.was_reset and admission.in_flight == 0
+    assert len(framed.written) == 2, "one chunk, half a Result, and nothing after it"
+
+
+async def test_only_if_cached_through_the_mesh_is_answered_by_the_serving_nodes_cache(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice:
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            with pytest.raises(CacheMiss):
+                await collect(client, request("remember me", cache="only-if-cached"))
+            first = (await collect(client, request("remember me")))[-1]
+            again = (await collect(client, request("remember me", cache="only-if-cached")))[-1]
+        assert (first.cache, again.cache) == ("miss", "memory") and again.cid == first.cid
+
+
+async def test_on_peers_never_falls_back_to_a_node_outside_them(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice:
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            nobody = "12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+            with pytest.raises((ModelNotFound, RemoteError), match="no node of the cluster serves"):
+                await collect(client, request(on_peers=(nobody,)))
+            assert (await collect(client, request(on_peers=(alice.peer_id,))))[-1].peer == alice.peer_id
+        assert alice.info()["stats"]["inferences"] == 1
+
+
+async def test_a_request_the_server_could_not_decode_is_refused_before_it_is_sent(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice:
+        def blocking():
+            with node.connect(peer=alice.addrs()[0]) as client:
+                with pytest.raises(node.InvalidRequest, match="on_peers"):
+                    client.generate_text("x", on_peers=[f"12D3KooW{i}" for i in range(17)])
+                return client.generate_text("a long deadline", provider="echo", timeout=7200)  # sent as 1 hour
+
+        assert await trio.to_thread.run_sync(blocking) == "echo: a long deadline"
+
+
+def test_every_error_message_fits_the_wire():
+    from node.errors import InvalidRequest
+    from node.mesh.service import error_for
+    from protocols.codec import decode, encode
+    from protocols.inference.messages import Error
+
+    error = error_for(InvalidRequest("temperature must be a finite number, got " + "9" * 10_000))
+    assert len(error.message) == 4096 and error.message.endswith("…")
+    assert decode(encode(error), (Error,)) == error
+
+
+class FirstWordThenSilence(ScriptedProvider):
+    async def astream(self, request):
+        yield "first"
+        try:
+            await trio.sleep(30)
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        yield "never"
+
+
+async def test_the_blocking_client_is_shared_by_threads_and_stopping_early_cancels_the_request(tmp_path):
+    async with running_daemon(tmp_path, "alice", ACCELMESH_ECHO_LATENCY_MS="0", **QUIET) as alice:
+        slow = FirstWordThenSilence("slow_words")
+        node.register_llm_provider("slow_words", lambda: slow)
+
+        def blocking():
+            import threading
+
+            with node.connect(peer=alice.addrs()[0]) as client:
+                answers, portals = {}, set()
+
+                def one(i):
+                    answers[i] = client.generate_text(f"thread {i}", provider="echo")
+                    portals.add(id(client._portal))
+
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout=30)
+                for chunk in client.stream_text("one two three four five six", provider="slow_words"):
+                    break  # the caller stops after the first chunk
+                after = client.generate_text("after", provider="echo")
+            return answers, portals, after
+
+        answers, portals, after = await trio.to_thread.run_sync(blocking)
+        assert answers == {i: f"echo: thread {i}" for i in range(4)} and len(portals) == 1
+        assert after == "echo: after"
+        await until(lambda: alice.admission.in_flight == 0, timeout=2)
+        assert slow.cancelled == 1, "the generation the caller walked away from was cancelled"

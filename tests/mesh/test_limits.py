@@ -216,3 +216,25 @@ async def test_a_stream_that_never_negotiates_its_protocol_is_reset_after_negoti
                 pass  # reset: what we expect
         elapsed = trio.current_time() - start
         assert 0.9 <= elapsed < 5.0, elapsed
+
+
+BROKEN = "/accelmesh-test/broken/1.0.0"
+
+
+async def broken_handler(framed: FramedStream, peer: str) -> None:
+    """A handler with a bug, failing the way a nursery does: an exception group."""
+    await framed.read_frame()
+    raise ExceptionGroup("a bug", [KeyError("missing")])
+
+
+async def test_a_bug_in_a_handler_resets_that_stream_and_the_node_keeps_serving(tmp_path):
+    async with running_daemon(tmp_path) as daemon, peer_host() as alice:
+        serve_test_protocols(daemon)
+        daemon.host.set_stream_handler(BROKEN, daemon.guard.wrap(BROKEN, broken_handler))
+        await connect(alice, daemon)
+        with trio.fail_after(20):
+            for _ in range(3):
+                await expect_reset(alice, daemon, BROKEN)
+            await open_and_check(alice, daemon)  # same connection, other streams: fine
+        assert daemon.guard.refused["internal"] == 3
+        assert len(alice.get_network().connections) == 1, "the connection survived"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import aclosing
 
+import pytest
 import trio
 
 from node.client import PeerClient
@@ -60,3 +61,77 @@ async def test_a_node_that_fails_is_passed_over_for_the_next_one(tmp_path):
         assert bob.admission.statistics().served == 2, "bob was asked on his two turns (and failed)"
         assert bob.info()["stats"]["inferences"] == 0
         assert alice.info()["stats"]["inferences"] == 4
+
+
+async def test_a_node_that_resets_the_stream_is_passed_over_too(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob:
+        with trio.fail_after(10):
+            while bob.peer_id not in alice.table:
+                await trio.sleep(0.02)
+        bob.guard.closing = True  # bob starts to drain: every new stream is reset
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            for i in range(4):
+                request = Request(id=f"r{i}", task="generate", prompt=f"p{i}", model="echo", provider="mesh",
+                                  timeout_ms=20_000)
+                async with aclosing(client.generate(request)) as items:
+                    result = [item async for item in items][-1]
+                assert result.peer == alice.peer_id
+        assert bob.guard.refused["shutting_down"] >= 2 and alice.info()["stats"]["inferences"] == 4
+
+
+class ResettingStream:
+    """A libp2p stream the peer reset as soon as it opened."""
+
+    def __init__(self, peer_id) -> None:
+        self.muxed_conn = type("Conn", (), {"peer_id": peer_id})()
+
+    async def write(self, data: bytes) -> None:
+        raise ConnectionResetError("stream reset by the peer")
+
+    async def read(self, n: int = -1) -> bytes:
+        raise ConnectionResetError("stream reset by the peer")
+
+    async def reset(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class ResettingHost:
+    async def new_stream(self, peer_id, protocols):
+        return ResettingStream(peer_id)
+
+
+async def test_a_reset_stream_is_a_retryable_failure_of_that_peer():
+    from node.errors import ProviderFailed
+    from node.mesh.service import StreamPool
+    from node.mesh.streams import StreamLimits
+    from protocols.records import Identity
+
+    pool = StreamPool(ResettingHost(), StreamLimits())
+    peer = Identity.generate().peer_id
+    request = Request(id="r", task="generate", prompt="p", timeout_ms=1000)
+    with trio.fail_after(5), pytest.raises(ProviderFailed, match="reset") as info:
+        async with aclosing(pool.request(peer, request)) as items:
+            async for _ in items:
+                pass
+    assert info.value.retryable, "the mesh moves on to the next node"
+
+
+async def test_when_this_node_fails_to_serve_the_next_node_does(tmp_path):
+    failing = {"ACCELMESH_ECHO_FAILURE_RATE": "1", "ACCELMESH_FALLBACK_ORDER": "echo"}
+    async with running_daemon(tmp_path, "alice", **failing, **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], ACCELMESH_FALLBACK_ORDER="echo",
+                           **QUIET) as bob:
+        with trio.fail_after(10):
+            while bob.peer_id not in alice.table:
+                await trio.sleep(0.02)
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            for i in range(4):  # no model named: alice's own chain (echo only) fails on her turns
+                request = Request(id=f"r{i}", task="generate", prompt=f"p{i}", provider="mesh", timeout_ms=20_000)
+                async with aclosing(client.generate(request)) as items:
+                    result = [item async for item in items][-1]
+                assert result.peer == bob.peer_id and result.provider == "echo"
+        assert bob.info()["stats"]["inferences"] == 4

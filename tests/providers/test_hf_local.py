@@ -3,6 +3,7 @@
 import hashlib
 import shutil
 import threading
+import time
 
 import pytest
 import trio
@@ -171,3 +172,37 @@ def test_max_tokens_beyond_the_context_is_capped_and_an_oversize_prompt_is_refus
     assert long.prompt_tokens + long.completion_tokens <= context
     with pytest.raises(node.ProviderFailed, match="does not fit the context"):
         provider.complete_sync(req(prompt="hello " * context))
+
+
+def test_a_reader_that_stops_reading_pauses_the_producer_at_the_buffer_bound():
+    from node.providers.hf_local import Handoff
+
+    handoff = Handoff(8)
+    produced = []
+
+    def producer():
+        for i in range(100):
+            if not handoff.put(("text", i)):
+                return
+            produced.append(i)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    assert handoff.queue.get(timeout=5) == ("text", 0)  # the reader takes one, then stops reading
+    deadline = time.monotonic() + 5
+    while len(produced) < 9 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    thread.join(timeout=0.3)
+    assert thread.is_alive() and len(produced) == 9, "8 waiting + 1 taken, and the producer waits"
+    handoff.stop.set()  # a cancel: the waiting producer leaves at once
+    thread.join(timeout=2)
+    assert not thread.is_alive() and len(produced) == 9
+
+
+def test_accelerator_is_the_device_kind(provider):
+    import torch
+
+    expected = "cpu" if not torch.cuda.is_available() else ("rocm" if torch.version.hip else "cuda")
+    assert provider.accelerator() == expected  # device auto: the best device here (the tests pin no device)
+    assert HFLocalProvider(device="cpu").accelerator() == "cpu"
+    assert HFLocalProvider(device="mps").accelerator() == "mps"
