@@ -388,3 +388,20 @@ async def test_the_blocking_client_is_shared_by_threads_and_stopping_early_cance
         assert after == "echo: after"
         await until(lambda: alice.admission.in_flight == 0, timeout=2)
         assert slow.cancelled == 1, "the generation the caller walked away from was cancelled"
+
+
+async def test_forwarded_requests_have_their_own_lane_so_two_nodes_cannot_wait_on_each_other():
+    from node.mesh.service import Admission, Busy
+
+    admission = Admission(1, 0)
+    with trio.fail_after(5):
+        async with admission.slot():  # a caller's request, e.g. waiting on another node
+            with pytest.raises(Busy):
+                async with admission.slot():
+                    pass
+            async with admission.slot(forwarded=True):  # another node's request still gets served
+                assert admission.in_flight == 2
+            with pytest.raises(Busy):
+                async with admission.slot(forwarded=True), admission.slot(forwarded=True):
+                    pass
+    assert admission.in_flight == 0 and admission.refused_busy == 2
