@@ -186,22 +186,24 @@ class ClientSide:
 
     async def run(self) -> None:
         try:
-            async with self._send:
-                while True:
-                    event = await self.framed.read_event(idle=False)  # the server times idleness itself
-                    if event is None:
-                        break  # the client closed its side: before an answer that means it went away
-                    if isinstance(event, Request):
-                        await self._send.send(event)
-                    else:
-                        self.credit.set()
-                        self.credit = trio.Event()
+            while True:
+                event = await self.framed.read_event(idle=False)  # the server times idleness itself
+                if event is None:
+                    break  # the client closed its side: before an answer that means it went away
+                if isinstance(event, Request):
+                    await self._send.send(event)
+                else:
+                    self.credit.set()
+                    self.credit = trio.Event()
         except StreamClosedEarly:
             pass
         except (ProtocolError, StreamTimeout) as exc:
             self.error = exc
-        if self.answering is not None:
-            self.answering.cancel()
+        finally:
+            # Synchronously, after `error` is set: the server sees the end of the requests only now.
+            if self.answering is not None:
+                self.answering.cancel()
+            self._send.close()
 
 
 async def serve_inference(
