@@ -170,7 +170,7 @@ class Daemon:
         with trio.move_on_after(grace):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._wait_forced, nursery.cancel_scope)
-                while self.admission.in_flight or self.admission.queued:
+                while not self.admission.idle:
                     await self.admission.changed.wait()
                 nursery.cancel_scope.cancel()
         if self.admission.in_flight:

@@ -5,7 +5,10 @@ the peer table, this node included, those with a ready provider for the task (an
 when one is named), that satisfy the request's constraints (`on_peers`, `accelerator`), in
 round-robin order; it sends the request over `/accelmesh/infer/1.0.0` with `hops = 2`, so
 the serving node answers with its local providers only and never forwards it again; and on a
-retryable failure before the first chunk it tries the next node (at most `MAX_ATTEMPTS`).
+retryable failure before the first chunk it tries the next node (at most `MAX_ATTEMPTS`
+failures; a node that answers busy answers at once, so every eligible one may be asked). When
+every node asked was busy it raises `ClusterBusy` (the caller hears `busy` and the smallest
+`retry_after`). While another node serves, the request gives its slot on this node back.
 
 The answer keeps the serving node's exact response bytes, checked against their CID, and its
 request key: the entry node cannot key the request itself, since it does not know which
@@ -21,13 +24,13 @@ import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node.errors import AllProvidersFailed, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
 from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
-from node.mesh.service import wire_timeout_ms
+from node.mesh.service import CURRENT_SLOT, ClusterBusy, RemoteError, wire_timeout_ms
 from protocols.inference.messages import MAX_HOPS, ChatMessage, Request, Result  # noqa: F401 (Result: typing)
 
 __all__ = [
@@ -43,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3  # nodes tried for one request before the mesh gives up (the router then falls back)
+MAX_ATTEMPTS = 3  # failed nodes before the mesh gives up (the router then falls back); busy ones don't count
 FORWARDED_HOPS = MAX_HOPS  # a request the mesh forwards arrives with this many hops: served locally only
 
 # Set while a request that came from another node is being served: the mesh must not forward it again.
@@ -132,8 +135,10 @@ class MeshProvider(BaseProvider):
             constraints += [f"with a {request.accelerator} accelerator"] if request.accelerator else []
             raise ModelNotFound(self.name, f"no node of the cluster serves {what}"
                                            + (f" ({'; '.join(constraints)})" if constraints else ""))
-        failures = []
-        for node in nodes[:MAX_ATTEMPTS]:
+        failures, busy, failed = [], [], 0
+        for node in nodes:
+            if failed >= MAX_ATTEMPTS:
+                break
             emitted = False
             try:
                 async with aclosing(self._ask(node, request)) as items:
@@ -145,7 +150,13 @@ class MeshProvider(BaseProvider):
                 if emitted or not exc.retryable:
                     raise
                 failures.append(f"{node.peer_id[-8:]}: {exc.message}")
+                if isinstance(exc, RemoteError) and exc.code == "busy":
+                    busy.append(exc.retry_after or 1.0)  # a full node answers at once: every one may be asked
+                else:
+                    failed += 1
                 log.info("mesh: %s failed (%s); trying the next node", node.peer_id, exc)
+        if busy and not failed:
+            raise ClusterBusy(self.name, f"every eligible node is busy ({len(busy)} asked)", retry_after=min(busy))
         raise ProviderFailed(self.name, "every node tried failed: " + "; ".join(failures), retryable=True)
 
     def _forward(self, request: ProviderRequest, node: Candidate) -> Request:
@@ -166,11 +177,12 @@ class MeshProvider(BaseProvider):
 
     async def _ask(self, node: Candidate, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         forwarded = self._forward(request, node)
+        slot = CURRENT_SLOT.get()
         if node.is_self:
-            items = self._local(forwarded)
-        else:
-            items = self._remote(node.peer_id, forwarded)
-        async with aclosing(items) as answers:
+            items, handing_off = self._local(forwarded), nullcontext()
+        else:  # while the other node serves, this node's slot is free for other work
+            items, handing_off = self._remote(node.peer_id, forwarded), slot.handed_off() if slot else nullcontext()
+        async with handing_off, aclosing(items) as answers:
             async for item in answers:
                 if isinstance(item, str):
                     yield item

@@ -13,6 +13,7 @@ cancels the runner at once, which frees the slot.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import math
@@ -34,17 +35,21 @@ from node.errors import (
     ProviderFailed,
     ProviderNotFound,
     ProviderUnavailable,
+    RateLimited,
 )
 from node.mesh.streams import FramedStream, StreamClosedEarly, StreamTimeout
 from protocols.errors import ProtocolError
 from protocols.inference.machine import MAX_FRAME_SIZE as MAX_INFER_FRAME
 from protocols.inference.machine import InferenceStream, Role
-from protocols.inference.messages import MAX_HOPS, MAX_TIMEOUT_MS, Credit, Error, Request, Result
+from protocols.inference.messages import MAX_TIMEOUT_MS, Credit, Error, Request, Result
 
 __all__ = [
     "Admission",
     "AdmissionStatistics",
     "Busy",
+    "ClusterBusy",
+    "CURRENT_SLOT",
+    "Slot",
     "RemoteError",
     "Runner",
     "error_for",
@@ -69,74 +74,126 @@ class Busy(AccelmeshError):
         self.retry_after = retry_after
 
 
+class ClusterBusy(RateLimited):
+    """Every eligible node answered busy (the caller hears `busy`, with the smallest retry_after)."""
+
+
 @dataclass(frozen=True)
 class AdmissionStatistics:
     in_flight: int
     queued: int
+    forwarding: int
     max_concurrent: int
     max_queue: int
     served: int
     refused_busy: int
 
 
-class Admission:
-    """`max_concurrent` requests at once; up to `max_queue` more wait; beyond that: busy.
+# The slot of the request the current task is answering: the mesh hands it back while another node serves.
+CURRENT_SLOT: contextvars.ContextVar[Slot | None] = contextvars.ContextVar("accelmesh_slot", default=None)
 
-    Two lanes, each with those limits: requests from callers (which this node may forward) and
-    requests forwarded by other nodes (served here with local providers only). A forwarded
-    request never waits behind callers' requests, so two busy nodes forwarding to each other
-    cannot each hold every slot while waiting for the other's.
+
+class Admission:
+    """`max_concurrent` requests run here at once; up to `max_queue` more wait; beyond that: busy.
+
+    A request that the mesh hands to another node gives its slot back while that node serves it
+    (`Slot.handed_off`); it counts as `forwarding`, not `in_flight`. So the slots count the work
+    done on this node, and two full nodes forwarding to each other never each hold every slot
+    while waiting for the other's.
     """
 
     def __init__(self, max_concurrent: int, max_queue: int) -> None:
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
-        self._limiters = {lane: trio.CapacityLimiter(max_concurrent) for lane in (False, True)}
-        self._queued = {False: 0, True: 0}
+        self.limiter = trio.CapacityLimiter(max_concurrent)
+        self.queued = 0
+        self.forwarding = 0
         self.served = 0
         self.refused_busy = 0
-        self.changed = trio.Event()  # set whenever in_flight or queued changes (load adverts watch it)
+        self.changed = trio.Event()  # set whenever in_flight, queued or forwarding changes (load adverts watch it)
 
     @property
     def in_flight(self) -> int:
-        return sum(int(limiter.borrowed_tokens) for limiter in self._limiters.values())
+        return int(self.limiter.borrowed_tokens)
 
     @property
-    def queued(self) -> int:
-        return sum(self._queued.values())
+    def idle(self) -> bool:
+        """Nothing running, waiting or forwarded (a drain waits for this)."""
+        return not (self.in_flight or self.queued or self.forwarding)
 
     def _touch(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
-    @asynccontextmanager
-    async def slot(self, *, forwarded: bool = False) -> AsyncIterator[None]:
-        limiter, token = self._limiters[forwarded], object()
-        if limiter.available_tokens == 0:
-            if self._queued[forwarded] >= self.max_queue:
-                self.refused_busy += 1
-                raise Busy(retry_after=1.0)
-            self._queued[forwarded] += 1
-            self._touch()
-            try:
-                await limiter.acquire_on_behalf_of(token)
-            finally:
-                self._queued[forwarded] -= 1
-        else:
-            await limiter.acquire_on_behalf_of(token)
+    async def _acquire(self, token: object) -> None:
+        self.queued += 1
         self._touch()
         try:
-            yield
+            await self.limiter.acquire_on_behalf_of(token)
         finally:
-            limiter.release_on_behalf_of(token)
+            self.queued -= 1
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[Slot]:
+        slot = Slot(self)
+        if self.limiter.available_tokens == 0:
+            if self.queued >= self.max_queue:
+                self.refused_busy += 1
+                raise Busy(retry_after=1.0)
+            await self._acquire(slot)
+        else:
+            await self.limiter.acquire_on_behalf_of(slot)
+        self._touch()
+        token = CURRENT_SLOT.set(slot)
+        try:
+            yield slot
+        finally:
+            try:
+                CURRENT_SLOT.reset(token)
+            except ValueError:  # closed from another context, which never saw it
+                pass
+            if slot.held:
+                self.limiter.release_on_behalf_of(slot)
+            else:
+                self.forwarding -= 1
             self.served += 1
             self._touch()
 
     def statistics(self) -> AdmissionStatistics:
-        return AdmissionStatistics(self.in_flight, self.queued, self.max_concurrent, self.max_queue,
-                                   self.served, self.refused_busy)
+        return AdmissionStatistics(self.in_flight, self.queued, self.forwarding, self.max_concurrent,
+                                   self.max_queue, self.served, self.refused_busy)
 
     def __repr__(self) -> str:
-        return f"<Admission {self.in_flight}/{self.max_concurrent} in flight, {self.queued}/{self.max_queue} queued>"
+        return (f"<Admission {self.in_flight}/{self.max_concurrent} in flight, {self.queued}/{self.max_queue} "
+                f"queued, {self.forwarding} forwarded>")
+
+
+class Slot:
+    """One admitted request's slot."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.held = True
+
+    @asynccontextmanager
+    async def handed_off(self) -> AsyncIterator[None]:
+        """Give the slot back while another node serves the request; take it back (waiting in the
+        queue, if need be) if that node fails, since the router may go on to a local provider."""
+        if not self.held:
+            yield
+            return
+        admission = self.admission
+        admission.limiter.release_on_behalf_of(self)
+        self.held = False
+        admission.forwarding += 1
+        admission._touch()
+        try:
+            yield
+        except ProviderError:
+            admission.forwarding -= 1
+            await admission._acquire(self)
+            self.held = True
+            admission._touch()
+            raise
 
 
 def error_for(exc: BaseException) -> Error:
@@ -148,8 +205,11 @@ def error_for(exc: BaseException) -> Error:
 
 
 def _error_for(exc: BaseException) -> Error:
-    if isinstance(exc, Busy):
+    if isinstance(exc, (Busy, ClusterBusy)):
         return Error(code="busy", message=str(exc), retryable=True, retry_after=exc.retry_after)
+    if isinstance(exc, AllProvidersFailed) and _all_busy(exc):
+        retry_after = min(cause.retry_after or 1.0 for _, cause in exc.attempts if isinstance(cause, ClusterBusy))
+        return Error(code="busy", message=str(exc), retryable=True, retry_after=retry_after)
     if isinstance(exc, DeadlineExceeded):
         return Error(code="deadline_exceeded", message=str(exc), retryable=False)
     if isinstance(exc, CacheMiss):
@@ -165,6 +225,12 @@ def _error_for(exc: BaseException) -> Error:
         return Error(code="provider_failed", message=str(exc), retryable=exc.retryable,
                      retry_after=None if retry_after is None else min(max(retry_after, 0.0), 86_400.0))
     return Error(code="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+def _all_busy(exc: AllProvidersFailed) -> bool:
+    """Whether every provider that was tried answered busy (skipped ones aside): the cluster is full."""
+    tried = [cause for _, cause in exc.attempts if isinstance(cause, BaseException)]
+    return bool(tried) and all(isinstance(cause, ClusterBusy) for cause in tried)
 
 
 class ClientSide:
@@ -291,7 +357,7 @@ async def _answer(
         client.answering = scope
         try:
             with trio.fail_after(request.timeout_ms / 1000.0):
-                async with admission.slot(forwarded=request.hops >= MAX_HOPS):
+                async with admission.slot():
                     answer = None
                     async with aclosing(runner(request)) as items:
                         async for item in items:

@@ -137,8 +137,14 @@ async def test_busy_only_when_every_slot_and_the_queue_are_full(tmp_path):
 
 
 async def test_a_malformed_frame_resets_that_stream_only(tmp_path):
-    async with running_daemon(tmp_path, "alice", **QUIET) as alice, peer_host() as mallory:
+    async with running_daemon(tmp_path, "alice", ACCELMESH_ECHO_LATENCY_MS="1000", **QUIET) as alice, \
+            peer_host() as mallory:
         await connect(mallory, alice)
+        # a good request in flight on mallory's own connection while she sends garbage beside it
+        good = FramedStream(await mallory.new_stream(ID.from_base58(alice.peer_id), [INFER]), StreamLimits(),
+                            decoder=InferenceStream(Role.CLIENT))
+        await good.write(good.decoder.send(request("still answered", provider="echo")))
+        await until(lambda: alice.admission.in_flight == 1)
         for garbage in (b"\x05hello", b"\xff\xff\xff\xff\xff\xff", b"\x03\x93\x01\x02"):
             stream = await mallory.new_stream(ID.from_base58(alice.peer_id), [INFER])
             await stream.write(garbage)
@@ -146,6 +152,12 @@ async def test_a_malformed_frame_resets_that_stream_only(tmp_path):
                 if not await stream.read(100):
                     raise ConnectionError("closed without an answer")
         assert alice.guard.refused["protocol_error"] == 3, "each one counted before its stream was reset"
+        with trio.fail_after(5):
+            events = []
+            while not isinstance(event := await good.read_event(), Result):
+                events.append(event.text)
+        assert "".join(events) == "echo: still answered" == event.verify()["text"]
+        assert len(mallory.get_network().connections) == 1, "the connection itself was never closed"
         async with PeerClient.connect(alice.addrs()[0]) as client:  # the node keeps serving
             assert (await collect(client, request(provider="echo")))[-1].verify()["text"] == "echo: hello"
 
@@ -390,18 +402,117 @@ async def test_the_blocking_client_is_shared_by_threads_and_stopping_early_cance
         assert slow.cancelled == 1, "the generation the caller walked away from was cancelled"
 
 
-async def test_forwarded_requests_have_their_own_lane_so_two_nodes_cannot_wait_on_each_other():
+async def test_a_slot_handed_to_another_node_is_free_here_and_taken_back_if_that_node_fails():
+    from node.errors import ProviderFailed
     from node.mesh.service import Admission, Busy
 
     admission = Admission(1, 0)
     with trio.fail_after(5):
-        async with admission.slot():  # a caller's request, e.g. waiting on another node
+        async with admission.slot() as slot:
             with pytest.raises(Busy):
                 async with admission.slot():
                     pass
-            async with admission.slot(forwarded=True):  # another node's request still gets served
-                assert admission.in_flight == 2
-            with pytest.raises(Busy):
-                async with admission.slot(forwarded=True), admission.slot(forwarded=True):
-                    pass
-    assert admission.in_flight == 0 and admission.refused_busy == 2
+            async with slot.handed_off():  # another node serves this request...
+                assert (admission.in_flight, admission.forwarding) == (0, 1) and not admission.idle
+                async with admission.slot():  # ... so this node takes other work meanwhile
+                    assert admission.in_flight == 1
+            assert (admission.in_flight, admission.forwarding) == (0, 1), "answered elsewhere: the slot stays free"
+        assert admission.idle
+        async with admission.slot() as slot:
+            with pytest.raises(ProviderFailed):
+                async with slot.handed_off():
+                    raise ProviderFailed("bob", "gone", retryable=True)
+            assert (admission.in_flight, admission.forwarding) == (1, 0), "taken back: the router may serve it here"
+    assert admission.idle and admission.refused_busy == 1 and admission.served == 3
+
+
+async def test_the_entry_node_frees_its_slot_while_another_node_serves(tmp_path):
+    env = {"ACCELMESH_ECHO_LATENCY_MS": "1500", "ACCELMESH_LIMITS_MAX_CONCURRENT": "1",
+           "ACCELMESH_LIMITS_MAX_QUEUE": "0", **QUIET}
+    async with running_daemon(tmp_path, "alice", **env) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **env) as bob:
+        await until(lambda: bob.peer_id in alice.table and alice.peer_id in bob.table)
+        results = {}
+
+        async def ask(entry, key, req):
+            async with PeerClient.connect(entry.addrs()[0]) as client:
+                results[key] = (await collect(client, req))[-1]
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, alice, "via alice", request("to bob", on_peers=(bob.peer_id,)))
+                await until(lambda: bob.admission.in_flight == 1)
+                assert (alice.admission.in_flight, alice.admission.forwarding) == (0, 1)
+                # alice's one slot is free for work of her own while bob serves her caller
+                await ask(alice, "at alice", request("local", provider="echo"))
+        assert results["via alice"].peer == bob.peer_id and results["at alice"].peer == alice.peer_id
+        assert alice.admission.idle and bob.admission.idle and alice.admission.refused_busy == 0
+
+
+async def test_a_busy_node_is_skipped_and_when_every_node_is_busy_the_caller_hears_busy(tmp_path):
+    hold = ScriptedProvider("hold", latency=30)
+    node.register_llm_provider("hold", lambda: hold)
+    env = {"ACCELMESH_LIMITS_MAX_CONCURRENT": "1", "ACCELMESH_LIMITS_MAX_QUEUE": "0", **QUIET}
+    async with running_daemon(tmp_path, "alice", **env) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **env) as bob:
+        await until(lambda: bob.peer_id in alice.table and alice.peer_id in bob.table)
+        async with trio.open_nursery() as nursery, PeerClient.connect(bob.addrs()[0]) as holder:
+            nursery.start_soon(collect, holder, request("hold bob's only slot", model=None, provider="hold"))
+            await until(lambda: bob.admission.in_flight == 1)
+            async with PeerClient.connect(alice.addrs()[0]) as client:
+                for i in range(2):  # round robin asks bob first on one of the two turns: he is busy
+                    assert (await collect(client, request(f"turn {i}")))[-1].peer == alice.peer_id
+                assert bob.admission.refused_busy == 1
+                with pytest.raises(RemoteError) as info:
+                    await collect(client, request("only bob", on_peers=(bob.peer_id,)))
+                assert (info.value.code, info.value.retryable, info.value.retry_after) == ("busy", True, 1.0)
+            nursery.cancel_scope.cancel()
+        assert alice.admission.refused_busy == 0, "alice's slot was free to serve; bob's queue was full"
+
+
+class Clocked(ScriptedProvider):
+    """Records the deadline each request arrives with."""
+
+    def __init__(self) -> None:
+        super().__init__("clocked", latency=30)
+        self.timeouts: list[float] = []
+
+    async def astream(self, request):
+        self.timeouts.append(request.timeout)
+        async for item in super().astream(request):
+            yield item
+
+
+async def test_a_caller_leaving_the_entry_node_cancels_the_generation_on_the_serving_node(tmp_path):
+    clocked = Clocked()
+    node.register_llm_provider("clocked", lambda: clocked)
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob, \
+            peer_host() as client_host:
+        await until(lambda: bob.peer_id in alice.table)
+        await connect(client_host, alice)
+        stream = await client_host.new_stream(ID.from_base58(alice.peer_id), [INFER])
+        machine = InferenceStream(Role.CLIENT)
+        await stream.write(machine.send(request(model="clocked-model", on_peers=(bob.peer_id,))))
+        await until(lambda: bob.admission.in_flight == 1 and alice.admission.forwarding == 1)
+        await stream.reset()  # the caller goes away from alice
+        start = trio.current_time()
+        await until(lambda: bob.admission.idle and alice.admission.idle, timeout=5)
+        assert trio.current_time() - start < 1.0
+        assert clocked.cancelled == 1, "bob's generation itself was cancelled"
+
+
+async def test_the_remaining_deadline_is_forwarded_to_the_serving_node(tmp_path):
+    clocked = Clocked()
+    node.register_llm_provider("clocked", lambda: clocked)
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob:
+        await until(lambda: bob.peer_id in alice.table)
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            start = trio.current_time()
+            with trio.fail_after(10), pytest.raises(DeadlineExceeded):
+                await collect(client, request(model="clocked-model", on_peers=(bob.peer_id,), timeout_ms=800))
+            assert trio.current_time() - start < 3.0
+        (seen,) = clocked.timeouts
+        assert 0 < seen <= 0.8, f"bob was given {seen} s: what was left of the caller's 0.8 s"
+        await until(lambda: bob.admission.idle and alice.admission.idle, timeout=2)
