@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("cid", metavar="CID")
         c.add_argument("--json", action="store_true", help="print JSON")
 
-    g = command("generate", "generate text for a prompt (in-process, or through a running daemon)", cmd_generate)
+    g = command("generate", "generate text for a prompt: through the live daemon of --data-dir (or "
+                "$ACCELMESH_DATA_DIR), else in-process with that data dir's store (memory only when no data "
+                "dir is given)", cmd_generate)
     g.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
     g.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default 0: greedy, cached)")
     g.add_argument("--max-tokens", type=int, metavar="N", help="maximum tokens to generate")
@@ -188,6 +190,9 @@ def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
     if args.accelerator:
         kwargs["accelerator"] = args.accelerator
     if args.peer:
+        if str(settings.sources.get("data_dir", "")).startswith("flag"):
+            raise _UsageError("--data-dir and --peer are alternatives: --peer dials that daemon directly, "
+                              "--data-dir goes through the local one")
         return _generate_via_daemon(args, settings, prompt, kwargs)
     if args.identity or args.peer_cluster_key:
         raise _UsageError("--identity and --cluster-key go with --peer")
@@ -363,7 +368,7 @@ def cmd_stop(args: argparse.Namespace, settings: Any) -> int:
 
     data_dir = _data_dir(settings)
     reply = _with_daemon(settings, lambda client: client.command("stop"))
-    deadline = time.monotonic() + settings.daemon.drain_grace + 10
+    deadline = time.monotonic() + float(reply.get("drain_grace", settings.daemon.drain_grace)) + 10  # the daemon's grace
     while data_dir.daemon() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     if data_dir.daemon() is not None:

@@ -330,7 +330,8 @@ class Daemon:
         if name == "info":
             return self.info()
         if name == "stop":
-            return {"stopping": True, "in_flight": self.admission.in_flight}
+            return {"stopping": True, "in_flight": self.admission.in_flight,
+                    "drain_grace": self.settings.daemon.drain_grace}
         if name == "peers":
             return {"peers": [entry.to_json() for entry in self.table.entries()] if self.table else []}
         if name.startswith("cache-"):

@@ -33,17 +33,19 @@ def _accelmesh() -> list[str]:
     return [sys.executable, "-m", "node.cli"]
 
 
-def start(name: str, base: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start(name: str, base: Path, procs: list[subprocess.Popen[bytes]], *extra: str) -> Path:
+    """Start daemon `name` (added to `procs` at once, so it is stopped even if it never comes up)."""
     data = base / name
-    log = open(base / f"{name}.log", "w")
-    proc = subprocess.Popen([*_accelmesh(), "daemon", "--data-dir", str(data), "--listen", "/ip4/127.0.0.1/tcp/0",
-                             "--echo-latency-ms", "40", *extra], stdout=log, stderr=log, start_new_session=True)
+    with open(base / f"{name}.log", "w") as log:
+        proc = subprocess.Popen([*_accelmesh(), "daemon", "--data-dir", str(data), "--listen", "/ip4/127.0.0.1/tcp/0",
+                                 "--echo-latency-ms", "40", *extra], stdout=log, stderr=log, start_new_session=True)
+    procs.append(proc)
     deadline = time.monotonic() + START_TIMEOUT
     while not (data / "daemon.json").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"daemon {name} did not start; see {base / f'{name}.log'}")
         time.sleep(0.05)
-    return proc, data
+    return data
 
 
 def info(data: Path) -> dict[str, Any]:
@@ -66,14 +68,11 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     try:
-        first, first_data = start(NAMES[0], base)
-        procs.append(first)
+        first_data = start(NAMES[0], base, procs)
         bootstrap = info(first_data)["multiaddrs"][0]
         datas = [first_data]
         for name in NAMES[1:]:
-            proc, data = start(name, base, "--bootstrap", bootstrap)
-            procs.append(proc)
-            datas.append(data)
+            datas.append(start(name, base, procs, "--bootstrap", bootstrap))
         ids = {name: info(data)["peer_id"] for name, data in zip(NAMES, datas)}
         names = {peer: name for name, peer in ids.items()}
         for name, peer in ids.items():
@@ -117,7 +116,7 @@ def main() -> int:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(timeout=60) for proc in procs]
+        codes = [_stopped(proc) for proc in procs]
         print(f"stopped all daemons (exit codes {codes}) after {time.monotonic() - started:.1f} s")
         if args.keep:
             print(f"data dirs and logs kept in {base}")
@@ -125,6 +124,15 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
         if any(codes):
             os._exit(1)
+
+
+def _stopped(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for a daemon given SIGTERM; one that outlives its drain is killed (its exit code is then non-zero)."""
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 if __name__ == "__main__":

@@ -112,3 +112,10 @@ def test_bad_setting_exits_2_for_every_command(accelmesh, subprocess_env):
 def test_debug_shows_the_traceback(accelmesh):
     out = accelmesh("generate", "x", "--provider", "nope", "--debug", check=False)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_data_dir_and_peer_are_alternatives(accelmesh, tmp_path):
+    out = accelmesh("generate", "x", "--data-dir", str(tmp_path), "--peer", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWx",
+                    check=False)
+    assert out.returncode == 2 and "--data-dir and --peer are alternatives" in out.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing was dialed or written"
