@@ -516,3 +516,17 @@ async def test_the_remaining_deadline_is_forwarded_to_the_serving_node(tmp_path)
         (seen,) = clocked.timeouts
         assert 0 < seen <= 0.8, f"bob was given {seen} s: what was left of the caller's 0.8 s"
         await until(lambda: bob.admission.idle and alice.admission.idle, timeout=2)
+
+
+@pytest.mark.parametrize("enable_mesh", ["default", "0"])
+async def test_a_daemon_routes_through_the_mesh_unless_told_not_to(tmp_path, enable_mesh):
+    alice_env = {} if enable_mesh == "default" else {"ACCELMESH_ENABLE_MESH": enable_mesh}
+    async with running_daemon(tmp_path, "alice", **QUIET, **alice_env) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob:
+        await until(lambda: bob.peer_id in alice.table)
+        async with PeerClient.connect(alice.addrs()[0]) as client:  # no provider named: alice's own chain decides
+            peers = [(await collect(client, request(f"turn {i}", provider=None)))[-1].peer for i in range(4)]
+        if enable_mesh == "default":
+            assert sorted(peers) == sorted([alice.peer_id, bob.peer_id] * 2), "the mesh comes first in the chain"
+        else:
+            assert peers == [alice.peer_id] * 4 and bob.info()["stats"]["inferences"] == 0

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tests.test_cli import RESULT_KEYS
+
 pytestmark = pytest.mark.system
 
 
@@ -49,6 +51,7 @@ def test_a_client_peer_with_the_key_is_served_by_remote_peers_and_an_outsider_ex
                                     "--peer", entry, "--cluster-key", str(key), "--identity", str(identity),
                                     "--json", check=True)
                 result = json.loads(out.stdout)
+                assert set(result) == RESULT_KEYS
                 assert result["text"] == f"echo: prompt number {i}" and result["peer"] in ids
                 served.append(result["peer"])
             remote = [p for p in served if p != n0.info["peer_id"]]
@@ -58,6 +61,7 @@ def test_a_client_peer_with_the_key_is_served_by_remote_peers_and_an_outsider_ex
                                 "--peer", entry, "--cluster-key", str(key), check=True)
             lines = [json.loads(line) for line in out.stdout.splitlines()]
             assert [x["delta"] for x in lines[:-1]] == ["echo:", " a", " b", " c"] and lines[-1]["peer"] in ids
+            assert all(set(x) == {"delta"} for x in lines[:-1]) and set(lines[-1]) == RESULT_KEYS
             total = sum(stats(accelmesh_cmd, d)["inferences"] for d in daemons)
             assert total == 7
             listed = {p["peer_id"] for p in json.loads(accelmesh_cmd(

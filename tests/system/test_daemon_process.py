@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.test_cli import RESULT_KEYS
+
 pytestmark = pytest.mark.system
 
 
@@ -24,6 +26,7 @@ def test_start_status_info_generate_and_stop(start_daemon, accelmesh_cmd):
         assert set(info["stats"]) == {"inferences", "cache"}
         out = accelmesh_cmd("generate", "hi there", "--provider", "echo", "--json", "--data-dir", data, check=True)
         result = json.loads(out.stdout)
+        assert set(result) == RESULT_KEYS, "the daemon path prints exactly the in-process shape"
         assert result["text"] == "echo: hi there" and result["peer"] == alice.info["peer_id"]
         info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", data, check=True).stdout)
         assert info["stats"]["inferences"] == 1 and info["stats"]["cache"]["miss"] == 1
@@ -112,6 +115,23 @@ def test_with_a_cluster_key_an_outsider_cannot_even_connect(start_daemon, accelm
         out = subprocess.run([sys.executable, "-c", OUTSIDER, alice.info["multiaddrs"][0], alice.info["peer_id"],
                               "/ipfs/ping/1.0.0"], capture_output=True, text=True, env=subprocess_env, timeout=60)
         assert out.stdout.startswith("REFUSED"), out.stdout + out.stderr
+
+
+def test_an_allowlisted_identity_is_served_through_peer_and_any_other_executes_nothing(
+        start_daemon, accelmesh_cmd, tmp_path):
+    out = accelmesh_cmd("init", "--data-dir", str(tmp_path / "client"), check=True).stdout
+    client_id = out.split("peer id")[1].split()[0]  # the peer id of the identity.key it made
+    identity = tmp_path / "client" / "identity.key"
+    with start_daemon("alice", "--allow", client_id) as alice:
+        entry = alice.info["multiaddrs"][0]
+        out = accelmesh_cmd("generate", "who may ask", "--provider", "echo", "--json", "--peer", entry,
+                            "--identity", str(identity), check=True)
+        result = json.loads(out.stdout)
+        assert set(result) == RESULT_KEYS and result["peer"] == alice.info["peer_id"]
+        stranger = accelmesh_cmd("generate", "me too", "--provider", "echo", "--peer", entry, timeout=120)
+        assert stranger.returncode != 0 and "Traceback" not in stranger.stderr
+        info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", str(alice.data_dir), check=True).stdout)
+        assert info["stats"]["inferences"] == 1, "only the allowlisted identity's request ran"
 
 
 def test_cli_without_a_daemon_says_so(accelmesh_cmd, tmp_path):
