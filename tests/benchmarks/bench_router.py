@@ -14,7 +14,7 @@ from node.cache import LocalStore, MemoryCache, TieredCache
 from node.config import load_settings
 from node.providers.base import ProviderRequest
 from node.providers.echo import EchoProvider
-from tests.benchmarks.run import Section, percentiles, summary
+from tests.benchmarks.run import Section, series, summary
 
 TITLE = "Router core (issue 2)"
 N = 5000
@@ -82,6 +82,6 @@ def run() -> Section:
     lines += ["", f"`import node` in a fresh interpreter: median {imp['median']:.1f} ms over {len(imports)} runs "
               f"(p99 {imp['p99']:.1f} ms; interpreter start subtracted)."]
     samples = [sample for label, vals in (("direct", direct), ("miss", miss), ("memory_hit", hit), ("local_hit", local))
-               for sample in percentiles({"path": label}, vals, unit="us")]
+               for sample in series({"path": label}, vals, unit="us")]
     samples += [{"path": "import_node", "ms": v} for v in imports]
     return Section("\n".join(lines), samples, sample_count=4 * N + len(imports))

@@ -3,10 +3,10 @@
     python -m tests.benchmarks.run            # every benchmark
     python -m tests.benchmarks.run router     # only tests/benchmarks/bench_router.py
 
-Each `bench_<name>.py` defines `TITLE` and `run() -> Section`. Samples go to
-tests/benchmarks/results/<name>.jsonl (one JSON object per line; long runs keep their
-percentiles, see `percentiles()`); docs/performance.md keeps one block per benchmark, so
-running one benchmark leaves the others' results in place.
+Each `bench_<name>.py` defines `TITLE` and `run() -> Section`. Raw samples go to
+tests/benchmarks/results/<name>.jsonl (one JSON object per line; a run of thousands of
+timings is one line holding every sample, see `series()`); docs/performance.md keeps one
+block per benchmark, so running one benchmark leaves the others' results in place.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ DOC = ROOT / "docs" / "performance.md"
 HEADER = """# Performance
 
 Written by `make bench` (`python -m tests.benchmarks.run`); do not edit by hand. Each block
-says when, on what and how it was measured; samples (or, for long runs, their percentiles) are in
-`tests/benchmarks/results/`.
+says when, on what and how it was measured; the raw samples are in `tests/benchmarks/results/`
+(`<name>.jsonl`: one object per measurement, or per series of timings with every sample in it).
 Targets live here, not in timed tests.
 """
 
@@ -43,11 +43,9 @@ class Section:
     sample_count: int = 0
 
 
-def percentiles(labels: dict[str, Any], values: list[float], unit: str = "ms") -> list[dict[str, Any]]:
-    """Samples for the .jsonl file when a run has thousands: the 0th..100th percentiles and the count."""
-    ordered = sorted(values)
-    return [{**labels, "percentile": q, unit: ordered[round(q / 100 * (len(ordered) - 1))], "count": len(ordered)}
-            for q in range(101)] if ordered else []
+def series(labels: dict[str, Any], values: list[float], unit: str = "ms") -> list[dict[str, Any]]:
+    """One .jsonl line for a run of many timings: its labels, the unit, and every sample in order."""
+    return [{**labels, "unit": unit, "count": len(values), "samples": [float(f"{v:.4g}") for v in values]}]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,6 +95,8 @@ def write_block(name: str, title: str, section: Section, command: str) -> None:
         f"{section.sample_count} samples._\n\n{section.markdown.strip()}\n{end}"
     )
     text = DOC.read_text() if DOC.exists() else HEADER
+    first = text.find("<!-- bench:")
+    text = HEADER + "\n" + text[first:] if first >= 0 else HEADER  # the header is rewritten every run
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
