@@ -9,7 +9,9 @@ VENV        := .venv
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.accelmesh-installed
 SYS_STAMP   := $(VENV)/.accelmesh-system-packages
-SYSTEM_PACKAGES := build-essential python3-dev libgmp-dev systemd
+# Debian/Ubuntu's venv support for $(PYTHON) (ensurepip) is a package of its own.
+VENV_PACKAGE := $(notdir $(PYTHON))-venv
+SYSTEM_PACKAGES := build-essential python3-dev $(VENV_PACKAGE) libgmp-dev systemd
 TORCH_PIN   := torch==2.13.0
 PYTEST_ARGS ?=
 
@@ -17,11 +19,19 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+system-packages: $(SYS_STAMP)
+
 # System packages that pip cannot provide: a compiler and GMP for fastecdsa (a libp2p dependency),
-# systemd for `systemd-analyze verify` of deploy/systemd/accelmesh.service in the tests, and
-# Node.js with npm (>= 20.19) for the js-libp2p interop test (a NodeSource nodejs ships npm itself).
+# python3.11-venv so that `$(PYTHON) -m venv` works (it counts as present when $(PYTHON) can
+# already make a venv, e.g. a pyenv or source build), systemd for `systemd-analyze verify` of
+# deploy/systemd/accelmesh.service in the tests, and Node.js with npm (>= 20.19) for the
+# js-libp2p interop test (a NodeSource nodejs ships npm itself). Checked once: the stamp in
+# $(VENV) makes later runs a no-op (`make clean` removes it).
 $(SYS_STAMP):
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  if [ "$$p" = "$(VENV_PACKAGE)" ]; then \
+	    $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing $$p"; continue; \
+	  fi; \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	{ command -v node && command -v npm; } >/dev/null || missing="$$missing nodejs npm"; \

@@ -113,11 +113,24 @@ def _parse_optional_str(raw: Any) -> str | None:
 
 
 def _parse_list(raw: Any) -> tuple[str, ...]:
+    """A list: a TOML array of strings (kept item for item), or comma-separated text.
+
+    Text comes from the environment, or from flags (`_flag_list` joins repeated flags first, so
+    ``--x a,b --x c`` is ``a,b,c``): split on commas, items stripped, empty items dropped.
+    """
     if isinstance(raw, str):
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     if isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
         return tuple(raw)
     raise ValueError("expected a list of strings (comma-separated in the environment and flags)")
+
+
+def _flag_list(raw: Any) -> Any:
+    """A list setting's flag values (one string per repeated flag, as argparse appends them) as one
+    comma-separated string, so each occurrence may itself be a comma list. Anything else unchanged."""
+    if isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
+        return ",".join(raw)
+    return raw
 
 
 def _parse_range_ms(raw: Any) -> tuple[float, float]:
@@ -543,8 +556,13 @@ def iter_specs() -> list[SettingSpec]:
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> str:
+    """``$XDG_DATA_HOME/accelmesh``, else ``$HOME/.local/share/accelmesh``, both read from `env`
+    (the process environment by default); with neither set, the user's home directory."""
     env = os.environ if env is None else env
-    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = env.get("XDG_DATA_HOME")
+    if not base:
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, ".local", "share")
     return os.path.join(base, "accelmesh")
 
 
@@ -608,7 +626,7 @@ def load_settings(
 
     for dotted, spec in specs.items():
         primary, alias = env.get(spec.env), env.get(spec.alias) if spec.alias else None
-        if primary is not None and alias is not None and primary.strip() != alias.strip():
+        if primary is not None and alias is not None and _differ(spec, primary, alias):
             if spec.secret:
                 log.warning("%s overrides %s (they differ)", spec.env, spec.alias)
             else:
@@ -621,12 +639,27 @@ def load_settings(
     for dotted, raw in (flags or {}).items():
         if dotted not in specs:
             raise ConfigError(dotted, raw, "unknown setting")
-        source = f"flag {specs[dotted].flag}"
-        values[dotted], sources[dotted] = specs[dotted].parse(raw, source), source
+        spec = specs[dotted]
+        source = f"flag {spec.flag}"
+        if spec.kind == "list":
+            raw = _flag_list(raw)
+        values[dotted], sources[dotted] = spec.parse(raw, source), source
 
     if not values["data_dir"]:
         values["data_dir"] = default_data_dir(env)
     return _build(Settings, (), values, sources)
+
+
+def _differ(spec: SettingSpec, primary: str, alias: str) -> bool:
+    """Whether a primary variable and its alias mean different things (``1`` and ``true`` do not).
+
+    A value that does not parse is compared as text; the primary's own error is raised later."""
+    if primary.strip() == alias.strip():
+        return False
+    try:
+        return bool(_KINDS[spec.kind](primary) != _KINDS[spec.kind](alias))
+    except ValueError:
+        return True
 
 
 def _build(cls: type, prefix: tuple[str, ...], values: Mapping[str, Any], sources: Mapping[str, str]) -> Any:

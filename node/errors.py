@@ -11,9 +11,14 @@
     │   ├── ProviderAuthError       credentials missing or refused (HTTP 401/403, CLI login)
     │   ├── ModelNotFound           the provider does not serve that model (HTTP 404)
     │   ├── RateLimited             slow down; `retry_after` seconds when the provider said (429)
+    │   │   └── ClusterBusy         every eligible mesh node answered busy (node.mesh.service)
     │   ├── ProviderTimeout         the provider did not answer within its time
-    │   └── ProviderFailed          anything else the provider reported (5xx, crash, bad output)
+    │   ├── ProviderFailed          anything else the provider reported (5xx, crash, bad output)
+    │   └── RemoteError             a peer answered with a wire Error; `code` (node.mesh.service)
     ├── AllProvidersFailed          every candidate in the fallback chain failed or was skipped
+    ├── Busy                        this node's slots and queue are full (node.mesh.service)
+    ├── StoreError                  the local sqlite store cannot be used: newer schema, not a
+    │                               database (defined in node.cache.store)
     └── DaemonError                 talking to a local daemon failed (none running, refused)
 
 `ProviderError.retryable` tells the fallback chain and the mesh whether another try,

@@ -36,6 +36,7 @@ from node.errors import (
     InvalidRequest,
     ProviderError,
     ProviderFailed,
+    ProviderTimeout,
     ProviderUnavailable,
 )
 from node.providers import registry
@@ -530,11 +531,14 @@ def complete(
     for name, candidate in candidates:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(request.timeout)
-        attempt = _Attempt(request, name, candidate, deps, settings)
         try:
+            # Inside the try: a provider may refuse the model while keying it (ModelNotFound).
+            attempt = _Attempt(request, name, candidate, deps, settings)
             return _attempt_sync(attempt, deadline, started)
         except ProviderError as exc:
             deps.count_failure(name)
+            if isinstance(exc, ProviderTimeout) and time.monotonic() >= deadline:
+                raise DeadlineExceeded(request.timeout) from exc  # as on the async path: the request is over
             if named:
                 raise
             failures.append((name, exc))
@@ -621,9 +625,9 @@ async def aiter_request(
     for name, candidate in candidates:
         if trio.current_time() >= deadline:
             raise DeadlineExceeded(request.timeout)
-        attempt = _Attempt(request, name, candidate, deps, settings)
         emitted = False
         try:
+            attempt = _Attempt(request, name, candidate, deps, settings)
             async for item in _attempt_async(attempt, deadline, started):
                 emitted = emitted or isinstance(item, str)
                 yield item

@@ -1,6 +1,7 @@
 """Settings: defaults < TOML < env < flags, the mapping rule, aliases, and errors that name the key."""
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -148,9 +149,54 @@ def test_latency_accepts_a_number_or_a_range(tmp_path):
 
 
 def test_data_dir_defaults_to_xdg_then_home():
-    assert load_settings(env={"XDG_DATA_HOME": "/x"}).data_dir == "/x/accelmesh"
-    assert load_settings(env={"HOME": "/h"}).data_dir.endswith("/.local/share/accelmesh")
-    assert load_settings(env={"ACCELMESH_DATA_DIR": "/d"}).data_dir == "/d"
+    assert load_settings(env={"XDG_DATA_HOME": "/x", "HOME": "/h"}).data_dir == "/x/accelmesh"
+    assert load_settings(env={"HOME": "/h"}).data_dir == "/h/.local/share/accelmesh"
+    assert load_settings(env={"XDG_DATA_HOME": "", "HOME": "/h"}).data_dir == "/h/.local/share/accelmesh"
+    assert load_settings(env={"ACCELMESH_DATA_DIR": "/d", "HOME": "/h"}).data_dir == "/d"
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["echo,hf_local"],
+        ["echo", "hf_local"],
+        ["echo, hf_local,"],
+        ["echo", ",hf_local"],
+        "echo,hf_local",
+    ],
+    ids=["one-comma-list", "repeated", "spaces-and-trailing-comma", "repeated-with-empty-item", "plain-string"],
+)
+def test_list_flags_are_split_on_commas_and_may_repeat(given):
+    s = load_settings(env={}, flags={"fallback_order": given})
+    assert s.fallback_order == ("echo", "hf_local")
+    assert s.sources["fallback_order"] == "flag --fallback-order"
+
+
+def test_list_flags_as_the_cli_parses_them():
+    from node.cli import _setting_flags, build_parser
+
+    args = build_parser().parse_args(
+        ["providers", "--fallback-order", "echo,hf_local", "--fallback-order", "openrouter",
+         "--providers-hf-local-models", "a, b"]
+    )
+    s = load_settings(env={}, flags=_setting_flags(args))
+    assert s.fallback_order == ("echo", "hf_local", "openrouter")
+    assert s.providers.hf_local.models == ("a", "b")
+
+
+def test_toml_arrays_keep_their_items_as_written(tmp_path):
+    toml = write_toml(tmp_path, '[providers.hf_local]\nmodels = ["/srv/models/a,b", "c"]\n')
+    assert load_settings(config=toml, env={}).providers.hf_local.models == ("/srv/models/a,b", "c")
+
+
+def test_alias_with_the_same_meaning_is_not_a_conflict(caplog):
+    with caplog.at_level(logging.WARNING, logger="node.config"):
+        s = load_settings(env={"ACCELMESH_PROVIDER_CACHE": "1", "IPFS_ACCELERATE_PY_ROUTER_CACHE": "true"})
+    assert s.provider_cache is True and caplog.text == "", "1 and true mean the same"
+    with caplog.at_level(logging.WARNING, logger="node.config"):
+        s = load_settings(env={"ACCELMESH_PROVIDER_CACHE": "on", "IPFS_ACCELERATE_PY_ROUTER_CACHE": "off"})
+    assert s.provider_cache is True
+    assert "ACCELMESH_PROVIDER_CACHE" in caplog.text and "IPFS_ACCELERATE_PY_ROUTER_CACHE" in caplog.text
 
 
 def test_docs_configuration_lists_every_setting_as_generated():
@@ -160,3 +206,14 @@ def test_docs_configuration_lists_every_setting_as_generated():
     assert match.group(1) == render_reference(), (
         "docs/configuration.md is stale: regenerate with `python -m node.config --markdown`"
     )
+
+
+def test_tests_run_without_any_inherited_setting_or_alias():
+    from tests.conftest import _is_config_name
+
+    for spec in iter_specs():
+        assert _is_config_name(spec.env), spec.env
+        assert spec.alias is None or _is_config_name(spec.alias), spec.alias
+    assert _is_config_name("OPENROUTER_API_KEY")
+    leaked = [name for name in os.environ if _is_config_name(name)]
+    assert leaked == [], f"the clean_environment fixture let {leaked} through"

@@ -290,3 +290,21 @@ def test_the_accelerator_kinds_agree_everywhere():
 
     requested = Request.__dataclass_fields__["accelerator"].metadata["spec"].choices
     assert KINDS == ACCELERATOR_KINDS == ADVERTISED == requested
+
+
+def test_the_error_tree_in_node_errors_names_every_runtime_error():
+    import node.cache
+    import node.errors
+    import node.mesh.service  # noqa: F401  (its errors: Busy, ClusterBusy, RemoteError)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    ours = {c for c in subclasses(node.errors.AccelmeshError)
+            if c.__module__ == "node.errors" or c.__module__.startswith(("node.cache", "node.mesh"))}
+    assert node.cache.StoreError in ours
+    tree = node.errors.__doc__
+    missing = sorted(c.__name__ for c in ours if f"── {c.__name__} " not in tree)
+    assert missing == [], f"node/errors.py's tree lacks {missing}"

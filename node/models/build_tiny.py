@@ -21,7 +21,7 @@ TINY_DIR = Path(__file__).resolve().parent / "tiny"
 
 # name -> (n_embd, n_layer, n_head, n_positions)
 SIZES = {
-    "tiny": (64, 2, 2, 1024),  # ~0.15 M parameters, ~0.8 MB: ships in the package
+    "tiny": (64, 2, 2, 1024),  # ~0.2 M parameters (196,736), ~0.8 MB: ships in the package
     "30m": (512, 9, 8, 512),  # ~29 M parameters: the hf_local benchmark model
 }
 

@@ -12,6 +12,14 @@
 - Streaming: generation runs in its own thread and feeds a streamer; the async side pulls
   chunks with one thread hop each. Closing the stream (or cancelling) sets a stopping
   criterion, so generation ends within one token.
+- Deadline: the synchronous path (`complete_sync`, behind `node.complete` / `generate_text`)
+  stops generating at ``request.timeout`` (a time-based stopping criterion, checked every
+  token; also while loading and queued) and raises `ProviderTimeout`. The async path is
+  stopped by cancellation (the router cancels at its deadline).
+- Only the models this provider serves (`models()`: the configured ones and the default) are
+  loaded; a request for any other model, a path or hub id included, is refused with
+  `ModelNotFound` before anything is read from disk, so a mesh peer cannot make a node load
+  arbitrary files.
 - The request key covers a digest of the weights (`model_identity`), so different weights
   never share a cached answer.
 - With no model configured the embedded `accelmesh-tiny` model answers: random weights, so
@@ -27,12 +35,13 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from node.errors import ModelNotFound, ProviderFailed
+from node.errors import ModelNotFound, ProviderFailed, ProviderTimeout
 from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, messages_to_text
 
 if TYPE_CHECKING:
@@ -121,6 +130,20 @@ class _StopOnEvent:
         import torch
 
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _StopAtDeadline:
+    """A StoppingCriteria that ends generation once ``time.monotonic()`` reaches `deadline`."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.hit = False
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.hit = self.hit or time.monotonic() >= self.deadline
+        return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device)
 
 
 class _StopOnStrings:
@@ -273,8 +296,21 @@ class HFLocalProvider(BaseProvider):
                                    "(random weights: answers are not meaningful; configure a real model)")
         return Readiness(True, f"transformers {version}; default model {self.default}")
 
-    def model_identity(self, model: str | None) -> str:
+    def _served(self, model: str | None) -> str:
+        """`model` (or the default) if this provider serves it; otherwise `ModelNotFound`."""
         model = model or self.default
+        served = self.models()
+        if model not in served:
+            raise ModelNotFound(
+                self.name,
+                f"model {model!r} is not served here (served: {', '.join(served)}); to serve more, add them "
+                "to [providers.hf_local] models (ACCELMESH_PROVIDERS_HF_LOCAL_MODELS, "
+                "--providers-hf-local-models)",
+            )
+        return model
+
+    def model_identity(self, model: str | None) -> str:
+        model = self._served(model)
         identity = self._identities.get(model)
         if identity is None:
             directory = resolve_model_dir(model)
@@ -302,8 +338,10 @@ class HFLocalProvider(BaseProvider):
         return device
 
     def load(self, model: str | None = None, *, progress: bool = False) -> _Loaded:
-        """Load (once) and return `model` on this provider's device. Blocking: call in a thread."""
-        model = model or self.default
+        """Load (once) and return `model` on this provider's device. Blocking: call in a thread.
+
+        Only a model of `models()` is loaded; any other raises `ModelNotFound`."""
+        model = self._served(model)
         device = self.device()
         key = (model, device)
         loaded = self._loaded.get(key)
@@ -376,12 +414,19 @@ class HFLocalProvider(BaseProvider):
         *,
         on_text: Callable[[str], None] | None = None,
         stop_event: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> Completion:
-        """Run one generation in the calling thread (queued behind the device's slots)."""
+        """Run one generation in the calling thread (queued behind the device's slots).
+
+        With a `deadline` (``time.monotonic()`` seconds) the generation stops there and raises
+        `ProviderTimeout`: while loading, while queued, or within one token while generating.
+        """
         import torch
         from transformers import StoppingCriteriaList
 
         loaded = self.load(request.model)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise self._timeout(request, "while the model was loading")
         params = request.params
         max_new = int(params.get("max_tokens") or self.max_new_tokens)
         temperature = float(params.get("temperature", 0.0))
@@ -406,6 +451,9 @@ class HFLocalProvider(BaseProvider):
             kwargs["do_sample"] = False  # (passing temperature=None etc. as well costs ~10% on CPU)
         if stops:
             kwargs["stopping_criteria"].append(_StopOnStrings(loaded.tokenizer, prompt_tokens, list(stops)))
+        at_deadline = _StopAtDeadline(deadline) if deadline is not None else None
+        if at_deadline is not None:
+            kwargs["stopping_criteria"].append(at_deadline)
         stream_filter = _StopFilter(list(stops))
         if on_text is not None:
 
@@ -419,6 +467,8 @@ class HFLocalProvider(BaseProvider):
         while not loaded.slots.acquire(timeout=0.05):
             if stop_event.is_set():
                 raise ProviderFailed(self.name, "cancelled while queued")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._timeout(request, "while queued for the device")
         try:
             with torch.inference_mode():
                 if "seed" in params:
@@ -430,6 +480,8 @@ class HFLocalProvider(BaseProvider):
             loaded.slots.release()
 
         new_ids = output[0][prompt_tokens:]
+        if at_deadline is not None and at_deadline.hit and not stop_event.is_set():
+            raise self._timeout(request, f"after {len(new_ids)} of {max_new} tokens; generation stopped")
         text = loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
         finish = "length" if len(new_ids) >= max_new else "stop"
         for stop in stops:
@@ -443,8 +495,11 @@ class HFLocalProvider(BaseProvider):
         return Completion(text=text, model=loaded.model_id, finish_reason=finish,
                           prompt_tokens=prompt_tokens, completion_tokens=int(len(new_ids)))
 
+    def _timeout(self, request: ProviderRequest, when: str) -> ProviderTimeout:
+        return ProviderTimeout(self.name, f"no answer within {request.timeout:g} s ({when})")
+
     def complete_sync(self, request: ProviderRequest) -> Completion:
-        return self._generate(request)
+        return self._generate(request, deadline=time.monotonic() + request.timeout)
 
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         import trio

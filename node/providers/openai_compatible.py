@@ -9,12 +9,18 @@ HTTP errors map to the router's typed errors: 401/403 -> `ProviderAuthError`, 40
 `ModelNotFound`, 429 -> `RateLimited` (with Retry-After), 5xx and connection failures ->
 retryable `ProviderFailed`, other 4xx -> `ProviderFailed`; a stream that is malformed or ends
 before ``data: [DONE]`` without a finish reason -> `ProviderFailed`.
+
+The model identity (what the request key covers) is ``NAME/MODEL@BASE_URL`` with the base URL
+normalised (`normalise_base_url`), so two servers exposing the same model name never share a
+cached answer.
 """
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -33,7 +39,7 @@ from node.providers.base import BaseProvider, Completion, ProviderRequest, Readi
 if TYPE_CHECKING:
     from node.config import Settings
 
-__all__ = ["OpenAICompatibleProvider", "OpenRouterProvider", "SSEDecoder"]
+__all__ = ["OpenAICompatibleProvider", "OpenRouterProvider", "SSEDecoder", "normalise_base_url"]
 
 _PASSED = ("max_tokens", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 _MAX_ERROR_BODY = 64 * 1024
@@ -94,6 +100,12 @@ class OpenAICompatibleProvider(BaseProvider):
 
     def models(self) -> tuple[str, ...]:
         return (self.default,) if self.default else ()
+
+    def model_identity(self, model: str | None) -> str:
+        """``NAME/MODEL@BASE_URL``: the same model name on another server is another model."""
+        identity = super().model_identity(model)
+        base = normalise_base_url(self.base_url)
+        return f"{identity}@{base}" if base else identity
 
     # -- request building --------------------------------------------------------------
 
@@ -305,16 +317,43 @@ def _error_message(body: bytes) -> str:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delay-seconds or an HTTP date); None when absent or unusable."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
-    parsed = email.utils.parsedate_to_datetime(value) if value else None
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):  # not a date either: the 429 stays a RateLimited, with no hint
+        return None
     if parsed is None:
         return None
+    if parsed.tzinfo is None:  # "-0000" dates parse naive; HTTP dates are GMT
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, parsed.timestamp() - time.time())
+
+
+def normalise_base_url(url: str) -> str:
+    """`url` as it goes into the model identity: scheme and host lower-cased, the scheme's default
+    port dropped, no trailing slash, and no user info, query or fragment (which may hold secrets;
+    the identity travels inside responses). "" for an empty or unparseable URL."""
+    try:
+        parsed = urlparse(url.strip())
+        port = parsed.port
+    except ValueError:
+        return ""
+    scheme, host = parsed.scheme.lower(), (parsed.hostname or "").lower()
+    if not scheme or not host:
+        return ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+        host = f"{host}:{port}"
+    return f"{scheme}://{host}{parsed.path.rstrip('/')}"
 
 
 def _int(value: Any) -> int | None:

@@ -38,6 +38,10 @@ class Harness:
     unready: Callable[[Path], BaseProvider] | None = None  # None: this provider is always ready
     unready_hint: str = ""  # a word the unready reason must contain (how to fix it)
     expected: Callable[[str], str] | None = None  # the exact answer to a prompt, when deterministic
+    # Whether complete_sync honours request.timeout (raising ProviderTimeout). False only for a plain
+    # seed-style object: plain synchronous code cannot be interrupted (docs/router.md), so its late
+    # answer is still returned.
+    sync_deadline: bool = True
 
 
 # -- echo -------------------------------------------------------------------------------------
@@ -62,13 +66,19 @@ ECHO = Harness(
 # -- a seed-style plain object ----------------------------------------------------------------
 
 
+SLOW_SECONDS = 30.0  # a "slow" case: far past every promptness check (0.5 s + 2 s), so those checks can fail
+LATE_SECONDS = 0.6  # a "late" seed-style answer: past a 0.2 s deadline, short enough to wait for
+
+
 class SeedStyle:
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode
 
     def generate(self, prompt, *, model_name=None, **kwargs):  # noqa: ANN001, ANN201 - the seed signature
         if self.mode == "slow":
-            time.sleep(2.0)
+            time.sleep(SLOW_SECONDS)
+        if self.mode == "late":
+            time.sleep(LATE_SECONDS)
         if self.mode == "fail":
             raise RuntimeError("the wrapped tool crashed")
         return f"plain: {prompt}"
@@ -88,7 +98,7 @@ def _plain(mode: str) -> Callable[[Path], contextlib.AbstractContextManager[Case
 PLAIN = Harness(
     "seed_style_object", ready=_plain("ok"), slow=_plain("slow"), failing=_plain("fail"), error=ProviderFailed,
     unready=lambda tmp: PlainProvider("plain", SeedStyle("unready")), unready_hint="PLAIN_TOKEN",
-    expected=lambda prompt: f"plain: {prompt}",
+    expected=lambda prompt: f"plain: {prompt}", sync_deadline=False,
 )
 
 
@@ -113,6 +123,30 @@ def _hf_case(req: ProviderRequest) -> Callable[[Path], contextlib.AbstractContex
     return make
 
 
+HF_SLOW_TOKEN_SECONDS = 0.05  # each forward pass of the slow case sleeps this long, on any CPU
+
+
+@contextlib.contextmanager
+def _hf_slow(tmp: Path) -> Iterator[Case]:
+    """The real embedded model, made slow: every forward pass sleeps, and end-of-text cannot come
+    before 900 tokens (min_new_tokens), so the answer takes >= 900 x 0.05 s = 45 s however
+    fast the CPU, unless it is stopped."""
+    from node.providers.hf_local import HFLocalProvider
+
+    provider = HFLocalProvider(max_new_tokens=16)  # its own copy of the model: the hook stays private
+    loaded = provider.load()
+    loaded.model.generation_config.min_new_tokens = 900
+
+    def slow_forward(*args: Any) -> None:
+        time.sleep(HF_SLOW_TOKEN_SECONDS)
+
+    handle = loaded.model.register_forward_hook(slow_forward)
+    try:
+        yield Case(provider, request(max_tokens=1000))
+    finally:
+        handle.remove()
+
+
 def _hf_unready(tmp: Path) -> BaseProvider:
     from node.providers.hf_local import HFLocalProvider
 
@@ -120,7 +154,7 @@ def _hf_unready(tmp: Path) -> BaseProvider:
 
 
 HF_LOCAL = Harness(
-    "hf_local", ready=_hf_case(request()), slow=_hf_case(request(max_tokens=1000)),
+    "hf_local", ready=_hf_case(request()), slow=_hf_slow,
     failing=_hf_case(request(model="/nonexistent/model")), error=ModelNotFound,
     unready=_hf_unready, unready_hint="not available locally",
 )

@@ -2,8 +2,9 @@
 
 Each provider must: say whether it is ready, and why not in words that say how to fix it;
 answer synchronously and as a stream (text chunks in order, then exactly one Completion whose
-text is the chunks joined); stop promptly when cancelled; honour the router's deadline; and
-report failures as typed `ProviderError`s.
+text is the chunks joined); stop promptly when cancelled; honour the router's deadline, on the
+async path and (except a plain seed-style object, which cannot be interrupted) on the sync path
+by raising `ProviderTimeout` (the router's `DeadlineExceeded` then carries it); and report failures as typed `ProviderError`s.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import trio
 
 import node
 from node import RouterDeps
-from node.errors import DeadlineExceeded, ProviderError
-from node.providers.base import Completion, Readiness
-from tests.conformance.harnesses import HARNESSES, Harness
+from node.errors import DeadlineExceeded, ProviderError, ProviderTimeout
+from node.providers.base import Completion, PlainProvider, Readiness
+from tests.conformance.harnesses import HARNESSES, LATE_SECONDS, Harness, SeedStyle
 
 by_name = pytest.mark.parametrize("h", HARNESSES, ids=[h.name for h in HARNESSES])
 with_unready = [h for h in HARNESSES if h.unready is not None]
+with_sync_deadline = [h for h in HARNESSES if h.sync_deadline]
 LIMIT = 60.0
 
 
@@ -83,6 +85,30 @@ async def test_router_deadline_is_honoured(h: Harness, tmp_path):
             await node.acomplete(case.request.text, provider="under_test", deps=RouterDeps(), timeout=0.5,
                                  model_name=case.request.model, **case.request.params)
         assert time.monotonic() - start < 0.5 + 2.0
+
+
+@pytest.mark.parametrize("h", with_sync_deadline, ids=[h.name for h in with_sync_deadline])
+async def test_router_deadline_is_honoured_on_the_sync_path(h: Harness, tmp_path):
+    with h.slow(tmp_path) as case:
+        node.register_llm_provider("under_test", lambda: case.provider)
+
+        def call() -> None:
+            node.complete(case.request.text, provider="under_test", deps=RouterDeps(), timeout=0.5,
+                          cache="no-cache", model_name=case.request.model, **case.request.params)
+
+        start = time.monotonic()
+        with trio.fail_after(LIMIT), pytest.raises(DeadlineExceeded) as info:  # as on the async path
+            await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        assert isinstance(info.value.__cause__, ProviderTimeout), "the provider itself stopped at the deadline"
+        assert time.monotonic() - start < 0.5 + 2.0
+
+
+def test_a_plain_synchronous_provider_returns_its_late_answer():
+    """docs/router.md: plain synchronous code cannot be interrupted, so its late answer is returned."""
+    node.register_llm_provider("late", lambda: PlainProvider("late", SeedStyle("late")))
+    start = time.monotonic()
+    result = node.complete("hi", provider="late", deps=RouterDeps(), timeout=0.2)
+    assert result.text == "plain: hi" and time.monotonic() - start >= LATE_SECONDS
 
 
 @by_name

@@ -5,6 +5,8 @@ Behaviour is chosen by the requested model name:
     any other name   a normal answer: "answer to: <last user message>" (JSON, or SSE word by word)
     auth             401 with an OpenAI-style error body
     missing          404        busy       429 with Retry-After: 7
+    busy-date        429 with Retry-After: an HTTP date 30 s ahead
+    busy-garbage     429 with Retry-After: not-a-date (neither seconds nor a date)
     broken           500        bad-request 400
     malformed        an SSE stream whose second event is not JSON
     truncated        an SSE stream that stops (connection closed) before finishing
@@ -16,6 +18,7 @@ Every request is recorded (path, headers, JSON body) in `requests`.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import threading
 import time
@@ -75,12 +78,15 @@ class FakeOpenAIServer:
             return self.json(h, 401, {"error": {"message": "Invalid API key", "code": 401}})
         model = body.get("model")
         errors = {"auth": (401, "Invalid API key"), "missing": (404, f"model {model} not found"),
-                  "busy": (429, "rate limited"), "broken": (500, "internal error"),
+                  "busy": (429, "rate limited"), "busy-date": (429, "rate limited"),
+                  "busy-garbage": (429, "rate limited"), "broken": (500, "internal error"),
                   "bad-request": (400, "bad request")}
+        retry_after = {"busy": "7", "busy-date": email.utils.formatdate(time.time() + 30, usegmt=True),
+                       "busy-garbage": "not-a-date"}
         if model in errors:
             status, message = errors[model]
             return self.json(h, status, {"error": {"message": message}},
-                             {"Retry-After": "7"} if model == "busy" else {})
+                             {"Retry-After": retry_after[model]} if model in retry_after else {})
         if model == "slow":
             time.sleep(self.slow_seconds)
         messages = body.get("messages") or [{}]

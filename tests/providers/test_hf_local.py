@@ -11,6 +11,7 @@ import trio
 import node
 from node import RouterDeps
 from node.config import load_settings
+from node.errors import DeadlineExceeded, ModelNotFound, ProviderTimeout
 from node.providers.base import ProviderRequest
 from node.providers.hf_local import EMBEDDED_MODEL, HFLocalProvider, resolve_model_dir
 
@@ -206,3 +207,74 @@ def test_accelerator_is_the_device_kind(provider):
     assert provider.accelerator() == expected  # device auto: the best device here (the tests pin no device)
     assert HFLocalProvider(device="cpu").accelerator() == "cpu"
     assert HFLocalProvider(device="mps").accelerator() == "mps"
+
+
+def test_sync_path_stops_at_the_deadline_with_provider_timeout():
+    provider = HFLocalProvider(max_new_tokens=16)
+    loaded = provider.load()
+    forwards = []
+    # A real model made slow (20 ms per token), so 900 tokens would take 18 s on any CPU.
+
+    def slow_forward(*args):
+        forwards.append(1)
+        time.sleep(0.02)
+
+    handle = loaded.model.register_forward_hook(slow_forward)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ProviderTimeout, match="within 0.3 s") as info:
+            provider.complete_sync(ProviderRequest("generate", "count", None, None, params={"max_tokens": 900},
+                                                   timeout=0.3))
+        elapsed = time.monotonic() - start
+    finally:
+        handle.remove()
+    assert info.value.retryable
+    assert elapsed < 0.3 + 1.5, f"stopped after {elapsed:.2f} s"
+    assert len(forwards) < 200, "generation ran on past the deadline"
+
+
+def test_router_sync_deadline_is_honoured_for_hf_local():
+    deps = RouterDeps(settings=load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_MAX_NEW_TOKENS": "900"}))
+    provider = deps.get_provider("hf_local", deps.current_settings())
+    loaded = provider.load()
+    handle = loaded.model.register_forward_hook(lambda *a: time.sleep(0.02))
+    try:
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            node.complete("x", provider="hf_local", deps=deps, timeout=0.05, cache="no-cache")
+        assert isinstance(info.value.__cause__, ProviderTimeout)
+        assert time.monotonic() - start < 0.05 + 1.5
+    finally:
+        handle.remove()
+
+
+def test_models_that_are_not_configured_are_refused_before_touching_disk(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(resolve_model_dir(EMBEDDED_MODEL), elsewhere)  # a loadable model, never configured
+    provider = HFLocalProvider(max_new_tokens=4)
+    for model in (str(elsewhere), "/etc", "gpt2"):
+        request = ProviderRequest("generate", "hi", None, model, timeout=30)
+        with pytest.raises(ModelNotFound) as info:
+            provider.complete_sync(request)
+        message = str(info.value)
+        assert repr(model) in message and EMBEDDED_MODEL in message and "[providers.hf_local] models" in message
+        with pytest.raises(ModelNotFound):
+            provider.model_identity(model)
+    assert provider._loaded == {}, "nothing was loaded"
+    served = HFLocalProvider(models=(str(elsewhere),), max_new_tokens=4)
+    assert served.complete_sync(ProviderRequest("generate", "hi", None, str(elsewhere), timeout=30)).text is not None
+
+
+async def test_a_stream_for_an_unserved_model_is_refused():
+    provider = HFLocalProvider(max_new_tokens=4)
+    with trio.fail_after(30), pytest.raises(ModelNotFound, match="not served here"):
+        async for _ in provider.astream(ProviderRequest("generate", "hi", None, "/etc", timeout=30)):
+            pass
+
+
+def test_router_falls_back_past_hf_local_for_a_model_it_does_not_serve():
+    deps = RouterDeps(settings=load_settings(env={"ACCELMESH_FALLBACK_ORDER": "hf_local,echo"}))
+    result = node.complete("hi", model_name="/etc", deps=deps)
+    assert result.provider == "echo"
+    with pytest.raises(ModelNotFound, match="not served here"):
+        node.complete("hi", provider="hf_local", model_name="/etc", deps=deps)

@@ -8,7 +8,12 @@ from node import RouterDeps
 from node.config import load_settings
 from node.errors import ModelNotFound, ProviderAuthError, ProviderFailed, ProviderTimeout, RateLimited
 from node.providers.base import ProviderRequest
-from node.providers.openai_compatible import OpenAICompatibleProvider, OpenRouterProvider, SSEDecoder
+from node.providers.openai_compatible import (
+    OpenAICompatibleProvider,
+    OpenRouterProvider,
+    SSEDecoder,
+    normalise_base_url,
+)
 from tests.fakes.openai_server import FakeOpenAIServer
 
 
@@ -59,6 +64,8 @@ async def test_chat_messages_are_sent_as_messages(provider, server):
         ("auth", ProviderAuthError, lambda e: "401" in str(e) and not e.retryable),
         ("missing", ModelNotFound, lambda e: "404" in str(e)),
         ("busy", RateLimited, lambda e: e.retry_after == 7.0 and e.retryable),
+        ("busy-date", RateLimited, lambda e: 25.0 <= e.retry_after <= 30.0 and e.retryable),
+        ("busy-garbage", RateLimited, lambda e: e.retry_after is None and e.retryable and "429" in str(e)),
         ("broken", ProviderFailed, lambda e: "500" in str(e) and e.retryable),
         ("bad-request", ProviderFailed, lambda e: "400" in str(e) and not e.retryable),
     ],
@@ -138,7 +145,7 @@ def test_both_names_are_listed_and_route_through_the_router(server):
     names = [i.name for i in node.describe_llm_providers(deps=deps)]
     assert "openai_compatible" in names and "openrouter" in names
     result = node.complete("hi", provider="openai_compatible", deps=deps)
-    assert result.text == "answer to: hi" and result.model == "openai_compatible/gpt-test"
+    assert result.text == "answer to: hi" and result.model == f"openai_compatible/gpt-test@{server.base_url}"
     assert node.complete("hi", provider="openai_compatible", deps=deps).cache == "memory"
 
 
@@ -147,3 +154,33 @@ def test_sse_decoder_handles_split_lines_crlf_comments_and_multiline_data():
     assert d.feed("data: {\"a\"") == []
     assert d.feed(": 1}\r\n\r\n: comment\n\ndata: x\ndata: y\n") == ['{"a": 1}']
     assert d.feed("\n") == ["x\ny"]
+
+
+def test_the_same_model_name_on_two_servers_never_shares_a_cached_answer():
+    with FakeOpenAIServer(api_key="sk-test") as alice, FakeOpenAIServer(api_key="sk-test") as bob:
+        deps = RouterDeps()  # one response cache for both
+        for name, srv in (("alice_api", alice), ("bob_api", bob)):
+            node.register_llm_provider(name, lambda srv=srv: OpenAICompatibleProvider(
+                base_url=srv.base_url, api_key="sk-test", default_model="gpt-test"))
+        first = node.complete("hi", provider="alice_api", deps=deps)
+        second = node.complete("hi", provider="bob_api", deps=deps)
+        assert first.key != second.key and (first.cache, second.cache) == ("miss", "miss")
+        assert len(alice.requests) == 1 and len(bob.requests) == 1, "each server answered once"
+
+
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        ("https://API.Example.com:443/v1/", "https://api.example.com/v1"),
+        ("http://127.0.0.1:80/v1", "http://127.0.0.1/v1"),
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("https://user:secret@host/v1?api-key=k#x", "https://host/v1"),
+        ("http://[::1]:8000/v1", "http://[::1]:8000/v1"),
+        ("", ""),
+    ],
+)
+def test_base_url_in_the_model_identity_is_normalised_and_carries_no_secrets(url, expected):
+    assert normalise_base_url(url) == expected
+    provider = OpenAICompatibleProvider(base_url=url, default_model="m")
+    assert provider.model_identity(None) == (f"openai_compatible/m@{expected}" if expected else "openai_compatible/m")
+    assert provider.model_identity("other").startswith("openai_compatible/other")
