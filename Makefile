@@ -15,7 +15,7 @@ SYSTEM_PACKAGES := build-essential python3-dev $(VENV_PACKAGE) libgmp-dev system
 TORCH_PIN   := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test bench demo venv clean system-packages
+.PHONY: run test test-lan bench demo venv clean system-packages
 
 venv: $(STAMP)
 
@@ -66,6 +66,10 @@ run: $(STAMP)
 # pytest exits 5 when it collects nothing: that is a failure too (make fails on any non-zero exit).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Real mDNS between two daemons: multicast leaves loopback, so it is not part of `make test`.
+test-lan: $(STAMP)
+	$(BIN)/python -m pytest -m lan tests/mesh/test_daemon.py
 
 demo: $(STAMP)
 	$(BIN)/python -m node.demo

@@ -257,8 +257,9 @@ class LimitsSettings:
                                    kind="float", minimum=0.001, daemon_only=True)
     idle_timeout: float = setting(60.0, "seconds a stream may stay silent between frames", kind="float",
                                   minimum=0.001, daemon_only=True)
-    negotiate_timeout: float = setting(10.0, "seconds to negotiate a stream's protocol", kind="float",
-                                       minimum=0.001, daemon_only=True)
+    negotiate_timeout: float = setting(10.0, "seconds to negotiate a stream's protocol (whole seconds: "
+                                       "py-libp2p rounds, so a fraction is rounded up)", kind="float",
+                                       minimum=1.0, daemon_only=True)
     request_rate: float = setting(50.0, "streams per second one peer may open, sustained (identify and ping "
                                   "are exempt)", kind="float", minimum=0.001, daemon_only=True)
     request_burst: int = setting(100, "streams one peer may open at once before request_rate applies",
@@ -468,8 +469,8 @@ class Settings:
                          kind="bool", daemon_only=True)
     mdns: bool | None = setting(None, "mDNS discovery; auto: on when listening beyond loopback, off with --open",
                                 kind="optional_bool", default_doc="auto", daemon_only=True)
-    http: str = setting("", "HOST:PORT of the OpenAI-compatible HTTP API; empty = off", kind="str",
-                        daemon_only=True)
+    http: str = setting("", "HOST:PORT of the OpenAI-compatible HTTP API; empty = off (not implemented "
+                        "yet: a daemon given it refuses to start)", kind="str", daemon_only=True)
     echo: EchoSettings = field(default_factory=EchoSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)

@@ -1,10 +1,11 @@
 """The daemon: the composition root. One nursery, ordered start-up, ordered shutdown.
 
-Start-up, in order: check the listen policy (secure defaults) -> take the data dir's lock
+Start-up, in order: check the listen policy (secure defaults) and refuse settings not
+implemented yet (`http`) -> take the data dir's lock
 (one daemon per directory) -> load or create the identity and the client key -> read the
 cluster key -> open the local store and build the router -> start the libp2p host and
-listen -> register every protocol handler -> start background tasks (bootstrap reconnects)
--> write daemon.json (atomically: temp file + rename). Only then is the daemon "up".
+listen -> register every protocol handler -> start background tasks (bootstrap reconnects,
+dialing what mDNS finds) -> write daemon.json (atomically: temp file + rename). Only then is the daemon "up".
 
 Shutdown (SIGINT, SIGTERM, or `accelmesh stop`): new streams are refused; in-flight requests
 get `daemon.drain_grace` seconds to finish; then every task is cancelled, the host closes its
@@ -29,6 +30,7 @@ from node.datadir import DataDir
 from node.errors import ConfigError, DaemonError, InvalidRequest
 from node.mesh.host import HostConfig, is_loopback_multiaddr, load_swarm_key, make_host, peer_info, run_host
 from node.mesh.adverts import AdvertService, PeerTable
+from node.mesh.discovery import Backoff, DiscoveryDialer, mdns_peers
 from node.mesh.service import Admission, StreamPool, serve_inference, serve_inference_stream
 from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
 from protocols.codec import decode, encode
@@ -37,7 +39,7 @@ from protocols.framing import encode_frame
 from protocols.inference.machine import InferenceStream, Role
 from protocols.inference.messages import Request
 
-__all__ = ["Daemon", "check_listen_policy", "mdns_enabled"]
+__all__ = ["Daemon", "check_listen_policy", "check_unimplemented", "mdns_enabled"]
 
 log = logging.getLogger("node.daemon")
 
@@ -51,6 +53,15 @@ def check_listen_policy(settings: Settings) -> None:
             "listening beyond loopback needs a cluster key (--cluster-key FILE, see `accelmesh keygen`) or "
             "an allowlist (--allow PEER_ID); pass --open to accept any peer",
         )
+
+
+def check_unimplemented(settings: Settings) -> None:
+    """Refuse settings whose feature does not exist yet, rather than silently ignoring them."""
+    if settings.http:
+        raise ConfigError("http", settings.http,
+                          "the HTTP API is not implemented yet; start the daemon without it (--http, ACCELMESH_HTTP "
+                          "or `http` in the config file) and submit through the CLI or node.connect()",
+                          source=settings.sources.get("http"))
 
 
 def mdns_enabled(settings: Settings) -> bool:
@@ -95,6 +106,10 @@ class Daemon:
         self.mesh: Any = None
         self.streams: StreamPool | None = None  # keep-alive inference streams to other nodes
         self.accelerators: list[Any] = []
+        from node.accelerators import AcceleratorDetector
+
+        self.detect_accelerators = AcceleratorDetector()  # static parts once, free memory at most every 10 s
+        self.discovery: DiscoveryDialer | None = None
 
     @property
     def peer_id(self) -> str:
@@ -104,6 +119,7 @@ class Daemon:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         check_listen_policy(self.settings)
+        check_unimplemented(self.settings)
         cluster_key = load_swarm_key(self.settings.cluster_key) if self.settings.cluster_key else None
         self._stop, self._force = trio.Event(), trio.Event()
         self.data_dir.lock()
@@ -120,9 +136,7 @@ class Daemon:
                 negotiate_timeout=self.settings.limits.negotiate_timeout,
             )
             self.host = make_host(config)
-            from node.accelerators import detect
-
-            self.accelerators = await trio.to_thread.run_sync(detect)
+            self.accelerators = await trio.to_thread.run_sync(self.detect_accelerators)
             async with run_host(self.host, self.settings.listen) as host, trio.open_nursery() as nursery:
                 self._register_handlers(host)
                 self.streams = StreamPool(host, self.limits)
@@ -136,6 +150,13 @@ class Daemon:
                 )
                 await nursery.start(self.adverts.run)
                 nursery.start_soon(self._keep_bootstrap_connected)
+                if config.mdns:
+                    allow = config.allow
+                    self.discovery = DiscoveryDialer(
+                        host, lambda: mdns_peers(host), allowed=lambda peer: allow is None or peer in allow,
+                        backoff=Backoff(0.5, self.settings.daemon.bootstrap_backoff_max),
+                    )
+                    nursery.start_soon(self.discovery.run)
                 nursery.start_soon(self._forget_idle_peers)
                 if self.settings.providers.hf_local.preload:
                     nursery.start_soon(self._preload_models)
@@ -212,9 +233,7 @@ class Daemon:
         """This node's advert, signed (blocking: readiness checks may run subprocesses)."""
         from protocols.advert.messages import PROTOCOL_VERSION, Accelerator, Load, ProviderEntry, sign_advert
 
-        from node.accelerators import detect
-
-        self.accelerators = detect()
+        self.accelerators = self.detect_accelerators()  # (in a worker thread: AdvertService.publish)
         created = int(time.time() * 1000)
         return sign_advert(
             self.identity,
@@ -248,6 +267,8 @@ class Daemon:
         return out
 
     def addrs(self) -> list[str]:
+        """Full multiaddrs of this node, loopback first; a wildcard listen address appears as this
+        host's interface addresses (the host's addrs_factory, `node.mesh.host.expand_wildcard_addrs`)."""
         addrs = [str(a) for a in self.host.get_addrs()] if self.host is not None else []
         return sorted(addrs, key=lambda a: (not is_loopback_multiaddr(a), a))
 

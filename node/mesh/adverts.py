@@ -4,8 +4,12 @@ Pure parts (tested without a network):
 
 - `PeerTable`: the newest valid advert per peer. It refuses forged (signer is not the subject),
   tampered, replayed (not a higher `seq`), expired and newer-major-version adverts, counts
-  every refusal by reason, and forgets a peer not heard from for `ttl` seconds (its own
-  clock: silent peers leave the table even when their last advert is still "valid").
+  every refusal by reason, and forgets a peer whose newest advert arrived `ttl` seconds ago
+  (its own clock: silent peers leave the table even when their last advert is still "valid").
+  Only a *new* advert (a higher `seq`, which only its subject can sign) renews a peer: copies of
+  the advert already held come from relays (gossip, the anti-entropy pull, a peer's answer to
+  GetAdvert) and say nothing about whether the subject is alive, so they renew nothing; and
+  no entry outlives its advert's own expiry (plus the 60 s clock-skew allowance).
 - `LoadPublisher`: when a changed load is worth republishing (it moved to another
   power-of-two bucket), at most once per `min_interval`.
 
@@ -47,14 +51,23 @@ from protocols.errors import (
     UnsupportedVersion,
 )
 from protocols.framing import encode_frame
+from protocols.records import CLOCK_SKEW_MS
 
-__all__ = ["PeerEntry", "PeerTable", "PeerTableStatistics", "LoadPublisher", "AdvertService", "REJECTIONS"]
+__all__ = ["PeerEntry", "PeerTable", "PeerTableStatistics", "LoadPublisher", "AdvertService", "REJECTIONS",
+           "MAX_GOSSIP_RPC_BYTES", "software_version"]
 
 log = logging.getLogger(__name__)
 
 REJECTIONS = ("forged", "bad_signature", "replayed", "expired", "unsupported_version", "malformed", "own")
 # A copy of an advert already held (the same seq from gossip and from a direct fetch) is not a
-# refusal: it is counted as a duplicate.
+# refusal: it is counted as a duplicate, and it does not renew the peer (see PeerTable).
+# The largest inbound pubsub RPC accepted. py-libp2p 0.8.1 packs many messages into one RPC (an
+# IWANT reply carries every wanted advert in one RPC; outbound RPCs are split only at its
+# RpcQueue's 1 MiB, `libp2p.pubsub.rpc_queue.DefaultMaxMessageSize`), and on an inbound RPC over
+# this limit `Pubsub.continuously_read_stream` resets the stream and drops the sending peer from
+# pubsub (`_handle_dead_peer`): with 128 KiB, two or three large adverts in one reply would cut
+# an honest peer off. Each advert inside is still checked against MAX_ADVERT_BYTES.
+MAX_GOSSIP_RPC_BYTES = 1024 * 1024
 MAX_KNOWN_IN_ANSWER = 256  # adverts relayed in one answer to GetAdvert(known=True)
 
 
@@ -63,8 +76,9 @@ class PeerEntry:
     advert: Advert
     data: bytes  # the signed bytes as received (relayed unchanged)
     last_seen: float  # our wall clock, seconds
-    received: float  # our monotonic clock, seconds (for expiry)
+    received: float  # our monotonic clock, seconds: when this advert (this seq) first arrived
     latency_ms: float | None = None
+    valid_until: float = math.inf  # our monotonic clock: received + ttl, capped by the advert's own expiry
 
     def to_json(self) -> dict[str, Any]:
         a = self.advert
@@ -77,12 +91,18 @@ class PeerEntry:
             "capacity": a.capacity,
             "queue": a.queue,
             "load": {"in_flight": a.load.in_flight, "queued": a.load.queued},
-            "version": a.software,
+            "version": software_version(a.software),
             "last_seen": round(self.last_seen, 3),
             "latency_ms": self.latency_ms,
             "health": None,
             "cooldown_until": None,
         }
+
+
+def software_version(software: str) -> str:
+    """The version part of an advert's `software` ("accelmesh/0.1.0" -> "0.1.0"): what `info`,
+    `status` and daemon.json call `version`, so every `version` field means the same thing."""
+    return software.split("/", 1)[1] if software.startswith("accelmesh/") else software
 
 
 def _accelerator_json(x: Any) -> dict[str, Any]:
@@ -127,15 +147,16 @@ class PeerTable:
             verify_advert(advert, wall_ms, fields)
             current = self._peers.get(advert.peer_id)
             if current is not None and current.data == data:
-                self.duplicates += 1
-                current.received, current.last_seen = now, self._wall()
+                self.duplicates += 1  # a relayed copy: proves nothing about the subject, renews nothing
                 return None
             check_newer(current.advert if current else None, advert)
         except ProtocolError as exc:
             self.refused(exc)
             return None
         latency = current.latency_ms if current else None
-        self._peers[advert.peer_id] = PeerEntry(advert, data, self._wall(), now, latency)
+        wall = self._wall()
+        left = (advert.expires + CLOCK_SKEW_MS) / 1000 - wall  # what verify_advert would still accept
+        self._peers[advert.peer_id] = PeerEntry(advert, data, wall, now, latency, now + min(self.ttl, left))
         self.accepted += 1
         self._touch()
         return advert
@@ -149,8 +170,8 @@ class PeerTable:
         return reason
 
     def expire(self, now: float) -> list[str]:
-        """Forget peers not heard from for `ttl` seconds; their ids."""
-        gone = [peer for peer, entry in self._peers.items() if now - entry.received > self.ttl]
+        """Forget peers with no new advert for `ttl` seconds (or whose advert expired); their ids."""
+        gone = [peer for peer, entry in self._peers.items() if now > entry.valid_until]
         for peer in gone:
             del self._peers[peer]
         self.expired += len(gone)
@@ -298,7 +319,7 @@ class AdvertService:
             protocols=[PROTOCOL_ID_V11, GOSSIPSUB], degree=8, degree_low=6, degree_high=32, heartbeat_interval=1,
             spam_protection_enabled=False,  # its default of 10 messages/s per topic drops adverts silently (P4)
         )
-        self.pubsub = Pubsub(self.host, router, max_inbound_rpc_size=2 * MAX_ADVERT_BYTES)
+        self.pubsub = Pubsub(self.host, router, max_inbound_rpc_size=MAX_GOSSIP_RPC_BYTES)
         self.pubsub.set_topic_validator(TOPIC, self._validate_gossip, False)
         for protocol in (PROTOCOL_ID_V11, GOSSIPSUB):
             self.host.set_stream_handler(protocol, self._gossip_stream)

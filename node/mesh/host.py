@@ -9,8 +9,12 @@
   key is always allowed. With a cluster key the upgrade timeouts are lowered, so a wrong key
   fails in seconds instead of 40.
 - Limits: total connections through the resource manager (`ConnectionLimits`), stream
-  negotiation through the connection config; per-peer and per-protocol streams, frames and
-  request rates are enforced by `node.mesh.streams` (the library does not apply them).
+  negotiation through the connection config (whole seconds: py-libp2p truncates the timeout to
+  an int, so it is rounded up here, at least 1 s); per-peer and per-protocol streams, frames
+  and request rates are enforced by `node.mesh.streams` (the library does not apply them).
+- Addresses: a wildcard listen address (`0.0.0.0`, `::`) is advertised as this host's interface
+  addresses (loopback first), through libp2p's `addrs_factory` (what `get_addrs()`, identify and
+  the daemon report) and in mDNS announcements; undialable `0.0.0.0` never leaves the node.
 - Shutdown: leaving `host.run()` does not close connections (notes 13.6): `run_host` calls
   `host.close()` while the host still runs (closed afterwards, a host that listens nowhere
   leaves its connections half open at the peer's end: measured here).
@@ -20,7 +24,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Iterable
+import math
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +41,9 @@ __all__ = [
     "load_swarm_key",
     "make_swarm_key",
     "is_loopback_multiaddr",
+    "expand_wildcard_addrs",
+    "interface_addresses",
+    "negotiate_seconds",
     "make_host",
     "run_host",
     "libp2p_keypair",
@@ -102,6 +112,151 @@ def is_loopback_multiaddr(addr: str) -> bool:
     return ip.is_loopback
 
 
+# -- this host's addresses (for wildcard listen addresses) ------------------------------------
+
+INTERFACE_CACHE_S = 10.0  # interfaces are re-read at most this often
+_interfaces_cache: tuple[float, tuple[list[str], list[str]]] | None = None
+
+
+def parse_fib_trie(text: str) -> list[str]:
+    """IPv4 addresses assigned to this host, from Linux's /proc/net/fib_trie (each `/32 host LOCAL` leaf)."""
+    found: list[str] = []
+    last_ip = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|--"):
+            last_ip = stripped[3:].strip()
+        elif stripped.startswith("/32 host LOCAL") and last_ip is not None:
+            if last_ip not in found:
+                found.append(last_ip)
+            last_ip = None
+    return found
+
+
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
+IPV6_SCOPE_LINK = 0x20
+
+
+def parse_if_inet6(text: str) -> list[str]:
+    """IPv6 addresses of this host from Linux's /proc/net/if_inet6, link-local and tentative ones left out.
+
+    Columns: address (32 hex digits), interface index, prefix length, scope, flags, name. A
+    link-local address is dialable only with its zone (interface), which a multiaddr here lacks.
+    """
+    found: list[str] = []
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) < 6 or len(cols[0]) != 32:
+            continue
+        try:
+            scope, flags = int(cols[3], 16), int(cols[4], 16)
+            ip = str(ipaddress.IPv6Address(bytes.fromhex(cols[0])))
+        except ValueError:
+            continue
+        if scope == IPV6_SCOPE_LINK or flags & (IFA_F_DADFAILED | IFA_F_TENTATIVE):
+            continue
+        if ip not in found:
+            found.append(ip)
+    return found
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def interface_addresses() -> tuple[list[str], list[str]]:
+    """This host's (IPv4, IPv6) addresses, loopback included; stdlib only, cached INTERFACE_CACHE_S.
+
+    Linux: /proc/net/fib_trie and /proc/net/if_inet6. Elsewhere (or without /proc): the
+    addresses the host name resolves to, plus 127.0.0.1 and ::1.
+    """
+    global _interfaces_cache
+    now = time.monotonic()
+    if _interfaces_cache is not None and now - _interfaces_cache[0] < INTERFACE_CACHE_S:
+        return _interfaces_cache[1]
+    trie, inet6 = _read("/proc/net/fib_trie"), _read("/proc/net/if_inet6")
+    v4 = parse_fib_trie(trie) if trie else []
+    v6 = parse_if_inet6(inet6) if inet6 is not None else []
+    if not v4 or inet6 is None:
+        try:
+            infos = socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            infos = []
+        for family, *_, sockaddr in infos:
+            ip = str(sockaddr[0]).split("%")[0]
+            target = v4 if family == socket.AF_INET else v6 if family == socket.AF_INET6 else None
+            if target is not None and ip not in target and not ipaddress.ip_address(ip).is_link_local:
+                target.append(ip)
+        v4 = v4 or ["127.0.0.1"]
+    result = (v4, v6)
+    _interfaces_cache = (now, result)
+    return result
+
+
+def expand_wildcard_addrs(addrs: Iterable[str],
+                          interfaces: tuple[Sequence[str], Sequence[str]] | None = None) -> list[str]:
+    """`addrs` with each `/ip4/0.0.0.0/...` and `/ip6/::/...` replaced by one address per interface.
+
+    0.0.0.0 becomes every IPv4 address of this host, `::` every IPv6 one (a wildcard may also
+    accept the other family, but only its own is certain); the rest of the multiaddr (port,
+    /p2p/...) is kept. Loopback first, then the others in order; duplicates dropped.
+    """
+    v4, v6 = interfaces if interfaces is not None else interface_addresses()
+    out: list[str] = []
+    for addr in addrs:
+        parts = str(addr).split("/")
+        replacements: Sequence[str] | None = None
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] == "0.0.0.0":
+            replacements = v4
+        elif len(parts) > 2 and parts[1] == "ip6":
+            try:
+                if ipaddress.IPv6Address(parts[2]) == ipaddress.IPv6Address("::"):
+                    replacements = v6
+            except ValueError:
+                pass
+        expanded = [addr] if replacements is None else ["/".join([*parts[:2], ip, *parts[3:]]) for ip in replacements]
+        out.extend(a for a in expanded if a not in out)
+    return sorted(out, key=lambda a: not is_loopback_multiaddr(a))  # stable: keeps the order within each group
+
+
+def _expanding_addrs_factory(candidates: list[Any]) -> list[Any]:
+    """libp2p `addrs_factory`: what `host.get_addrs()` (and so identify) reports, wildcards expanded."""
+    import multiaddr
+
+    return [multiaddr.Multiaddr(a) for a in expand_wildcard_addrs(str(c) for c in candidates)]
+
+
+def _mdns_announces_interface_addrs(host: Any) -> None:
+    """Make py-libp2p's mDNS broadcaster announce dialable addresses.
+
+    py-libp2p 0.8.1's broadcaster puts `host.get_transport_addrs()` in its TXT records: the raw
+    listen addresses, so a node listening on 0.0.0.0 announces `/ip4/0.0.0.0/...`, which a
+    peer on another machine cannot dial. Here it announces the expanded addresses instead.
+    """
+    mdns = getattr(host, "mDNS", None)
+    if mdns is None:
+        return
+
+    def resolve() -> list[str]:
+        raw = [str(a).split("/p2p/")[0] for a in host.get_transport_addrs()]
+        return expand_wildcard_addrs(raw)
+
+    mdns.broadcaster._resolve_host_addrs = resolve
+
+
+def negotiate_seconds(timeout: float) -> int:
+    """The protocol-negotiation timeout py-libp2p can apply: whole seconds, rounded up, at least 1.
+
+    py-libp2p 0.8.1 truncates it with int() (basic_host), so 0.5 would become 0 and every
+    negotiation would time out at once.
+    """
+    return max(1, math.ceil(timeout))
+
+
 def libp2p_keypair(identity: Identity) -> Any:
     from libp2p.crypto.ed25519 import create_new_key_pair
 
@@ -157,6 +312,7 @@ def make_host(config: HostConfig) -> Any:
     _atomic_muxer_writes()
     keypair = libp2p_keypair(config.identity)
     timeout = PSK_UPGRADE_TIMEOUT if config.cluster_key else 10.0
+    negotiate = negotiate_seconds(config.negotiate_timeout)
     connection_config = ConnectionConfig(
         max_connections_per_peer=1,
         max_connections=config.max_connections,
@@ -165,8 +321,8 @@ def make_host(config: HostConfig) -> Any:
         min_connections=0,
         inbound_upgrade_timeout=timeout,
         outbound_upgrade_timeout=timeout,
-        inbound_stream_protocol_negotiation_timeout=config.negotiate_timeout,
-        outbound_stream_protocol_negotiation_timeout=config.negotiate_timeout,
+        inbound_stream_protocol_negotiation_timeout=negotiate,
+        outbound_stream_protocol_negotiation_timeout=negotiate,
     )
     allowed = None if config.allow is None else frozenset(config.allow | config.always_allowed)
     for peer in allowed or ():
@@ -181,19 +337,22 @@ def make_host(config: HostConfig) -> Any:
         psk=config.cluster_key,
         enable_mDNS=config.mdns,
         bootstrap=list(config.bootstrap) or None,
-        negotiate_timeout=int(config.negotiate_timeout),
+        negotiate_timeout=negotiate,
+        addrs_factory=_expanding_addrs_factory,
     )
     _unleak_inbound_slots(host)
     _no_auto_dialing(host)
+    _mdns_announces_interface_addrs(host)
     return host
 
 
 def _no_auto_dialing(host: Any) -> None:
-    """Switch off py-libp2p's auto-connector: the daemon decides whom to dial (bootstrap, mDNS).
+    """Switch off py-libp2p's auto-connector: the daemon decides whom to dial.
 
     It dials peers from the peerstore until there are (low + high watermark) / 2 connections,
     whatever the watermarks: 128 dials for our default of 256 connections, to any peer the
-    node ever heard of.
+    node ever heard of. The daemon dials its bootstrap peers itself, and the peers mDNS finds
+    through `node.mesh.discovery.DiscoveryDialer` (py-libp2p's mDNS only fills the peerstore).
     """
 
     async def never() -> None:

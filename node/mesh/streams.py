@@ -5,9 +5,10 @@ py-libp2p's resource manager does not apply per-peer or per-protocol stream limi
 
 1. the peer may use this protocol at all (cluster member; the control protocol: the local
    client key only);
-2. the peer's request rate (a token bucket per peer; identify and ping are libp2p's own
-   handlers and never pass through here, so they are exempt);
-3. open streams per peer, and per peer per protocol.
+2. open streams per peer, and per peer per protocol;
+3. the peer's request rate (a token bucket per peer; identify and ping are libp2p's own
+   handlers and never pass through here, so they are exempt). Checked last, so a stream
+   refused for one of the reasons above does not use up a token.
 
 Over a limit the stream is reset with a typed reason (`Refusal`), logged, and counted; other
 peers are not affected. `FramedStream` then reads frames under two clocks: a frame must
@@ -131,16 +132,16 @@ class StreamGuard:
         if self.closing:
             raise Refusal("shutting_down")
         state = self._peers.setdefault(peer, _PeerState())
-        if state.bucket is None:
-            state.bucket = TokenBucket(self.limits.request_rate, self.limits.request_burst, self._clock())
-        if not state.bucket.take(self._clock()):
-            raise Refusal("rate_limited", f"over {self.limits.request_rate:g} streams/s")
         if state.streams >= self.limits.max_streams_per_peer:
             raise Refusal("too_many_streams_peer", f"{state.streams} open, limit {self.limits.max_streams_per_peer}")
         open_here = state.by_protocol.get(protocol, 0)
         if open_here >= self.limits.max_streams_per_protocol:
             raise Refusal("too_many_streams_protocol",
                           f"{open_here} open on {protocol}, limit {self.limits.max_streams_per_protocol}")
+        if state.bucket is None:
+            state.bucket = TokenBucket(self.limits.request_rate, self.limits.request_burst, self._clock())
+        if not state.bucket.take(self._clock()):  # last: a stream refused above costs no token
+            raise Refusal("rate_limited", f"over {self.limits.request_rate:g} streams/s")
         state.streams += 1
         state.by_protocol[protocol] = open_here + 1
 

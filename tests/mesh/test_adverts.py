@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from contextlib import aclosing
 
@@ -98,6 +99,25 @@ def test_silent_peers_leave_after_ttl_on_our_own_clock():
     assert t.statistics().expired == 1
 
 
+def test_a_relayed_copy_does_not_keep_a_silent_peer_alive():
+    t, clock = table(ttl=30.0)
+    data = advert_bytes(alice, clock=clock)
+    t.offer(data, now=100.0)
+    for now in (110.0, 120.0, 129.0):  # the same advert again, from relays (pulls, answers to GetAdvert)
+        assert t.offer(data, now) is None
+    assert t.duplicates == 3
+    assert t.expire(now=130.0) == [] and t.expire(now=130.5) == [alice.peer_id]  # ttl after it first arrived
+    t.offer(advert_bytes(alice, seq=2, clock=clock), now=131.0)  # only a new advert renews
+    assert t.expire(now=160.0) == [] and t.expire(now=161.5) == [alice.peer_id]
+
+
+def test_no_entry_outlives_its_adverts_own_expiry():
+    t, clock = table(ttl=600.0)  # a long ttl here; the advert says it expires 90 s after creation
+    t.offer(advert_bytes(alice, clock=clock), now=0.0)
+    assert t.expire(now=150.0) == []  # 90 s + the 60 s clock-skew allowance verify_advert grants
+    assert t.expire(now=150.5) == [alice.peer_id]
+
+
 def test_table_statistics_and_repr():
     t, clock = table()
     t.offer(advert_bytes(clock=clock), 0.0)
@@ -171,6 +191,74 @@ def test_torch_is_asked_only_where_a_gpu_driver_or_mps_could_answer(tmp_path):
         (tmp_path / node).touch()
         assert torch_could_find_gpus(str(tmp_path), "Linux")
         (tmp_path / node).unlink()
+
+
+GiB = 1 << 30
+
+
+def test_accelerator_detection_runs_once_and_rereads_only_free_memory_at_most_every_10_s():
+    from node.accelerators import AcceleratorDetector
+
+    now = [0.0]
+    detector = AcceleratorDetector(clock=lambda: now[0])
+    first = detector()
+    for t in (0.5, 5.0, 9.9):  # an advert per second under changing load: no detection at all
+        now[0] = t
+        assert detector() == first
+    assert (detector.detections, detector.refreshes) == (1, 0)
+    now[0] = 10.0
+    again = detector()
+    assert (detector.detections, detector.refreshes) == (1, 1)
+    static = [(a.kind, a.name, a.memory_total, a.index, a.cores) for a in first]
+    assert [(a.kind, a.name, a.memory_total, a.index, a.cores) for a in again] == static
+    assert again[-1].kind == "cpu" and again[-1].memory_free > 0
+
+
+class TorchCuda:
+    """Stands in for `torch.cuda` (no GPU here): free memory per device, and who asked."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.asked: list[int] = []
+        self.fail = fail
+
+    def mem_get_info(self, index: int) -> tuple[int, int]:
+        self.asked.append(index)
+        if self.fail:
+            raise RuntimeError("CUDA driver gone")
+        return (5 * GiB + index, 140 * GiB)
+
+
+def test_free_memory_is_reread_from_the_source_that_found_each_device():
+    from node.accelerators import NVIDIA_FREE_QUERY, refresh_free_memory
+
+    cpu = Accelerator("cpu", "Xeon", 24 * GiB, 20 * GiB, 0, cores=2)
+    found = [(Accelerator("cuda", "NVIDIA H200", 140 * GiB, 139 * GiB, 0), "torch"),
+             (Accelerator("cuda", "NVIDIA H200", 140 * GiB, 139 * GiB, 1), "torch"),
+             (Accelerator("cuda", "NVIDIA H100 80GB HBM3", 81559 * 2**20, 80918 * 2**20, 1), "nvidia-smi"),
+             (Accelerator("rocm", "Instinct MI300X", 206141652992, 1, 0), "rocm-smi"), (cpu, "cpu")]
+    ran = []
+
+    def run(tool, *args):
+        ran.append((tool, args))
+        return {"nvidia-smi": "0, 7\n1, 1024\n", "rocm-smi": ROCM_SMI}[tool]
+
+    cuda = TorchCuda()
+    out = refresh_free_memory(found, cuda=cuda, run=run, meminfo=lambda: (24 * GiB, 3 * GiB))
+    assert [(a.kind, a.name, a.memory_total, a.index) for a, _ in out] == \
+        [(a.kind, a.name, a.memory_total, a.index) for a, _ in found]
+    assert [a.memory_free for a, _ in out] == [5 * GiB, 5 * GiB + 1, 1024 * 2**20, 206141652992 - 10485760, 3 * GiB]
+    assert cuda.asked == [0, 1]
+    assert ran == [("nvidia-smi", NVIDIA_FREE_QUERY), ("rocm-smi", ran[1][1])]  # one query per tool
+    # a source that fails keeps the last values
+    kept = refresh_free_memory(found, cuda=TorchCuda(fail=True), run=lambda *a: None, meminfo=lambda: (0, 0))
+    assert [a.memory_free for a, _ in kept][:4] == [a.memory_free for a, _ in found][:4]
+
+
+def test_nvidia_smi_free_memory_query_is_parsed():
+    from node.accelerators import parse_nvidia_smi_free
+
+    assert parse_nvidia_smi_free("0, 80918\n1, 1024\n") == {0: 80918 * 2**20, 1: 1024 * 2**20}
+    assert parse_nvidia_smi_free("garbage\n0, lots\n") == {}
 
 
 def test_the_cpu_is_always_detected_with_cores_and_memory():
@@ -337,3 +425,120 @@ async def test_a_gossip_message_racing_shutdown_resets_its_stream_instead_of_kil
     service.pubsub = ClosingPubsub("some other bug")  # anything else is not ours to hide
     with trio.fail_after(5), pytest.raises(RuntimeError, match="other bug"):
         await service._gossip_stream(RecordingStream())
+
+
+async def test_a_killed_node_leaves_every_table_within_the_ttl_although_relays_still_hold_its_advert(tmp_path):
+    # With 3 nodes, each periodic pull hands the survivors the dead node's last advert again; those
+    # copies must not renew it (they kept it for minutes, against a ttl of seconds).
+    ttl = 1.5
+    env = {"ACCELMESH_ADVERTS_TTL": str(ttl), "ACCELMESH_ADVERTS_INTERVAL": "0.3"}
+    async with running_daemon(tmp_path, "n0", **env) as first, \
+            running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **env) as second:
+        async with running_daemon(tmp_path, "victim", ACCELMESH_BOOTSTRAP=first.addrs()[0], **env) as victim:
+            await wait_until(lambda: all(len(n.table) == 2 for n in (first, second, victim)))
+            await trio.sleep(1.0)  # several pull rounds
+            killed = trio.current_time()
+            victim.request_stop(force=True)
+        await wait_until(lambda: victim.peer_id not in first.table and victim.peer_id not in second.table,
+                         timeout=15)
+        took = trio.current_time() - killed
+        assert took <= ttl + 1.5, f"the dead node stayed {took:.1f} s (ttl {ttl} s)"
+        assert second.peer_id in first.table and first.peer_id in second.table  # the living stay
+        assert first.table.duplicates + second.table.duplicates > 0, "relayed copies did arrive"
+
+
+async def test_info_and_peers_agree_with_the_contract_and_each_other(tmp_path):
+    import node
+
+    async with running_daemon(tmp_path, "n0", **FAST) as first, \
+            running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as second:
+        await wait_until(lambda: second.peer_id in first.table)
+        with trio.fail_after(10):
+            async with DaemonClient.connect(second.data_dir) as client:
+                info = await client.command("info")
+                status = await client.command("status")
+            async with DaemonClient.connect(first.data_dir) as client:
+                peers = await client.command("peers")
+        assert set(peers) == {"peers"}
+        (entry,) = [p for p in peers["peers"] if p["peer_id"] == second.peer_id]
+        assert set(entry) >= {"peer_id", "addrs", "providers", "accelerators", "load", "last_seen", "latency_ms",
+                              "health", "cooldown_until"}
+        assert set(info) >= {"peer_id", "addrs", "version", "stats", "providers", "accelerators", "capacity",
+                             "queue", "load"}
+        # one meaning of `version` everywhere: the release, as daemon.json and status give it
+        daemon_json = json.loads((second.data_dir.path / "daemon.json").read_text())
+        assert info["version"] == entry["version"] == status["version"] == daemon_json["version"] == node.__version__
+        for key in ("peer_id", "addrs", "providers", "capacity", "queue", "load"):
+            assert info[key] == entry[key], key
+        static = lambda accels: [{k: v for k, v in a.items() if k != "memory_free"} for a in accels]  # noqa: E731
+        assert static(info["accelerators"]) == static(entry["accelerators"])
+        for p in entry["providers"]:
+            assert set(p) == {"name", "tasks", "models", "ready"}
+        assert info["stats"] == {"inferences": 0, "cache": dict.fromkeys(("memory", "local", "cluster", "miss",
+                                                                          "bypass"), 0)}
+
+
+async def test_peers_show_a_measured_latency_after_a_ping(tmp_path):
+    env = {"ACCELMESH_ADVERTS_INTERVAL": "0.3"}  # the table pings its peers every interval
+    async with running_daemon(tmp_path, "n0", **env) as first, \
+            running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **env) as second:
+        await wait_until(lambda: second.peer_id in first.table)
+        assert first.table.get(second.peer_id).latency_ms is None  # not measured yet: null, as the contract says
+        await wait_until(lambda: first.table.get(second.peer_id).latency_ms is not None)
+        with trio.fail_after(10):
+            async with DaemonClient.connect(first.data_dir) as client:
+                peers = (await client.command("peers"))["peers"]
+        (entry,) = [p for p in peers if p["peer_id"] == second.peer_id]
+        latency = entry["latency_ms"]
+        assert isinstance(latency, (int, float)) and not isinstance(latency, bool)
+        assert 0 <= latency < 1000  # loopback: py-libp2p reports whole milliseconds, usually 0
+        json.dumps(entry)  # and it travels as a JSON number
+
+
+def big_advert(identity: Identity, created: int) -> bytes:
+    """A genuine advert of about 48 KiB (many models), under the 64 KiB advert limit."""
+    from protocols.advert.messages import MAX_ADVERT_BYTES, PROTOCOL_VERSION, Load, ProviderEntry, sign_advert
+    from protocols.advert.messages import Accelerator as Device
+
+    providers = tuple(ProviderEntry(f"p{i}", ("generate",), tuple(f"org/model-{i}-{j}-" + "x" * 180 for j in range(60)),
+                                    True) for i in range(4))
+    data = encode_advert(sign_advert(
+        identity, addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{identity.peer_id}",), providers=providers,
+        accelerators=(Device("cpu", "x86_64", 1 << 34, 1 << 33, cores=2),), capacity=64, queue=256, load=Load(0, 0),
+        software="accelmesh/0.1.0", protocol=PROTOCOL_VERSION, seq=1, created=created, expires=created + 90_000))
+    assert 40 * 1024 < len(data) <= MAX_ADVERT_BYTES
+    return data
+
+
+async def test_a_gossip_rpc_carrying_several_large_adverts_is_accepted(tmp_path):
+    # An IWANT reply carries every wanted advert in one RPC (py-libp2p splits outbound RPCs only at
+    # 1 MiB); with a 128 KiB inbound limit the daemon reset the stream and dropped the sender.
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+    from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize
+    from libp2p.tools.anyio_service import background_trio_service
+
+    async with running_daemon(tmp_path, "alice", **FAST) as daemon, peer_host(mallory) as host:
+        assert daemon.adverts.pubsub.max_inbound_rpc_size >= DefaultMaxMessageSize  # what a sender may send
+        pubsub, router = gossip(host)
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            await pubsub.subscribe(TOPIC)
+            await connect(host, daemon)
+            daemon_id = ID.from_base58(daemon.peer_id)
+            with trio.fail_after(10):
+                await pubsub.wait_for_subscription(daemon_id, TOPIC)
+            await wait_until(lambda: daemon_id in pubsub.peer_queues)
+            subjects = [Identity.generate() for _ in range(4)]
+            now = int(time.time() * 1000)
+            rpc = rpc_pb2.RPC()
+            for subject in subjects:
+                msg = rpc_pb2.Message(data=big_advert(subject, now), topicIDs=[TOPIC], from_id=pubsub.my_id.to_bytes(),
+                                      seqno=pubsub._next_seqno())
+                msg.signature = pubsub.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+                msg.key = host.get_public_key().serialize()
+                rpc.publish.append(msg)
+            assert 160 * 1024 < rpc.ByteSize() < DefaultMaxMessageSize
+            router.send_rpc(daemon_id, rpc)  # one RPC, as gossipsub's handle_iwant builds it
+            await wait_until(lambda: all(s.peer_id in daemon.table for s in subjects))
+            assert host.get_id() in daemon.adverts.pubsub.peers, "the sender was not dropped"

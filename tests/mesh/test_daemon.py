@@ -17,7 +17,7 @@ from node.config import load_settings
 from node.daemon import Daemon, check_listen_policy, mdns_enabled
 from node.datadir import DataDir
 from node.errors import ConfigError, DaemonError
-from node.mesh.host import make_swarm_key
+from node.mesh.host import make_swarm_key, peer_info
 from protocols.control.messages import PROTOCOL_ID as CONTROL
 from protocols.inference.messages import Request, Result
 from protocols.records import Identity
@@ -213,3 +213,148 @@ async def test_bootstrap_peer_is_dialed_and_redialed_after_it_restarts(tmp_path)
                 while not bob._connected(alice_id):
                     await trio.sleep(0.1)
                 alice_again.request_stop(force=True)
+
+
+# -- wildcard listen addresses ----------------------------------------------------------------------
+
+
+async def test_a_daemon_listening_on_0000_reports_dialable_addresses_loopback_first(tmp_path):
+    from node.mesh.host import interface_addresses
+
+    env = {"ACCELMESH_LISTEN": "/ip4/0.0.0.0/tcp/0", "ACCELMESH_OPEN": "1"}
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, "wild", **env) as daemon:
+            addrs = daemon.addrs()
+            port = addrs[0].split("/tcp/")[1].split("/")[0]
+            assert addrs[0] == f"/ip4/127.0.0.1/tcp/{port}/p2p/{daemon.peer_id}"
+            assert not any("/0.0.0.0/" in a for a in addrs), addrs
+            assert {a.split("/")[2] for a in addrs} == set(interface_addresses()[0])  # one per IPv4 address
+            assert json.loads((daemon.data_dir.path / "daemon.json").read_text())["multiaddrs"] == addrs
+            assert daemon.info()["addrs"] == addrs
+            assert list(daemon.adverts.current.addrs) == addrs[:16]
+            for addr in addrs:  # every address is really dialable
+                async with peer_host() as friend:
+                    await friend.connect(peer_info(addr))
+                    assert friend.get_network().connections.get(ID.from_base58(daemon.peer_id))
+            async with running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=addrs[-1]) as bob:
+                while daemon.peer_id not in bob.table:
+                    await trio.sleep(0.05)
+                seen = (await bob.command("peers", {}))["peers"]
+                (entry,) = [p for p in seen if p["peer_id"] == daemon.peer_id]
+                assert entry["addrs"] == addrs  # what `accelmesh peers --json` shows elsewhere
+                # identify told bob the same addresses (py-libp2p would have sent /ip4/0.0.0.0/...)
+                known = [str(a) for a in bob.host.get_peerstore().addrs(ID.from_base58(daemon.peer_id))]
+                assert not any("/0.0.0.0/" in a for a in known), known
+
+
+# -- settings that are not implemented yet --------------------------------------------------------
+
+
+async def test_http_is_refused_with_a_clear_error_until_the_http_api_exists(tmp_path):
+    settings = load_settings(env={"ACCELMESH_DATA_DIR": str(tmp_path / "d"), "ACCELMESH_LISTEN": LOOPBACK,
+                                  "ACCELMESH_HTTP": "127.0.0.1:0"})
+    with pytest.raises(ConfigError, match="http.*the HTTP API is not implemented yet"):
+        await Daemon(settings).run()
+    assert not (tmp_path / "d" / "daemon.json").exists()
+    async with running_daemon(tmp_path, name="d"):  # nothing was left locked
+        pass
+
+
+def test_accelmesh_daemon_http_exits_2_with_one_line_naming_the_setting(tmp_path, subprocess_env):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "daemon", "--data-dir", str(tmp_path / "d"),
+                           "--listen", LOOPBACK, "--http", "127.0.0.1:8080"],
+                          capture_output=True, text=True, env=subprocess_env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "http" in errors[0] and "not implemented yet" in errors[0], proc.stderr
+    assert not (tmp_path / "d" / "daemon.json").exists()
+
+
+# -- mDNS: the daemon dials what it finds -----------------------------------------------------------
+
+
+def test_discovery_backoff_doubles_up_to_its_maximum_and_starts_over_after_a_lasting_connection():
+    from node.mesh.discovery import Backoff
+
+    b = Backoff(0.5, 4.0)
+    assert b.due("p", 0.0)
+    assert [b.attempted("p", t) for t in (0.0, 0.5, 1.5, 3.5, 7.5, 11.5)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert not b.due("p", 15.4) and b.due("p", 15.5)
+    b.reset("p")
+    assert b.due("p", 0.0) and b.attempted("p", 20.0) == 0.5
+    b.attempted("q", 0.0)
+    b.forget_except({"q"})
+    assert len(b) == 1 and b.due("p", 0.0)
+
+
+def discovered(daemon: Daemon, peer_id: str, addr: str) -> None:
+    """What py-libp2p's mDNS listener does when zeroconf resolves a peer's service (listener.add_service)."""
+    import time
+
+    import multiaddr
+
+    pid = ID.from_base58(peer_id)
+    daemon.host.mDNS.listener.discovered_services[f"test-{peer_id[-8:]}._p2p._udp.local."] = (pid, time.time())
+    daemon.host.get_peerstore().add_addrs(pid, [multiaddr.Multiaddr(addr.split("/p2p/")[0])], 120)
+
+
+async def test_a_peer_found_by_mdns_is_dialed_and_its_advert_fetched(tmp_path):
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, "alice", ACCELMESH_MDNS="1") as alice, \
+                running_daemon(tmp_path, "bob") as bob:
+            assert alice.discovery is not None and bob.discovery is None  # mDNS on only where asked
+            assert bob.peer_id not in alice.table and not alice._connected(ID.from_base58(bob.peer_id))
+            discovered(alice, bob.peer_id, bob.addrs()[0])
+            while bob.peer_id not in alice.table:
+                await trio.sleep(0.05)
+            assert alice._connected(ID.from_base58(bob.peer_id))
+            assert alice.peer_id in bob.table  # and bob learned alice over the same connection
+
+
+async def test_mdns_finds_outside_the_allowlist_are_not_dialed(tmp_path):
+    from node.mesh.host import HostConfig, make_host, run_host
+
+    friend_id = Identity.generate()
+    friend = make_host(HostConfig(friend_id, listen=(LOOPBACK,)))
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, "alice", ACCELMESH_MDNS="1", ACCELMESH_ALLOW=friend_id.peer_id) as alice, \
+                running_daemon(tmp_path, "bob") as outsider, run_host(friend, [LOOPBACK]):
+            discovered(alice, outsider.peer_id, outsider.addrs()[0])
+            discovered(alice, friend_id.peer_id, str(friend.get_addrs()[0]))
+            while not alice._connected(friend.get_id()):  # the allowed one is dialed...
+                await trio.sleep(0.05)
+            await trio.sleep(3 * alice.discovery.poll)
+            assert not alice._connected(ID.from_base58(outsider.peer_id))  # ...the outsider never
+            assert alice.discovery.dials == 1 and alice.discovery.connected == 1
+
+
+def multicast_loops_back() -> bool:
+    """Whether a multicast datagram sent here comes back here (what two mDNS nodes on one host need)."""
+    group = "239.255.42.99"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as recv, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as send:
+        try:
+            recv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            recv.bind(("", 0))
+            port = recv.getsockname()[1]
+            recv.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                            socket.inet_aton(group) + socket.inet_aton("0.0.0.0"))
+            recv.settimeout(1.0)
+            send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+            send.sendto(b"probe", (group, port))
+            return recv.recv(16) == b"probe"
+        except OSError:
+            return False
+
+
+@pytest.mark.lan  # multicast goes beyond loopback: `make test-lan`, not `make test`
+async def test_two_daemons_find_each_other_over_real_multicast_mdns(tmp_path):
+    assert multicast_loops_back(), "multicast does not loop back on this machine: mDNS cannot be observed here"
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, "alice", ACCELMESH_MDNS="1") as alice, \
+                running_daemon(tmp_path, "bob", ACCELMESH_MDNS="1") as bob:  # no bootstrap: only mDNS
+            while bob.peer_id not in alice.table or alice.peer_id not in bob.table:
+                await trio.sleep(0.05)

@@ -206,3 +206,103 @@ async def test_a_peer_that_takes_no_frame_gets_its_connection_closed(autojump_cl
         await muxer._write_frame(b"stuck")
     assert trio.current_time() - started >= WRITE_TIMEOUT
     assert conn.closed and muxer.is_closed
+
+
+# -- negotiation timeout, addresses -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting,seconds", [(0.001, 1), (0.5, 1), (1.0, 1), (1.2, 2), (2.0, 2), (10.0, 10)])
+def test_negotiation_timeouts_are_whole_seconds_rounded_up(setting, seconds):
+    from node.mesh.host import negotiate_seconds
+
+    assert negotiate_seconds(setting) == seconds
+
+
+def test_a_fractional_negotiate_timeout_reaches_libp2p_rounded_up_not_truncated():
+    host = make_host(HostConfig(Identity.generate(), negotiate_timeout=0.5))
+    config = host.get_network().connection_config
+    assert config.inbound_stream_protocol_negotiation_timeout == 1
+    assert config.outbound_stream_protocol_negotiation_timeout == 1
+    assert host.negotiate_timeout == 1
+
+
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     +-- 192.0.2.0/24 2 0 2
+        +-- 192.0.2.0/30 2 0 2
+           |-- 192.0.2.0
+              /24 link UNICAST
+           |-- 192.0.2.2
+              /32 host LOCAL
+        |-- 192.0.2.255
+           /32 link BROADCAST
+     |-- 10.9.8.7
+        /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 127.0.0.1
+        /32 host LOCAL
+     |-- 192.0.2.2
+        /32 host LOCAL
+"""  # recorded on this test machine (plus a secondary address 10.9.8.7)
+
+IF_INET6 = """00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+fd000000000000000000000000000002 04 40 00 82     eth0
+20010db8000000000000000000000005 04 40 00 40     eth0
+"""  # lo, a link-local (needs a zone: left out), a global one, a tentative one (left out)
+
+
+def test_interface_addresses_are_read_from_proc():
+    from node.mesh.host import parse_fib_trie, parse_if_inet6
+
+    assert parse_fib_trie(FIB_TRIE) == ["127.0.0.1", "192.0.2.2", "10.9.8.7"]
+    assert parse_if_inet6(IF_INET6) == ["::1", "fd00::2"]
+
+
+def test_wildcard_listen_addresses_expand_to_interface_addresses_loopback_first():
+    from node.mesh.host import expand_wildcard_addrs
+
+    interfaces = (["192.0.2.2", "127.0.0.1"], ["fd00::2", "::1"])
+    pid = Identity.generate().peer_id
+    got = expand_wildcard_addrs([f"/ip4/0.0.0.0/tcp/4001/p2p/{pid}", f"/ip6/::/tcp/4002/p2p/{pid}",
+                                 f"/ip4/10.0.0.1/tcp/4003/p2p/{pid}", f"/ip4/0.0.0.0/tcp/4001/p2p/{pid}"], interfaces)
+    assert got == [f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}", f"/ip6/::1/tcp/4002/p2p/{pid}",
+                   f"/ip4/192.0.2.2/tcp/4001/p2p/{pid}", f"/ip6/fd00::2/tcp/4002/p2p/{pid}",
+                   f"/ip4/10.0.0.1/tcp/4003/p2p/{pid}"]
+    assert expand_wildcard_addrs(["/ip4/127.0.0.1/tcp/1"], interfaces) == ["/ip4/127.0.0.1/tcp/1"]
+
+
+def test_this_machine_has_a_loopback_and_its_interface_addresses_are_real():
+    import socket
+
+    from node.mesh.host import interface_addresses
+
+    v4, v6 = interface_addresses()
+    assert "127.0.0.1" in v4
+    for ip in v4:  # each one is an address of this host: it can be bound
+        with socket.socket() as s:
+            s.bind((ip, 0))
+
+
+async def test_mdns_announces_dialable_addresses_not_the_wildcard():
+    # py-libp2p's broadcaster would put /ip4/0.0.0.0/... in the TXT records
+    host = make_host(HostConfig(Identity.generate(), listen=("/ip4/0.0.0.0/tcp/0",), mdns=True))
+    with trio.fail_after(20):
+        async with run_host(host, ["/ip4/0.0.0.0/tcp/0"]):
+            port = host.get_transport_addrs()[0].value_for_protocol("tcp")
+            announced = host.mDNS.broadcaster._resolve_host_addrs()
+            txt = [v.decode() for v in host.mDNS.broadcaster.service_info.properties.values()]
+    assert announced and announced[0] == f"/ip4/127.0.0.1/tcp/{port}"
+    assert not any("0.0.0.0" in a for a in announced + txt), (announced, txt)
+    assert all(a.endswith(f"/tcp/{port}/p2p/{host.get_id()}") for a in txt)
