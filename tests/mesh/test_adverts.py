@@ -158,9 +158,10 @@ def test_load_is_republished_on_a_bucket_change_at_most_once_per_interval():
 # -- accelerators -----------------------------------------------------------------------------------
 
 
-# Output shapes constructed from the tools' documentation (no GPU was available to record them):
-# `nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits` (MiB), and
-# `rocm-smi --showproductname --showmeminfo vram --json` (bytes, as strings).
+# A two-GPU nvidia-smi answer in the shape recorded on a real H200 host (tests/fixtures/gpu/, checked in
+# test_accelerators_recorded.py): `nvidia-smi --query-gpu=index,name,memory.total,memory.free
+# --format=csv,noheader,nounits` (MiB). The rocm-smi answer is constructed from its documentation (no
+# AMD GPU was available): `rocm-smi --showproductname --showmeminfo vram --json` (bytes, as strings).
 NVIDIA_SMI = "0, NVIDIA H100 80GB HBM3, 81559, 80918\n1, NVIDIA H100 80GB HBM3, 81559, 1024\n"
 ROCM_SMI = ('{"card0": {"Card series": "Instinct MI300X", "Card model": "0x74a1", '
             '"VRAM Total Memory (B)": "206141652992", "VRAM Total Used Memory (B)": "10485760"}, '
