@@ -135,14 +135,26 @@ def parse(text: str) -> ParsedCID:
 
 
 def verify(cid: str, data: bytes) -> None:
-    """Raise `CIDMismatch` unless `data` hashes to `cid` (under the policy of `parse`)."""
+    """Raise `CIDMismatch` unless `data` hashes to `cid` (under the policy of `parse`).
+
+    A CID may carry a truncated digest (at least `MIN_DIGEST_BYTES`): multihash truncation keeps
+    the digest's first bytes, so the data's digest is cut to the CID's length before comparing.
+    """
     parsed = parse(cid)
+    size = len(parsed.digest)
     if parsed.hash_name == "sha2-256" and parsed.codec == "raw" and parsed.version == 1:
-        if hashlib.sha256(data).digest() != parsed.digest:
-            raise CIDMismatch(cid, cid_of(data))
+        if hashlib.sha256(data).digest()[:size] != parsed.digest:
+            raise CIDMismatch(cid, cid_of(data) if size == 32 else _cid_text(parsed, data))
         return
+    from multiformats import multihash
+
+    if multihash.unwrap(multihash.digest(data, parsed.hash_name))[:size] != parsed.digest:
+        raise CIDMismatch(cid, _cid_text(parsed, data))
+
+
+def _cid_text(parsed: ParsedCID, data: bytes) -> str:
+    """The CID `data` would have in the shape of `parsed` (same version, codec, hash and digest size)."""
     from multiformats import CID, multihash
 
-    actual = multihash.digest(data, parsed.hash_name)
-    if actual[-len(parsed.digest):] != parsed.digest:
-        raise CIDMismatch(cid, str(CID("base32", parsed.version, parsed.codec, actual)))
+    return str(CID("base32", parsed.version, parsed.codec, multihash.digest(data, parsed.hash_name,
+                                                                            size=len(parsed.digest))))

@@ -12,6 +12,7 @@
     │   ├── StaleRecord             a replayed record: not newer than the one already held
     │   └── FlowControlViolation    more chunks than the receiver granted credit for
     └── LocalProtocolError          we tried to produce something the protocol forbids (our bug)
+        ├── UnsendableMessage       an outgoing message with a field missing, mistyped or out of bounds
         └── NotCanonical            a value with no canonical encoding (NaN, an object, a huge int)
 
 Every error carries the fields a log line needs, so callers never parse messages.
@@ -32,6 +33,7 @@ __all__ = [
     "ExpiredRecord",
     "StaleRecord",
     "FlowControlViolation",
+    "UnsendableMessage",
     "NotCanonical",
 ]
 
@@ -101,6 +103,15 @@ class FlowControlViolation(RemoteProtocolError):
     def __init__(self, sent: int, credit: int) -> None:
         super().__init__(f"peer sent chunk {sent} with credit for only {credit}")
         self.sent, self.credit = sent, credit
+
+
+class UnsendableMessage(LocalProtocolError):
+    """The encoder refused one of our messages: the peer would refuse it as `MalformedMessage`."""
+
+    def __init__(self, reason: str, *, field: str | None = None, message_type: str | None = None) -> None:
+        where = ".".join(p for p in (message_type, field) if p)
+        super().__init__(f"refusing to send {where or 'a message'}: {reason}")
+        self.reason, self.field, self.message_type = reason, field, message_type
 
 
 class NotCanonical(LocalProtocolError):

@@ -6,7 +6,8 @@ like h11: `receive_data(bytes)` only buffers; `next_frame()` returns the next wh
 
 - a length prefix over the frame limit -> `FrameTooLarge`, as soon as the prefix is read and
   before any byte of the payload is buffered beyond it;
-- a varint longer than the limit needs, or not minimally encoded -> `MalformedMessage`.
+- a varint longer than the limit needs (never more than `MAX_VARINT_BYTES`), or not minimally
+  encoded -> `MalformedMessage`.
 
 The hard maxima are the constants below; `node.config` may only lower them.
 """
@@ -28,8 +29,10 @@ __all__ = [
 # The largest frame any accelmesh protocol may send: a cached response block (bounded at 4 MiB)
 # plus its envelope fits; anything bigger is an attack or a bug.
 MAX_FRAME_SIZE = 8 * 1024 * 1024
-# The unsigned-varint spec caps a varint at 9 bytes (63 bits); a frame length needs at most 4.
+# The unsigned-varint spec caps a varint at 9 bytes (63 bits): `encode_varint` refuses larger
+# values, and a decoder never reads more (a frame length needs at most 4: the limit's own length).
 MAX_VARINT_BYTES = 9
+_MAX_VARINT_VALUE = (1 << (7 * MAX_VARINT_BYTES)) - 1  # 2**63 - 1
 
 
 class _NeedData:
@@ -53,9 +56,12 @@ NEED_DATA = _NeedData()
 
 
 def encode_varint(value: int) -> bytes:
-    """Unsigned LEB128, minimal (what the multiformats unsigned-varint spec and libp2p use)."""
+    """Unsigned LEB128, minimal (what the multiformats unsigned-varint spec and libp2p use), at
+    most `MAX_VARINT_BYTES` long: a value over 2**63 - 1 is refused (`LocalProtocolError`)."""
     if value < 0:
         raise LocalProtocolError(f"cannot encode negative varint {value}")
+    if value > _MAX_VARINT_VALUE:
+        raise LocalProtocolError(f"cannot encode {value} in a varint of at most {MAX_VARINT_BYTES} bytes")
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -86,7 +92,8 @@ class FrameDecoder:
         if not 0 < max_frame_size <= MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be in 1..{MAX_FRAME_SIZE} (settings may only lower it)")
         self.max_frame_size = max_frame_size
-        self._max_prefix = varint_length(max_frame_size)
+        self._max_prefix = varint_length(max_frame_size)  # <= 4 bytes: well under MAX_VARINT_BYTES
+        assert self._max_prefix <= MAX_VARINT_BYTES
         self._buffer = bytearray()
         self._length: int | None = None  # the current frame's payload length, once its prefix is read
 

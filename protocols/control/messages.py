@@ -12,7 +12,7 @@ from typing import Any
 
 from protocols.codec import Any_, Bool, Dict, Limits, Message, Nested, Str, field
 
-__all__ = ["PROTOCOL_ID", "COMMANDS", "ErrorInfo", "Command", "Reply", "MAX_FRAME_SIZE", "LIMITS"]
+__all__ = ["PROTOCOL_ID", "COMMANDS", "ERROR_CODES", "ErrorInfo", "Command", "Reply", "MAX_FRAME_SIZE", "LIMITS"]
 
 PROTOCOL_ID = "/accelmesh/control/1.0.0"
 MAX_FRAME_SIZE = 8 * 1024 * 1024  # a `cache-get` reply carries one block (4 MiB) as base64 text
@@ -28,12 +28,17 @@ COMMANDS = (
     "cache-rm",  # remove one block by CID (args: cid); other nodes keep theirs
     "cache-verify",  # re-hash every block, drop corrupt ones
 )
+# What a failed Reply's ErrorInfo.code may say (a closed set, like the inference error codes).
+ERROR_CODES = (
+    "failed",  # the command failed: bad or missing args, unknown CID form, a store error (message says which)
+    "not_found",  # cache-get / cache-rm: no block with that CID in the local store
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class ErrorInfo(Message):
-    code: str = field(Str(max_len=32))
-    message: str = field(Str(max_len=4096))
+    code: str = field(Str(max_len=32, choices=ERROR_CODES))
+    message: str = field(Str(max_len=4096))  # one line for stderr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +56,7 @@ class Reply(Message):
     TYPE = "reply"
     VERSION = 1
     ok: bool = field(Bool())
-    result: Any = field(Any_(), optional=True)
+    result: Any = field(Any_(LIMITS), optional=True)  # the client decodes replies with LIMITS
     error: ErrorInfo | None = field(Nested(ErrorInfo), optional=True)
 
     def __post_init__(self) -> None:

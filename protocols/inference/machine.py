@@ -54,7 +54,7 @@ class Role(Enum):
 class State(Enum):
     IDLE = "idle"  # nothing sent or received yet
     ACTIVE = "active"  # the request is out: chunks, credits, and finally a result or an error
-    DONE = "done"  # a Result or an Error ended the stream
+    DONE = "done"  # a Result or an Error ended the request; the client may send the next Request
 
 
 class InferenceStream:
@@ -81,14 +81,20 @@ class InferenceStream:
     # -- sending -----------------------------------------------------------------------
 
     def send(self, message: Message) -> bytes:
-        """Check that we may send `message` now, update the state, return the frame to write."""
+        """Check that we may send `message` now, update the state, return the frame to write.
+
+        `LocalProtocolError` if the state forbids it, or if a field is out of its bounds
+        (`UnsendableMessage`, from the encoder) or the frame too large; a refused message
+        leaves the state as it was.
+        """
         if self.state is State.DONE and not (self.role is Role.CLIENT and isinstance(message, Request)):
             raise LocalProtocolError(f"{self.role.value} cannot send {message.TYPE}: the answer is done")
+        frame = encode_frame(encode(message), self._max_frame)  # before any state changes
         if self.role is Role.CLIENT:
             self._client_sends(message)
         else:
             self._server_sends(message)
-        return encode_frame(encode(message), self._max_frame)
+        return frame
 
     def _client_sends(self, message: Message) -> None:
         if isinstance(message, Request):

@@ -1,4 +1,4 @@
-"""Remote inference: one stream per request, Request -> Chunk* -> Result | Error; a reset cancels.
+"""Remote inference: Request -> Chunk* -> Result | Error, one request at a time per stream; a reset cancels.
 
 The client grants the server credit for `window` chunks in its Request and tops it up with
 `Credit` as it consumes them, so a slow reader never makes the server buffer more than
@@ -71,7 +71,8 @@ class ChatMessage(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Request(Message):
-    """The client's first and only request on a stream."""
+    """Starts one request: the client's first message on a stream, and again after each Result or
+    Error (keep-alive: the stream carries the next request; one at a time, never while one is active)."""
 
     TYPE = "request"
     VERSION = 1

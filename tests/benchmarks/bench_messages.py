@@ -1,4 +1,7 @@
-"""Protocol messages and signed records: sign and verify rates, encode/decode against bare msgpack."""
+"""Protocol messages and signed records: sign and verify rates, encode/decode against bare msgpack.
+
+Every wire message is in the ratio table (each protocol's messages and the cache record); encode
+includes checking every field against its spec (`protocols.codec.encode`)."""
 
 from __future__ import annotations
 
@@ -7,11 +10,13 @@ import dataclasses
 import msgpack
 
 from protocols.advert.messages import Advert, decode_advert, encode_advert, verified_advert
+from protocols.cache.messages import Found, Get, NotFound
 from protocols.canonical import response_bytes
 from protocols.cid import cid_of
 from protocols.codec import decode, encode
-from protocols.inference.messages import Chunk, Request, Result
-from protocols.records import Identity, sign_cache_record, verify_cache_record
+from protocols.control.messages import Command, ErrorInfo, Reply
+from protocols.inference.messages import Chunk, Credit, Error, Request, Result
+from protocols.records import CacheRecord, Identity, sign_cache_record, verify_cache_record
 from tests.benchmarks.bench_wire import rate
 from tests.benchmarks.run import Section
 from tests.protocols.test_messages import make_advert
@@ -43,6 +48,19 @@ def run() -> Section:
         ("chunk", Chunk(17, " word"), Chunk),
         ("result", Result(response=data, cid=cid_of(data), key=cid_of(b"k"), provider="echo", peer=alice.peer_id,
                           cache="miss", timings={"total": 3.2}), Result),
+        ("credit", Credit(16), Credit),
+        ("error", Error(code="busy", message="every slot and the queue are full", retryable=True, retry_after=1.5),
+         Error),
+        ("cache get", Get(cid_of(data)), Get),
+        ("cache found", Found(cid_of(data), data), Found),
+        ("cache not-found", NotFound(cid_of(data)), NotFound),
+        ("control command", Command("cache-get", {"cid": cid_of(data)}), Command),
+        ("control reply", Reply(True, {"peer_id": alice.peer_id, "pid": 4242, "uptime_s": 12.5, "version": "0.1.0",
+                                       "addrs": [f"/ip4/127.0.0.1/tcp/4001/p2p/{alice.peer_id}"], "http_url": None}),
+         Reply),
+        ("control reply (error)", Reply(False, error=ErrorInfo("failed", f"{cid_of(data)} is not in the local store")),
+         Reply),
+        ("cache record", record, CacheRecord),
     ]
     codec_rows = []
     for name, message, cls in messages:

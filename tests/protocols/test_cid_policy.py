@@ -70,3 +70,34 @@ def test_a_hash_multiformats_cannot_load_is_malformed_not_a_crash():
     keccak = "b" + base64.b32encode(raw).decode().lower().rstrip("=")
     with pytest.raises((MalformedMessage, InsecureHash)):
         parse(keccak)
+
+
+def truncated(data: bytes, hash_name: str, size: int = MIN_DIGEST_BYTES) -> str:
+    """A CID whose multihash keeps the first `size` bytes of the digest (multihash truncation)."""
+    return str(CID("base32", 1, "raw", multihash.digest(data, hash_name, size=size)))
+
+
+def test_truncated_sha2_256_at_20_bytes_verifies_and_wrong_data_fails():
+    cid = truncated(b"payload", "sha2-256")
+    assert len(parse(cid).digest) == 20 and parse(cid).hash_name == "sha2-256"
+    verify(cid, b"payload")
+    with pytest.raises(CIDMismatch) as info:
+        verify(cid, b"other payload")
+    assert info.value.actual == truncated(b"other payload", "sha2-256")  # the same shape as the expected CID
+
+
+@pytest.mark.parametrize("hash_name", sorted(ALLOWED_HASHES))
+@pytest.mark.parametrize("size", [MIN_DIGEST_BYTES, MIN_DIGEST_BYTES + 1, 31])
+def test_every_allowed_hash_verifies_when_truncated(hash_name, size):
+    cid = truncated(b"payload", hash_name, size)
+    verify(cid, b"payload")
+    with pytest.raises(CIDMismatch):
+        verify(cid, b"other payload")
+
+
+@pytest.mark.parametrize("hash_name", ["sha2-256", "sha2-512"])
+def test_a_truncated_digest_is_a_prefix_not_a_suffix(hash_name):
+    full = multihash.unwrap(multihash.digest(b"payload", hash_name))
+    suffix = str(CID("base32", 1, "raw", multihash.wrap(full[-MIN_DIGEST_BYTES:], hash_name)))
+    with pytest.raises(CIDMismatch):
+        verify(suffix, b"payload")

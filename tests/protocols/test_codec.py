@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from protocols import codec
 from protocols.codec import (
-    Any_, Bool, Bytes, Dict, Float, Int, Limits, List, Message, Nested, Str, decode, encode, field, unpack,
+    MAX_DEPTH, Any_, Bool, Bytes, Dict, Float, Int, Limits, List, Message, Nested, Str, decode, encode, field, unpack,
 )
-from protocols.errors import LocalProtocolError, MalformedMessage, UnsupportedVersion
+from protocols.errors import LocalProtocolError, MalformedMessage, UnsendableMessage, UnsupportedVersion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ samples = st.builds(
 @given(samples)
 def test_round_trip(message):
     assert decode(encode(message), Sample) == message
+    assert encode(message) == codec.pack(message.to_dict())  # checking on encode changes no byte
 
 
 def valid() -> Sample:
@@ -175,3 +176,129 @@ def test_encoding_drops_absent_optionals_and_tags_type_and_version():
 
 def test_floats_travel_as_float64():
     assert b"\xcb" in encode(valid()) and codec.pack(0.5) == b"\xcb\x3f\xe0\x00\x00\x00\x00\x00\x00"
+
+
+# -- encoding checks what decoding checks: we never send what the peer must refuse -----------
+
+
+@pytest.mark.parametrize(
+    "name,value,field_name",
+    [
+        ("name", 7, "name"), ("name", "x" * 17, "name"), ("name", None, "name"), ("blob", "text", "blob"),
+        ("blob", b"x" * 33, "blob"), ("count", 1001, "count"), ("count", -1, "count"), ("count", True, "count"),
+        ("count", 1.0, "count"), pytest.param("count", 10**5000, "count", id="count-huge"), ("ratio", 1.5, "ratio"),
+        ("ratio", "0.5", "ratio"),
+        ("ratio", float("nan"), "ratio"), ("ratio", 10**400, "ratio"), ("flag", 1, "flag"), ("tags", "t", "tags"),
+        ("tags", ("a",) * 5, "tags"), ("tags", (1,), "tags[0]"), ("tags", ("ok", "x" * 9), "tags[1]"),
+        ("attrs", {"k": 10}, "attrs.k"), ("attrs", {"long-key-9": 1}, "attrs"), ("attrs", {1: 1}, "attrs"),
+        ("attrs", [1], "attrs"), ("where", {"x": 1, "y": 2}, "where"), ("note", "c", "note"),
+        ("extra", b"bin", "extra"), ("extra", {"a": [1, float("inf")]}, "extra.a[1]"),
+        ("extra", object(), "extra"), ("extra", 2**64, "extra"), ("extra", {1: "x"}, "extra"),
+        pytest.param("extra", [-(10**5000)], "extra[0]", id="extra-huge"),
+    ],
+)
+def test_encoding_refuses_a_field_the_peer_would_refuse_and_names_it(name, value, field_name):
+    bad = dataclasses.replace(valid(), **{name: value})
+    with pytest.raises(UnsendableMessage) as info:
+        encode(bad)
+    assert isinstance(info.value, LocalProtocolError)  # our bug, never the peer's
+    assert info.value.field == field_name and info.value.message_type == "sample"
+    assert f"sample.{field_name}" in str(info.value)
+
+
+def test_encoding_names_a_field_of_a_nested_message():
+    with pytest.raises(UnsendableMessage) as info:
+        encode(dataclasses.replace(valid(), where=Point(1, 200)))
+    assert (info.value.message_type, info.value.field) == ("sample.where", "y")
+
+
+def test_a_string_that_is_not_utf8_is_refused_on_encode_naming_the_field():
+    with pytest.raises(UnsendableMessage) as info:
+        encode(dataclasses.replace(valid(), name="\ud800"))
+    assert info.value.field == "name"
+    with pytest.raises(UnsendableMessage):
+        encode(dataclasses.replace(valid(), attrs={"\udfff": 1}))
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_plain_values_nest_to_the_limit_and_not_one_level_more_on_both_sides():
+    # The message map is level 1, so `extra` may hold 15 levels of lists and not 16.
+    at_limit = dataclasses.replace(valid(), extra=_nested(MAX_DEPTH - 1))
+    assert decode(encode(at_limit), Sample) == at_limit
+    over = dataclasses.replace(valid(), extra=_nested(MAX_DEPTH))
+    with pytest.raises(UnsendableMessage, match="deeper than"):
+        encode(over)
+    with pytest.raises(MalformedMessage, match="deeper than"):
+        decode(codec.pack(over.to_dict()), Sample)
+
+
+def test_a_plain_value_that_contains_itself_is_refused_not_a_crash():
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(UnsendableMessage, match="deeper than"):
+        encode(dataclasses.replace(valid(), extra=loop))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tight(Message):
+    TYPE = "tight"
+    value: object = field(Any_(Limits(max_str_len=8, max_array_len=3, max_map_len=3)))
+
+
+TIGHT = Limits(max_str_len=8, max_array_len=3, max_map_len=3)  # the message's own map has 3 entries
+
+
+@pytest.mark.parametrize(
+    "at_limit,over",
+    [
+        ("s" * 8, "s" * 9),
+        ("\u00e9" * 4, "\u00e9" * 4 + "s"),  # the bound counts UTF-8 bytes, as msgpack's max_str_len does
+        ([1, 2, 3], [1, 2, 3, 4]),
+        ({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 2, "c": 3, "d": 4}),
+    ],
+)
+def test_plain_values_are_bounded_by_the_decoders_limits_at_the_limit_and_one_past_it(at_limit, over):
+    message = Tight(at_limit)
+    assert decode(encode(message), Tight, TIGHT) == message
+    with pytest.raises(UnsendableMessage):
+        encode(Tight(over))
+    with pytest.raises(MalformedMessage):
+        decode(codec.pack(Tight(over).to_dict()), Tight, TIGHT)
+
+
+def test_encoding_something_that_is_not_a_message_is_our_bug():
+    with pytest.raises(LocalProtocolError):
+        encode({"t": "sample"})  # type: ignore[arg-type]
+
+
+anything = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
+            | st.binary(max_size=40) | st.lists(st.text(max_size=10), max_size=6).map(tuple)
+            | st.dictionaries(st.text(max_size=10), st.integers(-2, 12), max_size=4)
+            | st.builds(Point, x=st.integers(-200, 200), y=st.integers(-200, 200)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(samples, st.sampled_from([f.name for f in dataclasses.fields(Sample)]), anything)
+def test_the_encoder_refuses_exactly_what_the_decoder_refuses(message, name, value):
+    message = dataclasses.replace(message, **{name: value})
+    try:
+        data = encode(message)
+    except UnsendableMessage as exc:
+        assert exc.field is not None
+        wire = {**dataclasses.replace(message, **{name: getattr(valid(), name)}).to_dict(), name: value}
+        if value is None:
+            wire.pop(name)  # how an absent optional travels
+        try:
+            raw = codec.pack(wire)  # the value sent as it is, unconverted
+        except (TypeError, ValueError, OverflowError):
+            return  # not even packable (e.g. a Point where a list belongs): nothing a peer could get
+        with pytest.raises(MalformedMessage):
+            decode(raw, Sample)
+    else:
+        decode(data, Sample)  # what we send, the peer reads

@@ -8,6 +8,7 @@ from libp2p.utils.varint import encode_uvarint, encode_varint_prefixed
 from protocols.errors import FrameTooLarge, LocalProtocolError, MalformedMessage
 from protocols.framing import (
     MAX_FRAME_SIZE,
+    MAX_VARINT_BYTES,
     NEED_DATA,
     FrameDecoder,
     encode_frame,
@@ -115,3 +116,29 @@ def test_repr_shows_state():
     decoder.receive_data(b"\x05ab")
     decoder.next_frame()
     assert "5 bytes expected" in repr(decoder)
+
+
+def test_varints_stop_at_nine_bytes_as_the_unsigned_varint_spec_says():
+    assert MAX_VARINT_BYTES == 9
+    assert len(encode_varint(2**63 - 1)) == MAX_VARINT_BYTES  # the largest value: 9 bytes
+    with pytest.raises(LocalProtocolError, match="at most 9 bytes"):
+        encode_varint(2**63)  # would take 10
+    with pytest.raises(LocalProtocolError):
+        encode_varint(2**70)
+
+
+@pytest.mark.parametrize("max_frame_size", [1, 127, 128, 1000, 2**20, MAX_FRAME_SIZE])
+def test_a_decoder_reads_no_more_prefix_than_its_limit_needs(max_frame_size):
+    n = varint_length(max_frame_size)
+    assert n <= MAX_VARINT_BYTES
+    at = FrameDecoder(max_frame_size)
+    at.receive_data(encode_varint(max_frame_size))  # a prefix of exactly n bytes is read
+    assert at.next_frame() is NEED_DATA and at.in_frame
+    over = FrameDecoder(max_frame_size)
+    over.receive_data(b"\x80" * n)  # n bytes that all say "more follows": byte n+1 would be too many
+    with pytest.raises(MalformedMessage, match=f"longer than {n} bytes"):
+        over.next_frame()
+    nine = FrameDecoder(max_frame_size)
+    nine.receive_data(encode_varint(2**63 - 1))  # the largest varint: over any frame limit
+    with pytest.raises((FrameTooLarge, MalformedMessage)):
+        nine.next_frame()

@@ -10,24 +10,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.advert.messages import (
-    Accelerator, Advert, GetAdvert, Load, ProviderEntry, decode_advert, encode_advert, sign_advert, verified_advert,
-    verify_advert,
+    MAX_ADVERT_BYTES, Accelerator, Advert, GetAdvert, Load, ProviderEntry, decode_advert, encode_advert, sign_advert,
+    verified_advert, verify_advert,
 )
 from protocols.cache.messages import Found, Get, NotFound, check_found
 from protocols.canonical import response_bytes
 from protocols.cid import cid_of
-from protocols.codec import decode, encode
+from protocols.codec import decode, encode, pack
 from protocols.control.messages import COMMANDS, Command, ErrorInfo, Reply
+from protocols.control.messages import ERROR_CODES as CONTROL_ERROR_CODES
 from protocols.errors import (
-    BadSignature, CIDMismatch, ExpiredRecord, FlowControlViolation, LocalProtocolError, MalformedMessage,
-    RemoteProtocolError, UnsupportedVersion,
+    BadSignature, CIDMismatch, ExpiredRecord, FlowControlViolation, FrameTooLarge, LocalProtocolError,
+    MalformedMessage, RemoteProtocolError, UnsendableMessage, UnsupportedVersion,
 )
 from protocols.framing import NEED_DATA
 from protocols.inference.machine import InferenceStream, Role, State
 from protocols.inference.messages import (
-    CACHE_MODES, CACHE_TIERS, ERROR_CODES, ChatMessage, Chunk, Credit, Error, Request, Result,
+    CACHE_MODES, CACHE_TIERS, ERROR_CODES, MAX_CHUNK_CHARS, MAX_PROMPT_CHARS, ChatMessage, Chunk, Credit, Error,
+    Request, Result,
 )
-from protocols.records import Identity
+from protocols.records import CacheRecord, Identity
 
 NOW = 1_800_000_000_000
 alice, mallory = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x03" * 32)
@@ -106,7 +108,11 @@ MESSAGES = {
     "command": (st.builds(Command, command=st.sampled_from(COMMANDS), args=st.dictionaries(
         st.text(max_size=10), json_values, max_size=3)), Command),
     "reply": (st.builds(Reply, ok=st.just(True), result=json_values) | st.builds(
-        Reply, ok=st.just(False), error=st.builds(ErrorInfo, code=st.text(max_size=32), message=text)), Reply),
+        Reply, ok=st.just(False), error=st.builds(ErrorInfo, code=st.sampled_from(CONTROL_ERROR_CODES),
+                                                  message=text)), Reply),
+    "cache-record": (st.builds(CacheRecord, key=text, cid=text, publisher=peer, public_key=st.binary(max_size=64),
+                               created=st.integers(0, 2**53), expires=st.integers(0, 2**53),
+                               seq=st.integers(0, 2**53), signature=st.binary(max_size=64)), CacheRecord),
 }
 
 
@@ -118,6 +124,7 @@ def test_every_message_round_trips(name):
     @given(strategy)
     def round_trip(message):
         assert decode(encode(message), cls) == message
+        assert encode(message) == pack(message.to_dict())  # the checks on encode change no byte
 
     round_trip()
 
@@ -365,3 +372,192 @@ def test_a_prompt_of_a_million_non_ascii_characters_fits():
     client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
     got = link(client, server, client.send(Request(id="r", task="generate", timeout_ms=1000, prompt=prompt)))
     assert got[0].prompt == prompt
+
+
+# -- the sender checks its own messages: the peer is never blamed for our bug -----------------
+
+
+@pytest.mark.parametrize(
+    "changes,field_name",
+    [
+        ({"id": "x" * 65}, "id"), ({"hops": 3}, "hops"), ({"hops": -1}, "hops"),
+        ({"timeout_ms": 3_600_001}, "timeout_ms"),
+        ({"timeout_ms": 0}, "timeout_ms"), ({"window": 1025}, "window"), ({"window": 0}, "window"),
+        ({"on_peers": ("12D3KooW",) * 17}, "on_peers"), ({"on_peers": ("x" * 129,)}, "on_peers[0]"),
+        ({"accelerator": "tpu"}, "accelerator"), ({"cache": "sometimes"}, "cache"), ({"model": "m" * 257}, "model"),
+        ({"provider": "p" * 65}, "provider"), ({"strategy": "s" * 33}, "strategy"), ({"stream": 1}, "stream"),
+        ({"params": {"temperature": float("nan")}}, "params.temperature"), ({"params": {"b": b"x"}}, "params.b"),
+        ({"params": {"k" * 65: 1}}, "params"), ({"params": {str(i): i for i in range(65)}}, "params"),
+        ({"prompt": "p" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+    ],
+)
+def test_a_request_out_of_bounds_is_refused_by_the_sender_naming_the_field(changes, field_name):
+    bad = dataclasses.replace(request(), **changes)
+    with pytest.raises(UnsendableMessage) as info:
+        encode(bad)
+    assert isinstance(info.value, LocalProtocolError) and not isinstance(info.value, RemoteProtocolError)
+    assert (info.value.message_type, info.value.field) == ("request", field_name)
+
+
+def test_the_audits_request_is_refused_before_a_byte_is_sent():
+    bad = dataclasses.replace(request(), id="x" * 500, hops=99, timeout_ms=10**9)
+    client = InferenceStream(Role.CLIENT)
+    with pytest.raises(LocalProtocolError, match="refusing to send request"):
+        client.send(bad)
+    assert client.state is State.IDLE and client.requests == 0 and client.request is None  # nothing changed
+    server = InferenceStream(Role.SERVER)
+    assert link(client, server, client.send(request())) == [request()]  # the stream is still usable
+
+
+def test_a_chat_message_out_of_bounds_is_named_with_its_index():
+    chat = Request(id="c", task="chat", timeout_ms=1000,
+                   messages=(ChatMessage("user", "hi"), ChatMessage("r" * 33, "hi")))
+    with pytest.raises(UnsendableMessage) as info:
+        encode(chat)
+    assert (info.value.message_type, info.value.field) == ("request.messages[1]", "role")
+
+
+def test_a_refused_server_message_leaves_the_stream_as_it_was():
+    client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
+    link(client, server, client.send(request(window=2)))
+    with pytest.raises(UnsendableMessage, match="text"):
+        server.chunk("x" * (MAX_CHUNK_CHARS + 1))
+    assert (server.chunks, server.credit, server.state) == (0, 2, State.ACTIVE)
+    with pytest.raises(UnsendableMessage, match="code"):
+        server.send(Error(code="teapot", message="no"))
+    with pytest.raises(UnsendableMessage, match="cache"):
+        server.send(dataclasses.replace(response(), cache="disk"))
+    with pytest.raises(UnsendableMessage, match="message"):
+        server.send(Error(code="internal", message="m" * 4097))
+    assert server.state is State.ACTIVE
+    assert [c.text for c in link(server, client, server.chunk("ok"))] == ["ok"]
+    assert link(server, client, server.send(response())) == [response()]
+
+
+def test_a_frame_over_the_limit_is_refused_by_the_sender_and_changes_nothing():
+    client = InferenceStream(Role.CLIENT, max_frame_size=1000)
+    with pytest.raises(LocalProtocolError, match="refusing to send a frame"):
+        client.send(Request(id="r", task="generate", timeout_ms=1000, prompt="p" * 2000))
+    assert client.state is State.IDLE
+
+
+# -- control error codes ---------------------------------------------------------------------
+
+
+def test_control_error_codes_are_a_closed_set_on_both_sides():
+    import msgpack
+
+    assert "failed" in CONTROL_ERROR_CODES  # what node/daemon.py sends for every failed command
+    for code in CONTROL_ERROR_CODES:
+        reply = Reply(False, error=ErrorInfo(code, "why"))
+        assert decode(encode(reply), Reply) == reply
+    with pytest.raises(UnsendableMessage) as info:
+        encode(Reply(False, error=ErrorInfo("no_daemon", "why")))
+    assert (info.value.message_type, info.value.field) == ("reply.error", "code")
+    raw = msgpack.packb({"t": "reply", "v": 1, "ok": False, "error": {"code": "no_daemon", "message": "why"}})
+    with pytest.raises(MalformedMessage, match="code"):
+        decode(raw, Reply)
+
+
+# -- limits, at the limit and one past it ------------------------------------------------------
+
+
+def _advert_of_size(size: int) -> Advert:
+    """A signed advert whose encoding is exactly `size` bytes: `k` model names of 200 characters
+    bring it within reach, then one name of 32..255 characters (a str8: 2 header bytes) fills it."""
+
+    def advert(k: int, filler: int) -> Advert:
+        names = ["m" * 200] * k + ["f" * filler]
+        providers = tuple(ProviderEntry(f"p{i}", ("generate",), tuple(names[i : i + 64]), True)
+                          for i in range(0, len(names), 64))
+        return _signed_with(providers)
+
+    k = 0
+    while len(encode_advert(advert(k, 100))) < size - 155:
+        k += 1
+    filler = 100 + size - len(encode_advert(advert(k, 100)))
+    assert 32 <= filler <= 255
+    result = advert(k, filler)
+    assert len(encode_advert(result)) == size
+    return result
+
+
+def _signed_with(providers) -> Advert:
+    return sign_advert(
+        alice, addrs=(), providers=providers, accelerators=(Accelerator("cpu", "x86_64", 1 << 30, 1 << 29),),
+        capacity=1, queue=1, load=Load(0, 0), software="accelmesh/0.1.0", protocol="1.0", seq=1, created=NOW,
+        expires=NOW + 90_000,
+    )
+
+
+def test_advert_of_exactly_max_advert_bytes_is_read_and_one_byte_more_is_refused():
+    at_limit = _advert_of_size(MAX_ADVERT_BYTES)
+    data = encode_advert(at_limit)
+    assert len(data) == MAX_ADVERT_BYTES
+    assert verified_advert(data, NOW) == at_limit
+    over = _advert_of_size(MAX_ADVERT_BYTES + 1)  # valid field by field: only its size is wrong
+    with pytest.raises(FrameTooLarge) as info:
+        decode_advert(encode_advert(over))
+    assert (info.value.size, info.value.limit) == (MAX_ADVERT_BYTES + 1, MAX_ADVERT_BYTES)
+
+
+def test_a_block_of_exactly_max_block_bytes_fits_a_cache_frame_and_one_byte_more_does_not():
+    from protocols.cache import messages as cache
+    from protocols.framing import FrameDecoder, encode_frame, encode_varint
+
+    block = b"\xab" * cache.MAX_BLOCK_BYTES
+    found = Found("b" + "a" * 127, block)  # the longest CID the field allows
+    payload = encode(found)
+    assert cache.MAX_BLOCK_BYTES < len(payload) <= cache.MAX_FRAME_SIZE  # the envelope fits the 1 KiB margin
+    frame = encode_frame(payload, cache.MAX_FRAME_SIZE)
+    decoder = FrameDecoder(cache.MAX_FRAME_SIZE)
+    decoder.receive_data(frame)
+    assert decode(decoder.next_frame(), Found) == found
+    with pytest.raises(UnsendableMessage, match="data"):
+        encode(Found(cid_of(b"x"), block + b"\xab"))
+    over = pack({"t": "found", "v": 1, "cid": cid_of(b"x"), "data": block + b"\xab"})
+    with pytest.raises(MalformedMessage):
+        decode(over, Found)
+    too_big = FrameDecoder(cache.MAX_FRAME_SIZE)
+    too_big.receive_data(encode_varint(cache.MAX_FRAME_SIZE + 1))
+    with pytest.raises(FrameTooLarge):
+        too_big.next_frame()
+
+
+WIDE = "\U0001f600"  # four bytes of UTF-8: the worst case for a bound counted in characters
+
+
+def test_a_chunk_of_max_chunk_chars_passes_and_one_character_more_is_refused_on_both_sides():
+    client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
+    link(client, server, client.send(request(window=4)))
+    text = WIDE * MAX_CHUNK_CHARS
+    assert [c.text for c in link(server, client, server.chunk(text))] == [text]
+    with pytest.raises(UnsendableMessage, match="text"):
+        server.chunk(text + "x")
+    raw = _frame({"t": "chunk", "v": 1, "index": 1, "text": text + "x"})
+    with pytest.raises(MalformedMessage) as info:
+        link(server, client, raw)
+    assert info.value.field == "text"
+
+
+@pytest.mark.parametrize("task", ["generate", "chat"])
+def test_a_prompt_of_max_prompt_chars_passes_and_one_character_more_is_refused_on_both_sides(task):
+    def build(prompt: str) -> Request:
+        if task == "chat":
+            return Request(id="r", task="chat", timeout_ms=1000, messages=(ChatMessage("user", prompt),))
+        return Request(id="r", task="generate", timeout_ms=1000, prompt=prompt)
+
+    at_limit = build(WIDE * MAX_PROMPT_CHARS)  # 4 MiB of UTF-8: the inference string limit exactly
+    client, server = InferenceStream(Role.CLIENT), InferenceStream(Role.SERVER)
+    assert link(client, server, client.send(at_limit)) == [at_limit]
+    over = build(WIDE * MAX_PROMPT_CHARS + "x")
+    with pytest.raises(UnsendableMessage):
+        InferenceStream(Role.CLIENT).send(over)
+    with pytest.raises(MalformedMessage):
+        link(None, InferenceStream(Role.SERVER), _frame(over.to_dict()))
+
+
+def _frame(fields: dict) -> bytes:
+    from protocols.framing import encode_frame
+
+    return encode_frame(pack(fields))

@@ -26,7 +26,7 @@ from protocols.advert import messages as advert
 from protocols.cache import messages as cache
 from protocols.canonical import decode_response, request_bytes, response_bytes
 from protocols.cid import cid_of, request_key
-from protocols.codec import Dict, Limits, List, Message, Nested, decode, encode
+from protocols.codec import Dict, List, Message, Nested, decode, encode
 from protocols.control import messages as control
 from protocols.framing import NEED_DATA, FrameDecoder, encode_frame
 from protocols.inference import machine
@@ -62,7 +62,7 @@ DOCS = {name: load(name) for name in FILES}
 RECORDS = DOCS["records.json"]
 KEYS = {item["name"]: item for item in RECORDS["identities"]}
 DOMAINS = {"advert": DOMAIN_ADVERT, "cache_record": DOMAIN_CACHE_RECORD}
-INFER_LIMITS = Limits(max_bin_len=inference.MAX_RESPONSE_BYTES)
+INFER_LIMITS = machine._LIMITS  # what the inference state machine decodes with, not a copy that can drift
 
 # Who decodes what: a frame from the client is read by the server, and the other way round.
 DECODERS = {
