@@ -235,12 +235,15 @@ class Daemon:
 
         self.accelerators = self.detect_accelerators()  # (in a worker thread: AdvertService.publish)
         created = int(time.time() * 1000)
+        # Within the advert's bounds: what does not fit is left out (a cut model name would be wrong)
+        providers = [p for p in self.providers() if _fits(p["name"], 64)][:32]
         return sign_advert(
             self.identity,
-            addrs=tuple(self.addrs()[:16]),
-            providers=tuple(ProviderEntry(p["name"], tuple(p["tasks"]), tuple(p["models"])[:64], p["ready"])
-                            for p in self.providers()[:32]),
-            accelerators=tuple(Accelerator(a.kind, a.name[:128], a.memory_total, a.memory_free, a.index, a.cores)
+            addrs=tuple([a for a in self.addrs() if _fits(a, 256)][:16]),
+            providers=tuple(ProviderEntry(p["name"], tuple(p["tasks"]),
+                                          tuple(m for m in p["models"] if _fits(m, 256))[:64], p["ready"])
+                            for p in providers),
+            accelerators=tuple(Accelerator(a.kind, _cut(a.name, 128), a.memory_total, a.memory_free, a.index, a.cores)
                                for a in self.accelerators[:64]),
             capacity=self.admission.max_concurrent, queue=self.admission.max_queue,
             load=Load(self.admission.in_flight, self.admission.queued),
@@ -330,7 +333,7 @@ class Daemon:
             return
         message = decode(frame, (control.Command, Request))
         if isinstance(message, Request):
-            machine = InferenceStream(Role.SERVER)
+            machine = InferenceStream(Role.SERVER, max_inbound_frame_size=framed.limits.max_frame_size)
             machine.receive_message(message)
             framed.decoder = machine
             await serve_inference(framed, machine, message, self.run_local, self.admission, peer_id=self.peer_id)
@@ -340,7 +343,7 @@ class Daemon:
             result = await self.command(message.command, dict(message.args))
             reply = control.Reply(ok=True, result=result)
         except (DaemonError, ConfigError, ValueError, KeyError) as exc:
-            reply = control.Reply(ok=False, error=control.ErrorInfo(code="failed", message=str(exc)))
+            reply = control.Reply(ok=False, error=control.ErrorInfo(code="failed", message=_cut(str(exc), 4096)))
         await framed.write(encode_frame(encode(reply), control.MAX_FRAME_SIZE))
         if message.command == "stop":
             self.request_stop()
@@ -446,3 +449,13 @@ class Daemon:
                     yield dataclasses.replace(item, peer=item.peer or self.peer_id)
                 else:
                     yield item
+
+
+def _fits(text: str, limit: int) -> bool:
+    """Whether `text` fits a wire string bound of `limit` (UTF-8 bytes, which is never less than characters)."""
+    return len(text.encode()) <= limit
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, on a character boundary."""
+    return text.encode()[:limit].decode(errors="ignore")

@@ -41,7 +41,7 @@ from node.mesh.streams import FramedStream, StreamClosedEarly, StreamTimeout
 from protocols.errors import ProtocolError
 from protocols.inference.machine import MAX_FRAME_SIZE as MAX_INFER_FRAME
 from protocols.inference.machine import InferenceStream, Role
-from protocols.inference.messages import MAX_TIMEOUT_MS, Credit, Error, Request, Result
+from protocols.inference.messages import MAX_CHUNK_CHARS, MAX_TIMEOUT_MS, Credit, Error, Request, Result
 
 __all__ = [
     "Admission",
@@ -304,7 +304,7 @@ async def serve_inference_stream(
     `allow_request` is asked before each request after the first (the first was admitted when the
     stream opened): the per-peer request rate applies to requests, not only to streams.
     """
-    machine = InferenceStream(Role.SERVER, MAX_INFER_FRAME)
+    machine = InferenceStream(Role.SERVER, MAX_INFER_FRAME, max_inbound_frame_size=framed.limits.max_frame_size)
     framed.decoder = machine
     client = ClientSide(framed)
     async with trio.open_nursery() as nursery:
@@ -362,11 +362,12 @@ async def _answer(
                     async with aclosing(runner(request)) as items:
                         async for item in items:
                             if isinstance(item, str):
-                                if not request.stream or not item:
+                                if not request.stream:
                                     continue
-                                while not machine.can_send_chunk:
-                                    await client.credit.wait()
-                                await send(machine.chunk(item))
+                                for start in range(0, len(item), MAX_CHUNK_CHARS):  # a Chunk's bound
+                                    while not machine.can_send_chunk:
+                                        await client.credit.wait()
+                                    await send(machine.chunk(item[start:start + MAX_CHUNK_CHARS]))
                             else:
                                 answer = item
                     if answer is None:
@@ -473,10 +474,10 @@ async def request_inference(framed: FramedStream, request: Request) -> AsyncIter
 def _check_sendable(request: Request) -> None:
     """Refuse here, with the field and the reason, a Request the server would refuse to decode
     (e.g. more than 16 `on_peers`): otherwise the caller would only see its stream reset."""
-    from protocols.codec import decode, encode
+    from protocols.codec import encode
 
     try:
-        decode(encode(request), (Request,))
+        encode(request)  # checks every field against the bounds the server decodes with
     except ProtocolError as exc:
         raise InvalidRequest(f"this request cannot be sent: {exc}") from exc
 

@@ -58,14 +58,17 @@ class State(Enum):
 
 
 class InferenceStream:
-    def __init__(self, role: Role, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    def __init__(self, role: Role, max_frame_size: int = MAX_FRAME_SIZE, *,
+                 max_inbound_frame_size: int | None = None) -> None:
+        """`max_frame_size` bounds every frame; `max_inbound_frame_size` (a node's own, lower
+        limit) bounds only the frames received, so what this side sends is not cut short."""
         self.role = role
         self.state = State.IDLE
         self.request: Request | None = None
         self.chunks = 0  # chunks sent (server) or received (client) for the current request
         self.credit = 0  # chunks the server may still send
         self.requests = 0  # requests started on this stream
-        self._decoder = FrameDecoder(max_frame_size)
+        self._decoder = FrameDecoder(min(max_frame_size, max_inbound_frame_size or max_frame_size))
         self._max_frame = max_frame_size
 
     # -- what may happen now ------------------------------------------------------------

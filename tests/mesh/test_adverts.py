@@ -543,3 +543,22 @@ async def test_a_gossip_rpc_carrying_several_large_adverts_is_accepted(tmp_path)
             router.send_rpc(daemon_id, rpc)  # one RPC, as gossipsub's handle_iwant builds it
             await wait_until(lambda: all(s.peer_id in daemon.table for s in subjects))
             assert host.get_id() in daemon.adverts.pubsub.peers, "the sender was not dropped"
+
+
+async def test_names_beyond_the_adverts_bounds_are_left_out_not_cut(tmp_path):
+    import node
+    from tests.fakes.providers import ScriptedProvider
+
+    class ManyNames(ScriptedProvider):
+        def models(self):
+            return ("fits", "m" * 257, "é" * 200)  # 257 characters; 200 characters but 400 bytes
+
+    node.register_llm_provider("many_names", lambda: ManyNames("many_names"))
+    node.register_llm_provider("p" * 65, lambda: ScriptedProvider("long"))
+    async with running_daemon(tmp_path, "alice", ACCELMESH_ADVERTS_INTERVAL="60") as alice:
+        with trio.fail_after(10):
+            while alice.adverts is None or alice.adverts.current is None:
+                await trio.sleep(0.02)
+        providers = {p.name: p for p in alice.adverts.current.providers}
+        assert providers["many_names"].models == ("fits",)
+        assert "p" * 65 not in providers and "echo" in providers

@@ -530,3 +530,25 @@ async def test_a_daemon_routes_through_the_mesh_unless_told_not_to(tmp_path, ena
             assert sorted(peers) == sorted([alice.peer_id, bob.peer_id] * 2), "the mesh comes first in the chain"
         else:
             assert peers == [alice.peer_id] * 4 and bob.info()["stats"]["inferences"] == 0
+
+
+class OneBigPiece(ScriptedProvider):
+    """Hands over its whole answer as one piece, longer than a Chunk may carry."""
+
+    async def astream(self, request):
+        from node.providers.base import Completion
+
+        text = "x" * 150_000
+        yield text
+        yield Completion(text, model="big")
+
+
+async def test_a_piece_longer_than_a_chunk_is_sent_as_several_chunks(tmp_path):
+    from protocols.inference.messages import MAX_CHUNK_CHARS
+
+    node.register_llm_provider("big", lambda: OneBigPiece("big"))
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice:
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            *chunks, result = await collect(client, request("x", model=None, provider="big"))
+        assert [len(c) for c in chunks] == [MAX_CHUNK_CHARS, MAX_CHUNK_CHARS, 150_000 - 2 * MAX_CHUNK_CHARS]
+        assert "".join(chunks) == result.verify()["text"]

@@ -415,8 +415,6 @@ async def test_the_max_frame_size_setting_reaches_the_control_handler(tmp_path, 
         assert daemon.guard.refused["protocol_error"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="node/mesh/service.py serve_inference_stream decodes with the wire maximum "
-                                       "(MAX_INFER_FRAME), not limits.max_frame_size: change requested there")
 async def test_the_max_frame_size_setting_reaches_the_inference_handler(tmp_path):
     from protocols.inference.machine import InferenceStream, Role
     from protocols.inference.messages import PROTOCOL_ID as INFER
