@@ -73,8 +73,9 @@ def machine() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)docs/performance.md", ":(exclude)tests/benchmarks/results"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()  # our own output aside
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "unknown", ""
     return (
