@@ -69,7 +69,7 @@ test: $(STAMP)
 
 # Real mDNS between two daemons: multicast leaves loopback, so it is not part of `make test`.
 test-lan: $(STAMP)
-	$(BIN)/python -m pytest -m lan tests/mesh/test_daemon.py
+	$(BIN)/python -m pytest -m lan tests/mesh
 
 demo: $(STAMP)
 	$(BIN)/python -m node.demo

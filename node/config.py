@@ -258,7 +258,7 @@ class LimitsSettings:
     idle_timeout: float = setting(60.0, "seconds a stream may stay silent between frames", kind="float",
                                   minimum=0.001, daemon_only=True)
     negotiate_timeout: float = setting(10.0, "seconds to negotiate a stream's protocol (whole seconds: "
-                                       "py-libp2p rounds, so a fraction is rounded up)", kind="float",
+                                       "py-libp2p truncates, so a fraction is rounded up; at least 1)", kind="float",
                                        minimum=1.0, daemon_only=True)
     request_rate: float = setting(50.0, "streams per second one peer may open, sustained (identify and ping "
                                   "are exempt)", kind="float", minimum=0.001, daemon_only=True)

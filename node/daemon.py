@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from typing import Any
 
@@ -36,6 +36,7 @@ from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
 from protocols.codec import decode, encode
 from protocols.control import messages as control
 from protocols.framing import encode_frame
+from protocols.inference.machine import LIMITS as INFER_LIMITS
 from protocols.inference.machine import InferenceStream, Role
 from protocols.inference.messages import Request
 
@@ -151,11 +152,7 @@ class Daemon:
                 await nursery.start(self.adverts.run)
                 nursery.start_soon(self._keep_bootstrap_connected)
                 if config.mdns:
-                    allow = config.allow
-                    self.discovery = DiscoveryDialer(
-                        host, lambda: mdns_peers(host), allowed=lambda peer: allow is None or peer in allow,
-                        backoff=Backoff(0.5, self.settings.daemon.bootstrap_backoff_max),
-                    )
+                    self.discovery = self.discovery_dialer(lambda: mdns_peers(host))
                     nursery.start_soon(self.discovery.run)
                 nursery.start_soon(self._forget_idle_peers)
                 if self.settings.providers.hf_local.preload:
@@ -228,6 +225,12 @@ class Daemon:
         self.handlers[INFER] = self.guard.wrap(INFER, self._infer, max_frame_size=INFER_FRAME)
         for protocol, handler in self.handlers.items():
             host.set_stream_handler(protocol, handler)
+
+    def discovery_dialer(self, source: Callable[[], Iterable[Any]]) -> DiscoveryDialer:
+        """Dials the peers `source` names (PeerInfos: mDNS's finds), within this node's allowlist."""
+        allow = frozenset(self.settings.allow) if self.settings.allow else None
+        return DiscoveryDialer(self.host, source, allowed=lambda peer: allow is None or peer in allow,
+                               backoff=Backoff(0.5, self.settings.daemon.bootstrap_backoff_max))
 
     def _build_advert(self, seq: int) -> Any:
         """This node's advert, signed (blocking: readiness checks may run subprocesses)."""
@@ -331,7 +334,7 @@ class Daemon:
         frame = await framed.read_frame()
         if frame is None:
             return
-        message = decode(frame, (control.Command, Request))
+        message = decode(frame, (control.Command, Request), INFER_LIMITS)  # a Request as the infer protocol bounds it
         if isinstance(message, Request):
             machine = InferenceStream(Role.SERVER, max_inbound_frame_size=framed.limits.max_frame_size)
             machine.receive_message(message)
@@ -452,10 +455,10 @@ class Daemon:
 
 
 def _fits(text: str, limit: int) -> bool:
-    """Whether `text` fits a wire string bound of `limit` (UTF-8 bytes, which is never less than characters)."""
-    return len(text.encode()) <= limit
+    """Whether `text` fits a wire string bound of `limit` (the codec's bounds count characters)."""
+    return len(text) <= limit
 
 
 def _cut(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` UTF-8 bytes, on a character boundary."""
-    return text.encode()[:limit].decode(errors="ignore")
+    """`text` cut to at most `limit` characters."""
+    return text[:limit]

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from node.errors import (
     ProviderUnavailable,
 )
 from node.providers import registry
-from node.providers.base import ACCELERATOR_KINDS, BaseProvider, Completion, ProviderRequest
+from node.providers.base import ACCELERATOR_KINDS, LOCAL_SLOT, BaseProvider, Completion, ProviderRequest
 from protocols.canonical import canonicalize, decode_response, request_bytes, response_bytes
 from protocols.cid import cid_of, request_key
 from protocols.errors import MalformedMessage, NotCanonical
@@ -662,38 +663,48 @@ async def _attempt_async(attempt: _Attempt, deadline: float, started: float) -> 
         if trio.current_time() >= deadline:
             raise DeadlineExceeded(attempt.request.timeout)
     try:
-        request = attempt.request.for_provider(deadline - trio.current_time())
-        stream = attempt.provider.astream(request)
-        completion: Completion | None = None
-        try:
-            while completion is None:
-                with trio.move_on_at(deadline) as scope:
-                    try:
-                        item = await stream.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    except (*_PASS_THROUGH, trio.Cancelled):
-                        raise
-                    except Exception as exc:
-                        raise _as_provider_error(attempt.name, exc) from exc
-                if scope.cancelled_caught:
-                    raise DeadlineExceeded(attempt.request.timeout)
-                if isinstance(item, Completion):
-                    completion = item
-                else:
-                    yield item
-        finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()  # type: ignore[attr-defined]
-        if completion is None:
-            raise ProviderFailed(attempt.name, "stream ended without a completion")
-        result, data = attempt.finish(completion, started)
+        async with _local_slot(attempt.provider):
+            request = attempt.request.for_provider(deadline - trio.current_time())
+            stream = attempt.provider.astream(request)
+            completion: Completion | None = None
+            try:
+                while completion is None:
+                    with trio.move_on_at(deadline) as scope:
+                        try:
+                            item = await stream.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        except (*_PASS_THROUGH, trio.Cancelled):
+                            raise
+                        except Exception as exc:
+                            raise _as_provider_error(attempt.name, exc) from exc
+                    if scope.cancelled_caught:
+                        raise DeadlineExceeded(attempt.request.timeout)
+                    if isinstance(item, Completion):
+                        completion = item
+                    else:
+                        yield item
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()  # type: ignore[attr-defined]
+            if completion is None:
+                raise ProviderFailed(attempt.name, "stream ended without a completion")
+            result, data = attempt.finish(completion, started)
     finally:
         if leader and flight is not None:
             inflight.finish(attempt.key, flight)
     if attempt.publish:
         await trio.to_thread.run_sync(attempt.remote_set, result.key, data)
     yield result
+
+
+def _local_slot(provider: BaseProvider) -> AbstractAsyncContextManager[Any]:
+    """In a daemon, the request's admission slot, held while a local provider works (the mesh
+    routes elsewhere and needs none); in-process, nothing."""
+    slot = LOCAL_SLOT.get()
+    if slot is None or provider.routes_remotely:
+        return nullcontext()
+    return slot.local()
 
 
 async def acomplete(

@@ -130,6 +130,9 @@ class PeerTable:
         self.ttl = ttl
         self._wall = wall
         self._peers: dict[str, PeerEntry] = {}
+        # Peers that expired: the seq of their last advert, and until when (wall clock) that advert
+        # could still verify. Survivors keep relaying it; only a newer one brings the peer back.
+        self._gone: dict[str, tuple[int, float]] = {}
         self.accepted = 0
         self.expired = 0
         self.duplicates = 0
@@ -148,6 +151,10 @@ class PeerTable:
             current = self._peers.get(advert.peer_id)
             if current is not None and current.data == data:
                 self.duplicates += 1  # a relayed copy: proves nothing about the subject, renews nothing
+                return None
+            gone = self._gone.get(advert.peer_id)
+            if current is None and gone is not None and advert.seq <= gone[0]:
+                self.duplicates += 1  # the expired peer's last advert, relayed again: it stays gone
                 return None
             check_newer(current.advert if current else None, advert)
         except ProtocolError as exc:
@@ -173,7 +180,11 @@ class PeerTable:
         """Forget peers with no new advert for `ttl` seconds (or whose advert expired); their ids."""
         gone = [peer for peer, entry in self._peers.items() if now > entry.valid_until]
         for peer in gone:
-            del self._peers[peer]
+            advert = self._peers.pop(peer).advert
+            self._gone[peer] = (advert.seq, (advert.expires + CLOCK_SKEW_MS) / 1000)
+        wall = self._wall()
+        for peer in [p for p, (_, until) in self._gone.items() if until < wall]:
+            del self._gone[peer]  # its advert no longer verifies anywhere: bounded memory
         self.expired += len(gone)
         if gone:
             self._touch()

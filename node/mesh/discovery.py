@@ -117,18 +117,21 @@ class DiscoveryDialer:
         self.poll, self.dial_timeout, self.max_parallel, self.name = poll, dial_timeout, max_parallel, name
         self.dials = 0  # attempts
         self.connected = 0  # attempts that connected
-        self._since: dict[str, float] = {}  # peer -> when our dial connected it
+        self._since: dict[str, float] = {}  # peer -> since when it has been connected (either side dialed)
+        self._dialing: set[str] = set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.dial_round()
-            except Exception as exc:  # a discovery hiccup must not take the daemon down: next round
-                log.warning("%s discovery round failed: %s", self.name, exc, exc_info=exc)
-            await trio.sleep(self.poll)
+        """Look at the source every `poll` seconds; dials run beside it, so a slow one delays no other."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    self.dial_round(nursery)
+                except Exception as exc:  # a discovery hiccup must not take the daemon down: next round
+                    log.warning("%s discovery round failed: %s", self.name, exc, exc_info=exc)
+                await trio.sleep(self.poll)
 
-    async def dial_round(self) -> None:
-        """One look at the source: dial every discovered, allowed, unconnected peer that is due."""
+    def dial_round(self, nursery: trio.Nursery) -> None:
+        """One look at the source: start a dial to every discovered, allowed, unconnected peer that is due."""
         own = str(self.host.get_id())
         found = {str(info.peer_id): info for info in self.source()}
         found.pop(own, None)
@@ -136,22 +139,17 @@ class DiscoveryDialer:
         for peer in [p for p in self._since if p not in found]:
             del self._since[peer]
         now = trio.current_time()
-        due = []
         for peer, info in found.items():
             if self._is_connected(info.peer_id):
-                since = self._since.get(peer)
-                if since is not None and now - since >= STABLE_AFTER:
+                since = self._since.setdefault(peer, now)
+                if now - since >= STABLE_AFTER:
                     self.backoff.reset(peer)  # it stayed: should it drop later, redial at once
-                    del self._since[peer]
                 continue
             self._since.pop(peer, None)
-            if self.allowed(peer) and self.backoff.due(peer, now):
-                due.append(info)
-        if not due:
-            return
-        async with trio.open_nursery() as nursery:
-            for info in due[: self.max_parallel]:
-                self.backoff.attempted(str(info.peer_id), now)
+            if (peer not in self._dialing and len(self._dialing) < self.max_parallel and self.allowed(peer)
+                    and self.backoff.due(peer, now)):
+                self.backoff.attempted(peer, now)
+                self._dialing.add(peer)
                 nursery.start_soon(self._dial, info)
 
     def _is_connected(self, peer_id: Any) -> bool:
@@ -168,6 +166,8 @@ class DiscoveryDialer:
                      max(0.0, self.backoff.next_at(peer) - trio.current_time()),
                      extra={"peer": peer})
             return
+        finally:
+            self._dialing.discard(peer)
         self.connected += 1
         self._since[peer] = trio.current_time()
         log.info("connected to peer %s found by %s", peer, self.name, extra={"peer": peer})

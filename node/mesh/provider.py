@@ -8,7 +8,8 @@ the serving node answers with its local providers only and never forwards it aga
 retryable failure before the first chunk it tries the next node (at most `MAX_ATTEMPTS`
 failures; a node that answers busy answers at once, so every eligible one may be asked). When
 every node asked was busy it raises `ClusterBusy` (the caller hears `busy` and the smallest
-`retry_after`). While another node serves, the request gives its slot on this node back.
+`retry_after`). While another node serves, the request gives its slot on this node back
+(the router takes it back before any local provider works on it).
 
 The answer keeps the serving node's exact response bytes, checked against their CID, and its
 request key: the entry node cannot key the request itself, since it does not know which
@@ -24,13 +25,13 @@ import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import aclosing, nullcontext
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from node.errors import AllProvidersFailed, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
-from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
-from node.mesh.service import CURRENT_SLOT, ClusterBusy, RemoteError, wire_timeout_ms
+from node.providers.base import LOCAL_SLOT, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
+from node.mesh.service import ClusterBusy, RemoteError, wire_timeout_ms
 from protocols.inference.messages import MAX_HOPS, ChatMessage, Request, Result  # noqa: F401 (Result: typing)
 
 __all__ = [
@@ -177,12 +178,14 @@ class MeshProvider(BaseProvider):
 
     async def _ask(self, node: Candidate, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         forwarded = self._forward(request, node)
-        slot = CURRENT_SLOT.get()
         if node.is_self:
-            items, handing_off = self._local(forwarded), nullcontext()
-        else:  # while the other node serves, this node's slot is free for other work
-            items, handing_off = self._remote(node.peer_id, forwarded), slot.handed_off() if slot else nullcontext()
-        async with handing_off, aclosing(items) as answers:
+            items = self._local(forwarded)  # the router holds this node's slot around the local provider
+        else:
+            slot = LOCAL_SLOT.get()
+            if slot is not None:
+                slot.hand_off()  # while the other node serves, this node's slot is free for other work
+            items = self._remote(node.peer_id, forwarded)
+        async with aclosing(items) as answers:
             async for item in answers:
                 if isinstance(item, str):
                     yield item

@@ -13,7 +13,6 @@ cancels the runner at once, which frees the slot.
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import logging
 import math
@@ -37,6 +36,7 @@ from node.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from node.providers.base import LOCAL_SLOT
 from node.mesh.streams import FramedStream, StreamClosedEarly, StreamTimeout
 from protocols.errors import ProtocolError
 from protocols.inference.machine import MAX_FRAME_SIZE as MAX_INFER_FRAME
@@ -48,7 +48,6 @@ __all__ = [
     "AdmissionStatistics",
     "Busy",
     "ClusterBusy",
-    "CURRENT_SLOT",
     "Slot",
     "RemoteError",
     "Runner",
@@ -89,17 +88,14 @@ class AdmissionStatistics:
     refused_busy: int
 
 
-# The slot of the request the current task is answering: the mesh hands it back while another node serves.
-CURRENT_SLOT: contextvars.ContextVar[Slot | None] = contextvars.ContextVar("accelmesh_slot", default=None)
-
-
 class Admission:
     """`max_concurrent` requests run here at once; up to `max_queue` more wait; beyond that: busy.
 
     A request that the mesh hands to another node gives its slot back while that node serves it
-    (`Slot.handed_off`); it counts as `forwarding`, not `in_flight`. So the slots count the work
-    done on this node, and two full nodes forwarding to each other never each hold every slot
-    while waiting for the other's.
+    (`Slot.hand_off`); it counts as `forwarding`, not `in_flight`, until it ends or needs a
+    slot again for work done here (`Slot.local`, held by the router around a local provider).
+    So the slots count the work done on this node, and two full nodes forwarding to each other
+    never each hold every slot while waiting for the other's.
     """
 
     def __init__(self, max_concurrent: int, max_queue: int) -> None:
@@ -124,31 +120,34 @@ class Admission:
         self.changed.set()
         self.changed = trio.Event()
 
-    async def _acquire(self, token: object) -> None:
+    async def _admit(self, slot: Slot) -> None:
+        """A slot for `slot` now, or a place in the queue; Busy when the queue is full too."""
+        if self.limiter.available_tokens:
+            await self.limiter.acquire_on_behalf_of(slot)
+            return
+        if self.queued >= self.max_queue:
+            self.refused_busy += 1
+            raise Busy(retry_after=1.0)
         self.queued += 1
         self._touch()
         try:
-            await self.limiter.acquire_on_behalf_of(token)
+            await self.limiter.acquire_on_behalf_of(slot)
         finally:
             self.queued -= 1
+            self._touch()  # also when cancelled while waiting: a drain may be waiting for this
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
         slot = Slot(self)
-        if self.limiter.available_tokens == 0:
-            if self.queued >= self.max_queue:
-                self.refused_busy += 1
-                raise Busy(retry_after=1.0)
-            await self._acquire(slot)
-        else:
-            await self.limiter.acquire_on_behalf_of(slot)
+        await self._admit(slot)
+        slot.held = True
         self._touch()
-        token = CURRENT_SLOT.set(slot)
+        token = LOCAL_SLOT.set(slot)
         try:
             yield slot
         finally:
             try:
-                CURRENT_SLOT.reset(token)
+                LOCAL_SLOT.reset(token)
             except ValueError:  # closed from another context, which never saw it
                 pass
             if slot.held:
@@ -168,32 +167,30 @@ class Admission:
 
 
 class Slot:
-    """One admitted request's slot."""
+    """One admitted request's slot: held while it works here, handed off while another node serves it."""
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
-        self.held = True
+        self.held = False
+
+    def hand_off(self) -> None:
+        """Another node serves the request now: free the slot for other work here."""
+        if self.held:
+            self.admission.limiter.release_on_behalf_of(self)
+            self.held = False
+            self.admission.forwarding += 1
+            self.admission._touch()
 
     @asynccontextmanager
-    async def handed_off(self) -> AsyncIterator[None]:
-        """Give the slot back while another node serves the request; take it back (waiting in the
-        queue, if need be) if that node fails, since the router may go on to a local provider."""
+    async def local(self) -> AsyncIterator[None]:
+        """Hold the slot around work done here, taking it back (through the queue, or Busy when
+        that is full) if it was handed off; cancelled while waiting, nothing changes."""
         if not self.held:
-            yield
-            return
-        admission = self.admission
-        admission.limiter.release_on_behalf_of(self)
-        self.held = False
-        admission.forwarding += 1
-        admission._touch()
-        try:
-            yield
-        except ProviderError:
-            admission.forwarding -= 1
-            await admission._acquire(self)
+            await self.admission._admit(self)
             self.held = True
-            admission._touch()
-            raise
+            self.admission.forwarding -= 1
+            self.admission._touch()
+        yield
 
 
 def error_for(exc: BaseException) -> Error:

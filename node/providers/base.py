@@ -13,6 +13,7 @@ object in `PlainProvider`, so the router only ever talks to `BaseProvider`:
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 from node.errors import InvalidRequest, ProviderError, ProviderFailed
 
 __all__ = [
+    "LOCAL_SLOT",
     "ACCELERATOR_KINDS",
     "Readiness",
     "READY",
@@ -35,6 +37,11 @@ __all__ = [
 ]
 
 ACCELERATOR_KINDS = ("cuda", "rocm", "mps", "cpu")  # what `accelerator=` may name (the adverts' kinds)
+
+# Set by a daemon while it answers a request: that request's admission slot (node.mesh.service.Slot).
+# The router holds it (`slot.local()`) around work a local provider does; the mesh gives it back
+# while another node serves. Unset in-process: no slots.
+LOCAL_SLOT: contextvars.ContextVar[Any] = contextvars.ContextVar("accelmesh_local_slot", default=None)
 
 
 class Readiness(NamedTuple):

@@ -38,12 +38,13 @@ from protocols.inference.messages import (
     Result,
 )
 
-__all__ = ["Role", "State", "InferenceStream", "MAX_FRAME_SIZE", "MAX_CREDIT"]
+__all__ = ["Role", "State", "InferenceStream", "MAX_FRAME_SIZE", "MAX_CREDIT", "LIMITS"]
 
 MAX_FRAME_SIZE = MAX_RESPONSE_BYTES + 64 * 1024  # a Result carries one response block plus its envelope
 MAX_CREDIT = 1 << 20  # a client cannot make a server owe it more than this many chunks
 # Str bounds count characters; msgpack's max_str_len counts UTF-8 bytes (up to 4 per character).
 _LIMITS = Limits(max_bin_len=MAX_RESPONSE_BYTES, max_str_len=4 * MAX_PROMPT_CHARS)
+LIMITS = _LIMITS  # what this protocol's messages are decoded with (e.g. a Request carried by another protocol)
 
 
 class Role(Enum):

@@ -7,7 +7,9 @@ import os
 import socket
 import stat
 from contextlib import aclosing
+from functools import partial
 
+import multiaddr
 import pytest
 import trio
 from libp2p.peer.id import ID
@@ -290,45 +292,102 @@ def test_discovery_backoff_doubles_up_to_its_maximum_and_starts_over_after_a_las
     assert len(b) == 1 and b.due("p", 0.0)
 
 
-def discovered(daemon: Daemon, peer_id: str, addr: str) -> None:
-    """What py-libp2p's mDNS listener does when zeroconf resolves a peer's service (listener.add_service)."""
-    import time
+class Found:
+    """A discovery source, as `mdns_peers(host)` is one: the PeerInfos found so far."""
 
-    import multiaddr
+    def __init__(self) -> None:
+        self.peers: list = []
 
-    pid = ID.from_base58(peer_id)
-    daemon.host.mDNS.listener.discovered_services[f"test-{peer_id[-8:]}._p2p._udp.local."] = (pid, time.time())
-    daemon.host.get_peerstore().add_addrs(pid, [multiaddr.Multiaddr(addr.split("/p2p/")[0])], 120)
+    def add(self, peer_id: str, addr: str) -> None:
+        from libp2p.peer.peerinfo import PeerInfo
+
+        self.peers.append(PeerInfo(ID.from_base58(peer_id), [multiaddr.Multiaddr(addr.split("/p2p/")[0])]))
+
+    def __call__(self) -> list:
+        return list(self.peers)
 
 
-async def test_a_peer_found_by_mdns_is_dialed_and_its_advert_fetched(tmp_path):
+async def test_a_peer_found_by_discovery_is_dialed_and_its_advert_fetched(tmp_path):
+    found = Found()
     with trio.fail_after(30):
-        async with running_daemon(tmp_path, "alice", ACCELMESH_MDNS="1") as alice, \
-                running_daemon(tmp_path, "bob") as bob:
-            assert alice.discovery is not None and bob.discovery is None  # mDNS on only where asked
-            assert bob.peer_id not in alice.table and not alice._connected(ID.from_base58(bob.peer_id))
-            discovered(alice, bob.peer_id, bob.addrs()[0])
+        async with running_daemon(tmp_path, "alice") as alice, running_daemon(tmp_path, "bob") as bob, \
+                trio.open_nursery() as nursery:
+            dialer = alice.discovery_dialer(found)
+            nursery.start_soon(dialer.run)
+            await trio.sleep(2 * dialer.poll)
+            assert bob.peer_id not in alice.table and dialer.dials == 0  # nothing found, nothing dialed
+            found.add(bob.peer_id, bob.addrs()[0])
             while bob.peer_id not in alice.table:
                 await trio.sleep(0.05)
             assert alice._connected(ID.from_base58(bob.peer_id))
             assert alice.peer_id in bob.table  # and bob learned alice over the same connection
+            assert (dialer.dials, dialer.connected) == (1, 1)
+            nursery.cancel_scope.cancel()
 
 
-async def test_mdns_finds_outside_the_allowlist_are_not_dialed(tmp_path):
+async def test_discovered_peers_outside_the_allowlist_are_not_dialed(tmp_path):
     from node.mesh.host import HostConfig, make_host, run_host
 
-    friend_id = Identity.generate()
+    friend_id, found = Identity.generate(), Found()
     friend = make_host(HostConfig(friend_id, listen=(LOOPBACK,)))
     with trio.fail_after(30):
-        async with running_daemon(tmp_path, "alice", ACCELMESH_MDNS="1", ACCELMESH_ALLOW=friend_id.peer_id) as alice, \
-                running_daemon(tmp_path, "bob") as outsider, run_host(friend, [LOOPBACK]):
-            discovered(alice, outsider.peer_id, outsider.addrs()[0])
-            discovered(alice, friend_id.peer_id, str(friend.get_addrs()[0]))
+        async with running_daemon(tmp_path, "alice", ACCELMESH_ALLOW=friend_id.peer_id) as alice, \
+                running_daemon(tmp_path, "bob") as outsider, run_host(friend, [LOOPBACK]), \
+                trio.open_nursery() as nursery:
+            dialer = alice.discovery_dialer(found)
+            nursery.start_soon(dialer.run)
+            found.add(outsider.peer_id, outsider.addrs()[0])
+            found.add(friend_id.peer_id, str(friend.get_addrs()[0]))
             while not alice._connected(friend.get_id()):  # the allowed one is dialed...
                 await trio.sleep(0.05)
-            await trio.sleep(3 * alice.discovery.poll)
+            await trio.sleep(3 * dialer.poll)
             assert not alice._connected(ID.from_base58(outsider.peer_id))  # ...the outsider never
-            assert alice.discovery.dials == 1 and alice.discovery.connected == 1
+            assert dialer.dials == 1 and dialer.connected == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_find_that_never_answers_does_not_hold_back_the_next_one(tmp_path):
+    async def silent(stream):  # accepts TCP, never says a word: the dial hangs in its handshake
+        await trio.sleep_forever()
+
+    found = Found()
+    with trio.fail_after(30):
+        async with running_daemon(tmp_path, "alice") as alice, running_daemon(tmp_path, "bob") as bob, \
+                trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+            dialer = alice.discovery_dialer(found)
+            dialer.dial_timeout = 20.0
+            found.add(Identity.generate().peer_id, f"/ip4/127.0.0.1/tcp/{listener.socket.getsockname()[1]}")
+            nursery.start_soon(dialer.run)
+            await trio.sleep(2 * dialer.poll)
+            found.add(bob.peer_id, bob.addrs()[0])
+            start = trio.current_time()
+            while bob.peer_id not in alice.table:
+                await trio.sleep(0.05)
+            assert trio.current_time() - start < 10.0, "bob waited for the unreachable dial"
+            nursery.cancel_scope.cancel()
+
+
+def test_mdns_peers_reads_what_the_mdns_listener_recorded():
+    """`mdns_peers` against py-libp2p's own listener records and peerstore (no zeroconf started)."""
+    import time
+    from types import SimpleNamespace
+
+    from libp2p.peer.peerstore import PeerStore
+
+    from node.mesh.discovery import mdns_peers
+
+    peerstore, known, unknown = PeerStore(), Identity.generate(), Identity.generate()
+    pid = ID.from_base58(known.peer_id)
+    peerstore.add_addrs(pid, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4001")], 120)
+    listener = SimpleNamespace(discovered_services={  # what listener.add_service records
+        "a._p2p._udp.local.": (pid, time.time()),
+        "b._p2p._udp.local.": (ID.from_base58(unknown.peer_id), time.time()),  # no addresses: left out
+    })
+    host = SimpleNamespace(mDNS=SimpleNamespace(listener=listener), get_peerstore=lambda: peerstore)
+    (info,) = mdns_peers(host)
+    assert info.peer_id == pid and [str(a) for a in info.addrs] == ["/ip4/127.0.0.1/tcp/4001"]
+    assert mdns_peers(SimpleNamespace(mDNS=None)) == []
 
 
 def multicast_loops_back() -> bool:

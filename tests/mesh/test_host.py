@@ -295,6 +295,7 @@ def test_this_machine_has_a_loopback_and_its_interface_addresses_are_real():
             s.bind((ip, 0))
 
 
+@pytest.mark.lan  # starts zeroconf, which multicasts beyond loopback: `make test-lan`
 async def test_mdns_announces_dialable_addresses_not_the_wildcard():
     # py-libp2p's broadcaster would put /ip4/0.0.0.0/... in the TXT records
     host = make_host(HostConfig(Identity.generate(), listen=("/ip4/0.0.0.0/tcp/0",), mdns=True))

@@ -402,8 +402,7 @@ async def test_the_blocking_client_is_shared_by_threads_and_stopping_early_cance
         assert slow.cancelled == 1, "the generation the caller walked away from was cancelled"
 
 
-async def test_a_slot_handed_to_another_node_is_free_here_and_taken_back_if_that_node_fails():
-    from node.errors import ProviderFailed
+async def test_a_slot_handed_to_another_node_is_free_here_and_taken_back_for_local_work():
     from node.mesh.service import Admission, Busy
 
     admission = Admission(1, 0)
@@ -412,18 +411,27 @@ async def test_a_slot_handed_to_another_node_is_free_here_and_taken_back_if_that
             with pytest.raises(Busy):
                 async with admission.slot():
                     pass
-            async with slot.handed_off():  # another node serves this request...
-                assert (admission.in_flight, admission.forwarding) == (0, 1) and not admission.idle
-                async with admission.slot():  # ... so this node takes other work meanwhile
-                    assert admission.in_flight == 1
-            assert (admission.in_flight, admission.forwarding) == (0, 1), "answered elsewhere: the slot stays free"
-        assert admission.idle
-        async with admission.slot() as slot:
-            with pytest.raises(ProviderFailed):
-                async with slot.handed_off():
-                    raise ProviderFailed("bob", "gone", retryable=True)
-            assert (admission.in_flight, admission.forwarding) == (1, 0), "taken back: the router may serve it here"
-    assert admission.idle and admission.refused_busy == 1 and admission.served == 3
+            slot.hand_off()  # another node serves this request...
+            assert (admission.in_flight, admission.forwarding) == (0, 1) and not admission.idle
+            async with admission.slot():  # ... so this node takes other work meanwhile
+                assert admission.in_flight == 1
+                with pytest.raises(Busy):  # a local fallback now finds the node full: busy
+                    async with slot.local():
+                        pass
+            async with slot.local():  # free again: taken back for work done here
+                assert (admission.in_flight, admission.forwarding) == (1, 0)
+        assert admission.idle and admission.refused_busy == 2 and admission.served == 2
+
+        waiting = Admission(1, 1)
+        async with waiting.slot() as slot:
+            slot.hand_off()
+            async with waiting.slot():  # another request holds the only slot
+                with trio.move_on_after(0.2) as gave_up:  # cancelled while queued to take it back
+                    async with slot.local():
+                        pytest.fail("the slot was taken twice")
+                assert gave_up.cancelled_caught
+                assert (waiting.queued, waiting.forwarding, waiting.in_flight) == (0, 1, 1)
+        assert waiting.idle and (waiting.queued, waiting.forwarding, waiting.in_flight) == (0, 0, 0)
 
 
 async def test_the_entry_node_frees_its_slot_while_another_node_serves(tmp_path):
@@ -511,10 +519,10 @@ async def test_the_remaining_deadline_is_forwarded_to_the_serving_node(tmp_path)
         async with PeerClient.connect(alice.addrs()[0]) as client:
             start = trio.current_time()
             with trio.fail_after(10), pytest.raises(DeadlineExceeded):
-                await collect(client, request(model="clocked-model", on_peers=(bob.peer_id,), timeout_ms=800))
-            assert trio.current_time() - start < 3.0
+                await collect(client, request(model="clocked-model", on_peers=(bob.peer_id,), timeout_ms=3000))
+            assert trio.current_time() - start < 6.0
         (seen,) = clocked.timeouts
-        assert 0 < seen <= 0.8, f"bob was given {seen} s: what was left of the caller's 0.8 s"
+        assert 0 < seen <= 3.0, f"bob was given {seen} s: what was left of the caller's 3 s (not his own 120 s)"
         await until(lambda: bob.admission.idle and alice.admission.idle, timeout=2)
 
 
@@ -552,3 +560,13 @@ async def test_a_piece_longer_than_a_chunk_is_sent_as_several_chunks(tmp_path):
             *chunks, result = await collect(client, request("x", model=None, provider="big"))
         assert [len(c) for c in chunks] == [MAX_CHUNK_CHARS, MAX_CHUNK_CHARS, 150_000 - 2 * MAX_CHUNK_CHARS]
         assert "".join(chunks) == result.verify()["text"]
+
+
+async def test_a_long_non_ascii_prompt_goes_through_the_control_channel(tmp_path):
+    prompt = "é" * 600_000  # 1.2 MB of UTF-8: past msgpack's default string bound, within the protocol's
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice:
+        def blocking():
+            with node.connect(data_dir=alice.data_dir.path) as client:
+                return client.generate_text(prompt, provider="echo", cache="no-store")
+
+        assert await trio.to_thread.run_sync(blocking) == "echo: " + prompt
