@@ -28,7 +28,12 @@ _EXPORTS = {
     "list_llm_providers": "node.api",
     "describe_llm_providers": "node.api",
     "clear_llm_router_caches": "node.api",
+    "llm_router_available": "node.api",
+    "LLMProvider": "node.api",
+    "builtin_provider": "node.api",
+    "response_cache_key": "node.api",
     "RouterDeps": "node.deps",
+    "RemoteCacheProtocol": "node.deps",
     "get_default_router_deps": "node.deps",
     "set_default_router_deps": "node.deps",
     "ProviderInfo": "node.providers.base",
@@ -63,14 +68,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from node.api import (
+        LLMProvider,
+        builtin_provider,
         clear_llm_router_caches,
         describe_llm_providers,
         get_llm_provider,
         list_llm_providers,
+        llm_router_available,
         register_llm_provider,
+        response_cache_key,
     )
     from node.config import Settings, load_settings
-    from node.deps import RouterDeps, get_default_router_deps, set_default_router_deps
+    from node.deps import RemoteCacheProtocol, RouterDeps, get_default_router_deps, set_default_router_deps
     from node.errors import *  # noqa: F403
     from node.providers.base import ProviderInfo, Readiness
     from node.remote import Client, connect

@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 from node.deps import RouterDeps, get_default_router_deps
-from node.errors import AllProvidersFailed, ProviderUnavailable
+from node.errors import AccelmeshError, AllProvidersFailed, ProviderUnavailable
 from node.providers import registry
 from node.providers.base import BaseProvider, ProviderInfo
 
 __all__ = [
+    "LLMProvider",
+    "llm_router_available",
+    "builtin_provider",
+    "response_cache_key",
     "register_llm_provider",
     "get_llm_provider",
     "list_llm_providers",
     "describe_llm_providers",
     "clear_llm_router_caches",
 ]
+
+
+llm_router_available = True  # the seed's flag: the router imported (here it always does)
+
+
+@runtime_checkable
+class LLMProvider(Protocol):
+    """What a provider is to the seed, and all a registered provider needs: `generate`.
+
+    Optional extras the router uses when present: ``agenerate`` (async), ``stream`` / ``astream``
+    (text chunks), ``available()`` and a ``default_model`` attribute (node.providers.base).
+    """
+
+    def generate(self, prompt: str, *, model_name: str | None = None, **kwargs: Any) -> str: ...
 
 
 def register_llm_provider(name: str, factory: Callable[[], Any]) -> None:
@@ -26,9 +44,7 @@ def register_llm_provider(name: str, factory: Callable[[], Any]) -> None:
     Registering a name again replaces the factory and drops its cached instances.
     """
     registry.register(name, factory)
-    deps = get_default_router_deps()
-    if deps.router_cache is not None:
-        deps.router_cache.pop(name, None)
+    get_default_router_deps().forget_provider(name)
 
 
 def list_llm_providers() -> list[str]:
@@ -73,3 +89,49 @@ def describe_llm_providers(*, deps: RouterDeps | None = None) -> list[ProviderIn
 def clear_llm_router_caches(*, deps: RouterDeps | None = None) -> None:
     """Drop cached provider instances and cached responses (the default deps unless given)."""
     (deps if deps is not None else get_default_router_deps()).clear()
+
+
+def builtin_provider(name: str, deps: RouterDeps | None = None) -> BaseProvider | None:
+    """The built-in provider `name` as the router would use it, or None when it is not ready
+    (tool not on PATH, key not set, package missing, disabled) or `name` is no built-in.
+
+    Never raises for a missing tool: `describe_llm_providers()` says why one is not ready.
+    """
+    if name not in registry.BUILTIN_PROVIDERS:
+        return None
+    deps = deps if deps is not None else get_default_router_deps()
+    try:
+        provider = deps.get_provider(name, deps.current_settings())
+        return provider if provider.available().ok else None
+    except (AccelmeshError, ImportError):  # not installed, not configured: not ready
+        return None
+
+
+def response_cache_key(
+    *,
+    provider: str,
+    model_name: str | None,
+    prompt: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    deps: RouterDeps | None = None,
+) -> str:
+    """The request key of a call, from its arguments alone (no provider is looked up or built).
+
+    The model identity keyed is ``PROVIDER/MODEL`` (or ``PROVIDER`` with no model): the identity
+    the router uses for every seed-style provider. Built-ins that pin more into their identity
+    key by that instead (echo: ``echo``; an OpenAI-compatible API adds its base URL; hf_local a
+    digest of the weights), which `node.complete(...).key` reports. Reserved keyword arguments
+    and parameters equal to their defaults do not change the key; any other change does. The
+    default model and the key strategy (cid or sha256) come from the settings, as in the router.
+    """
+    from node.router import build_request
+    from protocols.canonical import request_bytes
+    from protocols.cid import request_key
+
+    deps = deps if deps is not None else get_default_router_deps()
+    settings = deps.current_settings()
+    request = build_request(prompt, model_name=model_name, kwargs=dict(kwargs or {}), default_model=settings.model)
+    identity = f"{provider}/{request.model}" if request.model else provider
+    canonical = request_bytes(task=request.task, model=identity, prompt=request.prompt, messages=request.messages,
+                              params=request.params)
+    return request_key(canonical, settings.cache_key)

@@ -212,6 +212,7 @@ class Daemon:
         deps = RouterDeps(response_cache=TieredCache(memory, store), settings=self.settings)
         self.mesh = MeshProvider(self)
         deps.pin_provider("mesh", self.mesh)
+        deps.backend_manager = self.mesh  # RouterDeps.get_backend_manager(): who picks the serving node
         return deps, store
 
     def _register_handlers(self, host: Any) -> None:

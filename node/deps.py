@@ -3,15 +3,23 @@
 Calls that share a `RouterDeps` share its provider instances and its response cache. A
 `RouterDeps()` whose caches are None creates a bounded memory response cache on first use
 and keeps it. `remote_cache` is any object with sync ``get(key) -> bytes | None`` and
-``set(key, value: bytes)`` (async code calls it in a worker thread); its hits count as the
-``cluster`` tier.
+``set(key, value: bytes)`` (`RemoteCacheProtocol`; async code calls it in a worker thread); its
+hits count as the ``cluster`` tier.
+
+The seed's container API is here too: `router_cache` is a dict of shared instances (the router
+keeps its provider instances there under ``provider:NAME``), read and written with
+`get_cached` / `set_cached` / `get_or_create` (thread-safe; `factory` runs once per key even when
+threads race for it), `get_cached_or_remote` / `set_cached_and_remote` (best effort to
+`remote_cache`), and `get_backend_manager()`.
 """
 
 from __future__ import annotations
 
 import threading
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from node.cache import MemoryCache, ResponseCache, TieredCache, as_response_cache
 from node.config import Settings, current_settings
@@ -21,6 +29,7 @@ from node._singleflight import InFlight
 
 __all__ = [
     "RouterDeps",
+    "RemoteCacheProtocol",
     "RouterStatistics",
     "get_default_router_deps",
     "set_default_router_deps",
@@ -28,6 +37,20 @@ __all__ = [
 ]
 
 TIERS = ("memory", "local", "cluster", "miss", "bypass")
+PROVIDER_KEY = "provider:{}"  # where the router keeps a provider instance in `router_cache`
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@runtime_checkable
+class RemoteCacheProtocol(Protocol):
+    """What `RouterDeps(remote_cache=...)` needs: a shared cache the router reads on a miss and
+    writes after an answer (best effort: its errors are logged, never raised to the caller)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,8 @@ class RouterDeps:
         *,
         settings: Settings | None = None,
     ) -> None:
-        self.router_cache = router_cache  # provider instances by name; made on first use
+        # Shared instances: the router's providers (under ``provider:NAME``) and the caller's own.
+        self.router_cache: dict[str, Any] = router_cache if router_cache is not None else {}
         self._response_cache_arg = response_cache
         self._response_cache: ResponseCache | None = (
             as_response_cache(response_cache) if response_cache is not None else None
@@ -62,6 +86,7 @@ class RouterDeps:
         self.inflight = InFlight()
         self.pinned: dict[str, BaseProvider] = {}  # instances owned by the caller (the daemon's mesh provider)
         self._lock = threading.Lock()
+        self._creating: dict[str, threading.Lock] = {}  # key -> lock held while its factory runs
         self._tiers = dict.fromkeys(TIERS, 0)
         self._inferences = 0
         self._failures: dict[str, int] = {}
@@ -96,10 +121,8 @@ class RouterDeps:
             return pinned
         if not settings.provider_cache:
             return self._construct(name, settings)
-        cache_key = name
+        cache_key = PROVIDER_KEY.format(name)
         with self._lock:
-            if self.router_cache is None:
-                self.router_cache = {}
             cached = self.router_cache.get(cache_key)
         built_with = getattr(cached, "_accelmesh_settings", settings)
         if cached is not None and (built_with is settings or built_with == settings):
@@ -118,13 +141,89 @@ class RouterDeps:
             return provider
         return adapt(name, factory())
 
-    def clear(self) -> None:
-        """Forget provider instances and cached responses (counters are kept)."""
+    def forget_provider(self, name: str) -> None:
+        """Drop the cached instance of provider `name` (it is built again on next use)."""
         with self._lock:
-            if self.router_cache is not None:
-                self.router_cache.clear()
+            self.router_cache.pop(PROVIDER_KEY.format(name), None)
+
+    def clear(self) -> None:
+        """Forget provider instances and cached responses (the caller's own shared instances and the
+        counters are kept)."""
+        prefix = PROVIDER_KEY.format("")
+        with self._lock:
+            for key in [k for k in self.router_cache if k.startswith(prefix)]:
+                del self.router_cache[key]
         if self._response_cache is not None:
             self._response_cache.clear()
+
+    # -- the seed's shared-instance API -------------------------------------------------
+
+    def get_cached(self, key: str) -> Any:
+        """The instance kept under `key`, or None."""
+        if not key:
+            return None
+        with self._lock:
+            return self.router_cache.get(key)
+
+    def set_cached(self, key: str, value: T) -> T:
+        """Keep `value` under `key` (an empty key keeps nothing) and return it."""
+        if key:
+            with self._lock:
+                self.router_cache[key] = value
+        return value
+
+    def get_or_create(self, key: str, factory: Callable[[], T]) -> T:
+        """The instance under `key`, made by `factory()` if there is none yet.
+
+        Threads racing for the same key wait for the first one's factory: it runs once per key
+        (again only if it raised). Other keys are not held up. An empty key is never kept.
+        """
+        if not key:
+            return factory()
+        with self._lock:
+            if key in self.router_cache:
+                return self.router_cache[key]  # type: ignore[no-any-return]
+            creating = self._creating.setdefault(key, threading.Lock())
+        with creating:
+            with self._lock:
+                if key in self.router_cache:
+                    return self.router_cache[key]  # type: ignore[no-any-return]
+            value = factory()
+            with self._lock:
+                self.router_cache[key] = value
+                self._creating.pop(key, None)
+            return value
+
+    def get_cached_or_remote(self, key: str) -> Any:
+        """`get_cached(key)`, else `remote_cache.get(key)` (kept locally when found); None if neither
+        has it. A failing remote cache counts as a miss (logged)."""
+        cached = self.get_cached(key)
+        if cached is not None or not key or self.remote_cache is None:
+            return cached
+        try:
+            value = self.remote_cache.get(key)
+        except Exception as exc:  # a third-party cache must not fail the caller
+            log.warning("remote cache get(%s) failed: %s", key, exc)
+            return None
+        if value is not None:
+            self.set_cached(key, value)
+        return value
+
+    def set_cached_and_remote(self, key: str, value: T) -> T:
+        """`set_cached(key, value)`, then best effort `remote_cache.set(key, value)` (failures logged)."""
+        self.set_cached(key, value)
+        if key and self.remote_cache is not None:
+            try:
+                self.remote_cache.set(key, value)
+            except Exception as exc:  # best effort by contract
+                log.warning("remote cache set(%s) failed: %s", key, exc)
+        return value
+
+    def get_backend_manager(self, **_seed_options: Any) -> Any:
+        """The mesh's backend manager on a daemon; None in a plain process. (The seed's keyword
+        options, `purpose`, `enable_health_checks`, `load_balancing_strategy`, are accepted and
+        ignored: a daemon's manager is configured by its settings.)"""
+        return self.backend_manager
 
     # -- counters ----------------------------------------------------------------------
 
