@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from node.providers.base import ACCELERATOR_KINDS
+from protocols.vocabulary import ACCELERATOR_KINDS
 
 __all__ = [
     "Accelerator",

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from node import __version__
+from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES
 
 __all__ = ["main", "build_parser"]
 
@@ -122,14 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, metavar="N", help="maximum tokens to generate")
     g.add_argument("--stream", action="store_true", help="print chunks as they arrive")
     g.add_argument("--cache", dest="cache_mode", metavar="MODE",
-                   choices=("default", "no-store", "no-cache", "only-if-cached", "force", "private"),
-                   help="cache mode: default, no-store, no-cache, only-if-cached, force, private")
+                   choices=CACHE_MODES, help=f"cache mode: {', '.join(CACHE_MODES)}")
     g.add_argument("--no-cache", dest="cache_mode", action="store_const", const="no-cache",
                    help="skip cache lookups (same as --cache no-cache)")
     g.add_argument("--on", dest="on_peers", action="append", metavar="PEER_ID", default=[],
                    help="only these peers may serve (repeatable; needs the mesh)")
-    g.add_argument("--accelerator", metavar="KIND", choices=("cuda", "rocm", "mps", "cpu"),
-                   help="only peers with this accelerator may serve (needs the mesh)")
+    g.add_argument("--accelerator", metavar="KIND", choices=ACCELERATOR_KINDS,
+                   help=f"only peers with this accelerator ({', '.join(ACCELERATOR_KINDS)}) may serve (needs the mesh)")
     g.add_argument("--json", action="store_true", help="print one JSON object (with --stream: JSON lines)")
     remote = g.add_argument_group("submit to a daemon elsewhere (instead of --data-dir)")
     remote.add_argument("--peer", metavar="MULTIADDR", help="the entry daemon, a full multiaddr with /p2p/")
@@ -457,33 +457,22 @@ def cmd_cache(args: argparse.Namespace, settings: Any) -> int:
 def _generate_via_daemon(args: argparse.Namespace, settings: Any, prompt: str, kwargs: dict[str, Any]) -> int:
     """`generate` through a daemon: the data dir's (control protocol), or `--peer` (as a client peer)."""
     import time
-    import uuid
     from contextlib import aclosing
 
-    from node.mesh.service import wire_timeout_ms
-    from protocols.inference.messages import Request, Result
+    from node.requests import build_request
+    from node.wire import request_to_wire, result_from_wire
 
-    params = {k: v for k, v in kwargs.items() if k in ("temperature", "max_tokens")}
-    request = Request(
-        id=uuid.uuid4().hex, task="generate", prompt=prompt, model=settings.model, provider=settings.provider,
-        params=params, stream=bool(args.stream), cache=kwargs.get("cache", "default"),
-        timeout_ms=wire_timeout_ms(settings.request_timeout), on_peers=tuple(args.on_peers),
-        accelerator=args.accelerator,
-    )
+    built = build_request(prompt, model_name=settings.model, kwargs=kwargs, default_timeout=settings.request_timeout)
+    request = request_to_wire(built, provider=settings.provider, hops=1, stream=bool(args.stream))
     out = sys.stdout
 
     async def run(client: Any) -> dict[str, Any]:
         started = time.monotonic()  # from the request, not from connecting to the daemon
         async with aclosing(client.generate(request)) as items:
             async for item in items:
-                if isinstance(item, Result):
-                    body = item.verify()
-                    return {
-                        "text": body.get("text", ""), "provider": item.provider, "model": body["model"],
-                        "cache": item.cache, "key": item.key, "cid": item.cid, "request_id": request.id,
-                        "peer": item.peer, "served_from": item.served_from,
-                        "latency_ms": round((time.monotonic() - started) * 1000, 3),
-                    }
+                if not isinstance(item, str):
+                    latency_ms = (time.monotonic() - started) * 1000
+                    return result_from_wire(item, request_id=request.id, latency_ms=latency_ms).to_json()
                 out.write(json.dumps({"delta": item}, ensure_ascii=False) + "\n" if args.json else item)
                 out.flush()
         raise _UsageError("the daemon sent no result")

@@ -18,8 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import aclosing
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -27,12 +26,23 @@ import trio
 from node import __version__
 from node.config import Settings
 from node.datadir import DataDir
-from node.errors import ConfigError, DaemonError, InvalidRequest
-from node.mesh.host import HostConfig, is_loopback_multiaddr, load_swarm_key, make_host, peer_info, run_host
+from node.errors import ConfigError, DaemonError
+from node.mesh.host import (
+    HostConfig,
+    is_loopback_multiaddr,
+    load_swarm_key,
+    make_host,
+    membership,
+    peer_info,
+    run_host,
+)
 from node.mesh.adverts import AdvertService, PeerTable
 from node.mesh.discovery import Backoff, DiscoveryDialer, mdns_peers
-from node.mesh.service import Admission, StreamPool, serve_inference, serve_inference_stream
+from node.admission import Admission
+from node.mesh.pool import StreamPool
+from node.mesh.server import serve_inference, serve_inference_stream
 from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
+from node.serving import FrontDoor
 from protocols.codec import decode, encode
 from protocols.control import messages as control
 from protocols.framing import encode_frame
@@ -80,6 +90,7 @@ def _limits(settings: Settings) -> StreamLimits:
         max_frame_size=lim.max_frame_size, frame_timeout=lim.frame_timeout, idle_timeout=lim.idle_timeout,
         max_streams_per_peer=lim.max_streams_per_peer, max_streams_per_protocol=lim.max_streams_per_protocol,
         request_rate=lim.request_rate, request_burst=lim.request_burst,
+        member_streams=2 * (lim.max_concurrent + lim.max_queue),  # every request reaches admission
     )
 
 
@@ -99,6 +110,7 @@ class Daemon:
         self.client_peer_id = ""
         self.deps: Any = None
         self.store: Any = None
+        self.front_door: FrontDoor | None = None
         self._stop: trio.Event | None = None
         self._force: trio.Event | None = None
         self.handlers: dict[str, Any] = {}
@@ -127,11 +139,14 @@ class Daemon:
         try:
             self.identity = self.data_dir.identity()
             self.client_peer_id = self.data_dir.client_identity().peer_id
+            allow = frozenset(self.settings.allow) if self.settings.allow else None
+            self.guard.is_member = membership(client=self.client_peer_id, allow=allow,
+                                              cluster_key=cluster_key is not None, open_=self.settings.open)
             self.deps, self.store = self._router_deps()
             config = HostConfig(
                 identity=self.identity, listen=self.settings.listen, bootstrap=(),
                 cluster_key=cluster_key,
-                allow=frozenset(self.settings.allow) if self.settings.allow else None,
+                allow=allow,
                 always_allowed=frozenset({self.client_peer_id}),
                 mdns=mdns_enabled(self.settings), max_connections=self.settings.limits.max_connections,
                 negotiate_timeout=self.settings.limits.negotiate_timeout,
@@ -139,8 +154,10 @@ class Daemon:
             self.host = make_host(config)
             self.accelerators = await trio.to_thread.run_sync(self.detect_accelerators)
             async with run_host(self.host, self.settings.listen) as host, trio.open_nursery() as nursery:
-                self._register_handlers(host)
+                self.front_door = FrontDoor(admission=self.admission, deps=self.deps, peer_id=self.peer_id)
                 self.streams = StreamPool(host, self.limits)
+                self.mesh = self._mesh(self.front_door, self.streams)
+                self._register_handlers(host)
                 self.table = PeerTable(self.peer_id, self.settings.adverts.ttl)
                 self.adverts = AdvertService(
                     host, self.guard, self.table, self._build_advert,
@@ -204,16 +221,27 @@ class Daemon:
     def _router_deps(self) -> tuple[Any, Any]:
         from node.cache import LocalStore, MemoryCache, TieredCache
         from node.deps import RouterDeps
-        from node.mesh.provider import MeshProvider
 
         c = self.settings.cache
         store = LocalStore(self.data_dir.store_file, max_bytes=c.store_max_bytes, verify_on_read=c.verify_on_read)
         memory = MemoryCache(c.memory_max_entries, c.memory_max_bytes, c.memory_ttl)
         deps = RouterDeps(response_cache=TieredCache(memory, store), settings=self.settings)
-        self.mesh = MeshProvider(self)
-        deps.pin_provider("mesh", self.mesh)
-        deps.backend_manager = self.mesh  # RouterDeps.get_backend_manager(): who picks the serving node
         return deps, store
+
+    def _mesh(self, front_door: FrontDoor, pool: StreamPool) -> Any:
+        """The mesh provider, pinned in the router's deps: it sees the peer table and this node's
+        advert read-only, and runs a request here through the front door's `run_local`."""
+        from node.mesh.provider import MeshProvider, candidates_from_adverts
+
+        def candidates() -> list[Any]:
+            others = [e.advert for e in self.table.entries()] if self.table is not None else []
+            own = self.adverts.current if self.adverts is not None else None
+            return candidates_from_adverts(self.peer_id, others, own)
+
+        mesh = MeshProvider(peer_id=self.peer_id, candidates=candidates, run_local=front_door.run_local, pool=pool)
+        self.deps.pin_provider("mesh", mesh)
+        self.deps.backend_manager = mesh  # RouterDeps.get_backend_manager(): who picks the serving node
+        return mesh
 
     def _register_handlers(self, host: Any) -> None:
         from protocols.inference.machine import MAX_FRAME_SIZE as INFER_FRAME
@@ -221,9 +249,9 @@ class Daemon:
 
         self.handlers[control.PROTOCOL_ID] = self.guard.wrap(
             control.PROTOCOL_ID, self._control, allowed=lambda peer: peer == self.client_peer_id,
-            max_frame_size=control.MAX_FRAME_SIZE,
+            max_frame_size=control.MAX_FRAME_SIZE, admitted=True,
         )
-        self.handlers[INFER] = self.guard.wrap(INFER, self._infer, max_frame_size=INFER_FRAME)
+        self.handlers[INFER] = self.guard.wrap(INFER, self._infer, max_frame_size=INFER_FRAME, admitted=True)
         for protocol, handler in self.handlers.items():
             host.set_stream_handler(protocol, handler)
 
@@ -340,7 +368,7 @@ class Daemon:
             machine = InferenceStream(Role.SERVER, max_inbound_frame_size=framed.limits.max_frame_size)
             machine.receive_message(message)
             framed.decoder = machine
-            await serve_inference(framed, machine, message, self.run_local, self.admission, peer_id=self.peer_id)
+            await serve_inference(framed, machine, message, self.front_door.runner("control"))
             return
         assert isinstance(message, control.Command)
         try:
@@ -374,7 +402,7 @@ class Daemon:
             "state": self.state, "peer_id": self.peer_id, "pid": os.getpid(), "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3), "in_flight": stats.in_flight,
             "queued": stats.queued, "connections": len(self.host.get_network().connections) if self.host else 0,
-            "streams": self.guard.statistics(),
+            "streams": self.guard.statistics().to_json(),
         }
 
     def info(self) -> dict[str, Any]:
@@ -394,65 +422,8 @@ class Daemon:
 
     async def _infer(self, framed: FramedStream, peer: str) -> None:
         """`/accelmesh/infer/1.0.0`: requests from a client or another node, answered here (keep-alive)."""
-        await serve_inference_stream(framed, self.run_local, self.admission, peer_id=self.peer_id,
+        await serve_inference_stream(framed, self.front_door.runner("infer"),
                                      allow_request=lambda: self.guard.take_token(peer))
-
-    def candidates(self) -> list[Any]:
-        """The nodes that could serve a request: every peer in the table, and this one."""
-        from node.mesh.provider import Candidate
-
-        out = [Candidate(e.advert.peer_id, tuple((p.name, tuple(p.tasks), tuple(p.models), p.ready)
-                                                 for p in e.advert.providers),
-                         frozenset(a.kind for a in e.advert.accelerators))
-               for e in (self.table.entries() if self.table is not None else [])]
-        advert = self.adverts.current if self.adverts is not None else None
-        if advert is not None:
-            out.append(Candidate(self.peer_id, tuple((p.name, tuple(p.tasks), tuple(p.models), p.ready)
-                                                     for p in advert.providers),
-                                 frozenset(a.kind for a in advert.accelerators), is_self=True))
-        return out
-
-    # -- serving requests through the local router ---------------------------------------
-
-    async def run_local(self, request: Request) -> AsyncIterator[Any]:
-        """The runner handed to the inference service: this node's router. A request forwarded by
-        another node (hops at the limit) is served by local providers only: the mesh is skipped."""
-        from node.mesh.provider import FORWARDED_HOPS, LOCAL_ONLY
-
-        token = LOCAL_ONLY.set(True) if request.hops >= FORWARDED_HOPS else None  # read by the mesh provider
-        try:
-            async for item in self._run_router(request):
-                yield item
-        finally:
-            if token is not None:
-                try:
-                    LOCAL_ONLY.reset(token)
-                except ValueError:  # closed from another context: that context never saw the flag
-                    pass
-
-    async def _run_router(self, request: Request) -> AsyncIterator[Any]:
-        from node import router
-
-        if request.task == "embed":
-            raise InvalidRequest("embeddings are not served yet (task 'embed')")
-        prompt: Any = request.prompt
-        if request.messages is not None:
-            prompt = [{"role": m.role, "content": m.content} for m in request.messages]
-        kwargs = dict(request.params)
-        kwargs.update(cache=request.cache, timeout=request.timeout_ms / 1000.0, request_id=request.id)
-        if request.strategy:
-            kwargs["strategy"] = request.strategy
-        if request.on_peers:
-            kwargs["on_peers"] = request.on_peers
-        if request.accelerator:
-            kwargs["accelerator"] = request.accelerator
-        async with aclosing(router.aiter_request(prompt, provider=request.provider, model_name=request.model,
-                                                 deps=self.deps, **kwargs)) as items:
-            async for item in items:
-                if isinstance(item, router.Result):
-                    yield dataclasses.replace(item, peer=item.peer or self.peer_id)
-                else:
-                    yield item
 
 
 def _fits(text: str, limit: int) -> bool:

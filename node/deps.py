@@ -26,6 +26,7 @@ from node.config import Settings, current_settings
 from node.providers import registry
 from node.providers.base import BaseProvider, adapt
 from node._singleflight import InFlight
+from protocols.vocabulary import CACHE_TIERS
 
 __all__ = [
     "RouterDeps",
@@ -36,7 +37,7 @@ __all__ = [
     "TIERS",
 ]
 
-TIERS = ("memory", "local", "cluster", "miss", "bypass")
+TIERS = CACHE_TIERS  # answers are counted by tier
 PROVIDER_KEY = "provider:{}"  # where the router keeps a provider instance in `router_cache`
 
 log = logging.getLogger(__name__)

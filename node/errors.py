@@ -11,12 +11,12 @@
     │   ├── ProviderAuthError       credentials missing or refused (HTTP 401/403, CLI login)
     │   ├── ModelNotFound           the provider does not serve that model (HTTP 404)
     │   ├── RateLimited             slow down; `retry_after` seconds when the provider said (429)
-    │   │   └── ClusterBusy         every eligible mesh node answered busy (node.mesh.service)
+    │   │   └── ClusterBusy         every eligible mesh node answered busy (node.mesh.errors)
     │   ├── ProviderTimeout         the provider did not answer within its time
     │   ├── ProviderFailed          anything else the provider reported (5xx, crash, bad output)
-    │   └── RemoteError             a peer answered with a wire Error; `code` (node.mesh.service)
+    │   └── RemoteError             a peer answered with a wire Error; `code` (node.mesh.errors)
     ├── AllProvidersFailed          every candidate in the fallback chain failed or was skipped
-    ├── Busy                        this node's slots and queue are full (node.mesh.service)
+    ├── Busy                        every slot and the queue are full; `retry_after` seconds (429)
     ├── StoreError                  the local sqlite store cannot be used: newer schema, not a
     │                               database (defined in node.cache.store)
     └── DaemonError                 talking to a local daemon failed (none running, refused)
@@ -44,6 +44,7 @@ __all__ = [
     "ProviderTimeout",
     "ProviderFailed",
     "AllProvidersFailed",
+    "Busy",
     "DaemonError",
 ]
 
@@ -136,6 +137,15 @@ class AllProvidersFailed(AccelmeshError):
         else:
             summary = "; ".join(f"{name}: {_reason(cause)}" for name, cause in self.attempts)
         super().__init__(f"all providers failed ({summary})")
+
+
+class Busy(AccelmeshError):
+    """Every slot and the queue are full (this node's, or every eligible node's): come back in
+    `retry_after` seconds. HTTP 429; the wire's `busy` error."""
+
+    def __init__(self, retry_after: float, message: str = "every slot and the queue are full") -> None:
+        super().__init__(f"{message}; retry after {retry_after:.3g} s")
+        self.retry_after, self.reason = retry_after, message
 
 
 class DaemonError(AccelmeshError):

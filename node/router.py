@@ -3,32 +3,40 @@
 For each candidate provider, in order (an explicit or configured provider is the only one):
 
 1. compute the request key from the identity of the model that provider would use;
-2. look the key up (memory, local store, remote cache) unless the cache mode skips lookups;
+2. look the key up (memory, local store, remote cache) as `cache_policy` says for the cache mode;
 3. on a miss, run the provider (identical concurrent requests run once: single flight);
 4. encode the answer canonically, hash it into the response CID, store it, return it.
 
 A provider that fails (a `ProviderError`) hands over to the next candidate while the
-deadline lasts; a streaming answer falls back only before its first chunk. When every
-candidate failed or was skipped, `AllProvidersFailed` lists each one with its cause.
+deadline lasts; a streaming answer falls back only before its first chunk; a `ProviderTimeout`
+once the deadline has passed is the request's `DeadlineExceeded`. When every candidate failed
+or was skipped, `AllProvidersFailed` lists each one with its cause.
 
-Two executors share these steps: a synchronous one (`complete`, behind `generate_text`) that
-calls providers directly with no event loop, and a trio one (`aiter_request`, behind the
-async and streaming functions).
+One implementation, two thin shells. Every decision (candidates and constraints, the key, the
+cache policy, what a lookup leads to, finishing an answer, what a failure means) lives in
+`cache_policy`, `_Run` and `_Attempt`; the shells only do what differs: the synchronous one
+(`complete`, behind `generate_text`) calls `provider.complete_sync` with no event loop, because
+one hop into a trio loop costs more than a whole memory hit; the trio one (`arun`, behind
+`aiter_request` and the async and streaming functions) streams with `provider.astream` under the
+deadline, holds the admission slot, and runs remote-cache I/O in a thread. Generating the sync
+shell from the async one (httpcore's unasync) was not chosen: the shells differ in more than
+`await` (chunks, cancel scopes, the slot, threads), and the generated copy would still duplicate
+the steps that are now written once.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import queue
 import sys
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
+from node._singleflight import Flight
 from node.deps import RouterDeps, get_default_router_deps
 from node.errors import (
     AllProvidersFailed,
@@ -41,19 +49,24 @@ from node.errors import (
     ProviderUnavailable,
 )
 from node.providers import registry
-from node.providers.base import ACCELERATOR_KINDS, LOCAL_SLOT, BaseProvider, Completion, ProviderRequest
-from protocols.canonical import canonicalize, decode_response, request_bytes, response_bytes
+from node.providers.base import BaseProvider, Completion
+from node.requests import CACHE_MODES, PARAM_DEFAULTS, RESERVED_KWARGS, Request, Result, build_request
+from protocols.canonical import decode_response, request_bytes, response_bytes
 from protocols.cid import cid_of, request_key
-from protocols.errors import MalformedMessage, NotCanonical
+from protocols.errors import MalformedMessage
 
-__all__ = [
+__all__ = [  # Request, Result, build_request and the constants live in node.requests
     "RESERVED_KWARGS",
     "CACHE_MODES",
+    "PARAM_DEFAULTS",
     "Request",
     "Result",
+    "CachePolicy",
+    "cache_policy",
     "build_request",
     "complete",
     "acomplete",
+    "arun",
     "aiter_request",
     "generate_text",
     "agenerate_text",
@@ -61,187 +74,12 @@ __all__ = [
     "astream_text",
 ]
 
-# Never sent to a provider, never part of a request key (INTERFACES.md "Python API").
-RESERVED_KWARGS = frozenset({"timeout", "cache", "stream", "request_id", "deps", "on_peers", "accelerator", "strategy"})
-CACHE_MODES = ("default", "no-store", "no-cache", "only-if-cached", "force", "private")
-# A parameter equal to its default is dropped before keying, so spelling it out keeps the key.
-PARAM_DEFAULTS: Mapping[str, Any] = {
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "n": 1,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-}
-_FLOAT_PARAMS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
-
-
-# ---------------------------------------------------------------------------------------
-# Requests and results
-
-
-@dataclass(frozen=True)
-class Request:
-    """A normalized request: what determines the answer, and how to get it."""
-
-    task: str  # "generate" (a prompt) or "chat" (messages)
-    prompt: str | None
-    messages: tuple[Mapping[str, Any], ...] | None
-    model: str | None  # explicit model, else the configured default, else None (provider's default)
-    params: Mapping[str, Any]  # non-reserved keyword arguments, defaults dropped
-    cache_mode: str = "default"
-    timeout: float = 120.0
-    request_id: str = ""
-    on_peers: tuple[str, ...] = ()
-    accelerator: str | None = None
-    strategy: str | None = None
-
-    @property
-    def sampled(self) -> bool:
-        """Sampling without a seed: the answer may differ each time, so it is not cached."""
-        return float(self.params.get("temperature", 0.0)) > 0.0 and self.params.get("seed") is None
-
-    def for_provider(self, timeout: float) -> ProviderRequest:
-        return ProviderRequest(
-            task=self.task, prompt=self.prompt, messages=self.messages, model=self.model,
-            params=dict(self.params), timeout=timeout, request_id=self.request_id, on_peers=self.on_peers,
-            accelerator=self.accelerator, strategy=self.strategy, cache_mode=self.cache_mode,
-        )
-
-
-@dataclass(frozen=True)
-class Result:
-    """An answer and where it came from (INTERFACES.md `--json` shape)."""
-
-    text: str
-    provider: str
-    model: str  # identity of the model that answered (what the request key covered)
-    cache: str  # tier: memory, local, cluster, miss, bypass
-    key: str  # request key
-    cid: str  # response CID
-    request_id: str
-    latency_ms: float
-    finish_reason: str = "stop"
-    usage: Mapping[str, int] = field(default_factory=dict)
-    peer: str | None = None  # peer id that computed the answer (set when a daemon handled it)
-    served_from: str | None = None  # peer that supplied a cluster hit
-    response: bytes = field(default=b"", repr=False)  # the canonical response bytes (their CID is `cid`)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "provider": self.provider,
-            "model": self.model,
-            "cache": self.cache,
-            "key": self.key,
-            "cid": self.cid,
-            "request_id": self.request_id,
-            "peer": self.peer,
-            "served_from": self.served_from,
-            "latency_ms": round(self.latency_ms, 3),
-        }
-
-
-def _messages(value: Sequence[Any]) -> tuple[Mapping[str, Any], ...]:
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, Mapping):
-            raise InvalidRequest(f"messages[{i}] must be a mapping with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}] needs string 'role' and 'content'")
-        out.append(dict(message))
-    if not out:
-        raise InvalidRequest("messages must not be empty")
-    return tuple(out)
-
-
-def _params(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for name, value in kwargs.items():
-        if value is None:
-            continue
-        if name in _FLOAT_PARAMS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
-            value = float(value)
-        if name == "temperature" and value < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {value!r}")
-        if name == "top_p" and not 0.0 < value <= 1.0:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {value!r}")
-        if name in ("max_tokens", "seed", "n") and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidRequest(f"{name} must be an integer, got {value!r}")
-        if name == "max_tokens" and value < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {value!r}")
-        if name == "stop":
-            value = [value] if isinstance(value, str) else list(value)
-            if not all(isinstance(s, str) for s in value):
-                raise InvalidRequest("stop must be a string or a list of strings")
-            if not value:
-                continue
-        if name in PARAM_DEFAULTS and value == PARAM_DEFAULTS[name]:
-            continue
-        params[name] = value
-    try:
-        return canonicalize(params)  # type: ignore[no-any-return]
-    except NotCanonical as exc:
-        raise InvalidRequest(f"keyword argument {exc.path}: {exc.reason}") from None
-
-
-def build_request(
-    prompt: Any,
-    *,
-    model_name: str | None,
-    kwargs: Mapping[str, Any],
-    default_model: str | None = None,
-    default_timeout: float = 120.0,
-) -> Request:
-    """Split reserved arguments from parameters, validate them, drop defaults."""
-    reserved = {k: v for k, v in kwargs.items() if k in RESERVED_KWARGS}
-    params = _params({k: v for k, v in kwargs.items() if k not in RESERVED_KWARGS})
-    if isinstance(prompt, str):
-        task, text, messages = "generate", prompt, None
-    elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-        task, text, messages = "chat", None, _messages(prompt)
-    else:
-        raise InvalidRequest(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
-    if model_name is not None and not isinstance(model_name, str):
-        raise InvalidRequest(f"model_name must be a string, got {type(model_name).__name__}")
-
-    mode = reserved.get("cache")
-    if mode is None or mode is True:
-        mode = "default"
-    elif mode is False:
-        mode = "no-cache"
-    if mode not in CACHE_MODES:
-        raise InvalidRequest(f"cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}")
-    timeout = reserved.get("timeout")
-    timeout = default_timeout if timeout is None else timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
-    on_peers = reserved.get("on_peers") or ()
-    on_peers = (on_peers,) if isinstance(on_peers, str) else on_peers
-    if not isinstance(on_peers, (list, tuple)) or not all(isinstance(p, str) and p for p in on_peers):
-        raise InvalidRequest(f"on_peers must be a peer id or a list of peer ids, got {on_peers!r}")
-    accelerator = reserved.get("accelerator")
-    if accelerator is not None and accelerator not in ACCELERATOR_KINDS:
-        raise InvalidRequest(f"accelerator must be one of {', '.join(ACCELERATOR_KINDS)}, got {accelerator!r}")
-    return Request(
-        task=task,
-        prompt=text,
-        messages=messages,
-        model=model_name or default_model,
-        params=params,
-        cache_mode=mode,
-        timeout=float(timeout),
-        request_id=str(reserved.get("request_id") or uuid.uuid4().hex),
-        on_peers=tuple(on_peers),
-        accelerator=accelerator,
-        strategy=reserved.get("strategy"),
-    )
-
-
 # ---------------------------------------------------------------------------------------
 # Provider resolution
+
+
+# Why a provider that routes to other nodes is left out of a request run with `local_only`.
+_LOCAL_ONLY = "a request forwarded by another node is served by local providers only (hop limit)"
 
 
 def _chain(settings: Any) -> list[str]:
@@ -271,16 +109,19 @@ def _serving(deps: RouterDeps, settings: Any, model: str) -> list[str]:
 
 
 def _candidates(
-    name: str | None, deps: RouterDeps, settings: Any, model: str | None = None
+    name: str | None, deps: RouterDeps, settings: Any, model: str | None = None, *, local_only: bool = False
 ) -> tuple[list[tuple[str, BaseProvider]], list[tuple[str, BaseException | str]], bool]:
     """(providers to try in order, providers skipped with their reason, whether one was named).
 
     With a model named, the providers that list it come right after the mesh, before the rest
     of the chain (which may still serve model ids it does not list, e.g. an OpenAI-compatible API).
+    With `local_only`, providers that route to other nodes are left out, with the reason.
     """
     chosen = name or settings.provider
     if chosen:
         provider = deps.get_provider(chosen, settings)
+        if local_only and provider.routes_remotely:
+            raise ProviderUnavailable(chosen, _LOCAL_ONLY)
         readiness = provider.available()
         if not readiness.ok:
             raise ProviderUnavailable(chosen, readiness.reason)
@@ -298,6 +139,9 @@ def _candidates(
             continue
         try:
             provider = deps.get_provider(candidate, settings)
+            if local_only and provider.routes_remotely:
+                skipped.append((candidate, _LOCAL_ONLY))
+                continue
             readiness = provider.available()
         except Exception as exc:  # a provider that cannot even be built is skipped, with the reason
             skipped.append((candidate, f"could not be constructed: {type(exc).__name__}: {exc}"))
@@ -342,42 +186,137 @@ def _constrained(
 
 
 # ---------------------------------------------------------------------------------------
-# One attempt at one provider: key, lookups, single flight, store.
+# Cache policy: which caches one attempt reads and writes (pure)
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What one attempt does with the caches (INTERFACES.md "Cache modes")."""
+
+    lookup: bool  # look the key up (memory, local store, remote cache) before running the provider
+    store: bool  # keep the answer in this node's response cache
+    publish: bool  # also hand the answer to the remote cache (`RouterDeps(remote_cache=...)`)
+    coalesce: bool  # identical concurrent requests run the provider once (single flight)
+    only_cached: bool  # a miss raises `CacheMiss` instead of running the provider
+
+
+def cache_policy(
+    mode: str, *, sampled: bool, enabled: bool, routes_remotely: bool, remote_cache: bool
+) -> CachePolicy:
+    """The cache policy for a request in cache `mode` tried at one provider.
+
+    `sampled`: sampling without a seed (only `force` caches it; `only-if-cached` may still find
+    a forced answer). `enabled`: the response cache is on (`response_cache`). `routes_remotely`:
+    the provider hands the request to another node, which keys it with the model that answers,
+    looks it up and says in which tier it found it, so the entry node neither looks up nor
+    answers a miss itself. `remote_cache`: a remote cache is configured.
+    """
+    return _cache_policy(mode, bool(sampled), bool(enabled), bool(routes_remotely), bool(remote_cache))
+
+
+@functools.cache  # at most 96 distinct arguments, and the answer is immutable
+def _cache_policy(mode: str, sampled: bool, enabled: bool, routes_remotely: bool, remote_cache: bool) -> CachePolicy:
+    if mode not in CACHE_MODES:
+        raise InvalidRequest(f"cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}")
+    lookup = (enabled and not routes_remotely and mode != "no-cache"
+              and (not sampled or mode in ("force", "only-if-cached")))
+    store = enabled and mode not in ("no-store", "only-if-cached") and (not sampled or mode == "force")
+    return CachePolicy(
+        lookup=lookup,
+        store=store,
+        publish=store and mode != "private" and remote_cache,
+        coalesce=lookup and store,  # waiting for another caller pays off only if it stores what we look up
+        only_cached=mode == "only-if-cached" and not routes_remotely,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The steps both shells share: one request's way through its candidates, and one attempt at
+# one provider (key, lookups, single flight, finishing an answer). The shells below decide
+# nothing of their own: they call the provider and wait, each in its own way.
+
+
+class _Run:
+    """One request's way through its candidates: the deadline (on the shell's clock), the
+    candidates, the failures so far, and what a failure means (fall back, or end the request)."""
+
+    __slots__ = ("request", "deps", "settings", "now", "started", "deadline", "failures", "named", "candidates")
+
+    def __init__(
+        self, request: Request, provider: str | None, deps: RouterDeps, settings: Any, *,
+        now: Callable[[], float], local_only: bool = False,
+    ) -> None:
+        self.request, self.deps, self.settings, self.now = request, deps, settings, now
+        self.started = time.monotonic()  # for `Result.latency_ms`, whichever clock the deadline uses
+        self.deadline = now() + request.timeout
+        candidates, self.failures, self.named = _candidates(
+            provider, deps, settings, request.model, local_only=local_only)
+        self.candidates = _constrained(candidates, self.failures, self.named, request)
+
+    def left(self) -> float:
+        return self.deadline - self.now()
+
+    def check_deadline(self) -> None:
+        if self.now() >= self.deadline:
+            raise DeadlineExceeded(self.request.timeout)
+
+    def failed(self, name: str, exc: ProviderError, *, emitted: bool = False) -> None:
+        """Count a provider's failure; raise what ends the request, or return to try the next one.
+
+        A `ProviderTimeout` once the deadline has passed is the request's `DeadlineExceeded`; a
+        named provider's error, or one after text was streamed to the caller, is raised as it is.
+        """
+        self.deps.count_failure(name)
+        if isinstance(exc, ProviderTimeout) and self.now() >= self.deadline:
+            raise DeadlineExceeded(self.request.timeout) from exc
+        if self.named or emitted:
+            raise exc
+        self.failures.append((name, exc))
+        _log().info("provider %s failed (%s); trying the next one", name, exc)
+
+    def exhausted(self) -> AllProvidersFailed:
+        return AllProvidersFailed(_in_chain_order(self.failures, self.settings))
 
 
 class _Attempt:
-    def __init__(self, request: Request, name: str, provider: BaseProvider, deps: RouterDeps, settings: Any) -> None:
-        self.request, self.name, self.provider, self.deps = request, name, provider, deps
+    """One provider's try at a request: its key and cache policy, lookups, single flight, finishing."""
+
+    __slots__ = ("request", "name", "provider", "deps", "started", "identity", "key", "policy", "cache", "flight")
+
+    def __init__(self, run: _Run, name: str, provider: BaseProvider) -> None:
+        request, deps, settings = run.request, run.deps, run.settings
+        self.request, self.name, self.provider, self.deps, self.started = request, name, provider, deps, run.started
         self.identity = provider.model_identity(request.model)
         canonical = request_bytes(
             task=request.task, model=self.identity, prompt=request.prompt,
             messages=request.messages, params=request.params,
         )
         self.key = request_key(canonical, settings.cache_key)
-        mode, enabled = request.cache_mode, settings.response_cache
-        self.lookup = enabled and mode != "no-cache" and (not request.sampled or mode in ("force", "only-if-cached"))
-        if provider.routes_remotely:
-            self.lookup = False  # the serving node keys, looks up and answers (its tier comes back)
-        self.store = enabled and mode not in ("no-store", "only-if-cached") and (not request.sampled or mode == "force")
-        self.publish = self.store and mode != "private" and deps.remote_cache is not None
-        self.coalesce = self.lookup and self.store
+        enabled = settings.response_cache
+        self.policy = _cache_policy(  # (positional: the cached call is cheaper; cache_policy() names them)
+            request.cache_mode, request.sampled, enabled, provider.routes_remotely, deps.remote_cache is not None)
         self.cache = deps.get_response_cache(settings) if enabled else None
+        self.flight: Flight | None = None  # the single flight this attempt leads, until it lands
 
     # lookups ------------------------------------------------------------------------
 
     def local_lookup(self) -> tuple[bytes, str, str] | None:
-        if not self.lookup or self.cache is None:
+        if not self.policy.lookup or self.cache is None:
             return None
         hit = self.cache.lookup(self.key)
         return (hit.data, hit.cid, hit.tier) if hit else None
 
+    @property
+    def asks_remote(self) -> bool:
+        """Whether `remote_get` would ask the remote cache (blocking I/O: async code runs it in a thread)."""
+        return self.policy.lookup and self.deps.remote_cache is not None
+
     def remote_get(self) -> tuple[bytes, str, str] | None:
         """The remote cache's answer, validated and kept locally; None if absent or unusable."""
-        remote = self.deps.remote_cache
-        if not self.lookup or remote is None:
+        if not self.policy.lookup or self.deps.remote_cache is None:  # (asks_remote, inlined: the sync hot path)
             return None
         try:
-            data = remote.get(self.key)
+            data = self.deps.remote_cache.get(self.key)
         except Exception as exc:  # a third-party cache must not fail the request
             _log().warning("remote cache get(%s) failed: %s", self.key, exc)
             return None
@@ -401,66 +340,78 @@ class _Attempt:
             return False
         return True
 
-    def lookup_sync(self, started: float) -> Result | None:
-        found = self.local_lookup() or self.remote_get()
-        return self.hit(found, started) if found else None
+    def after_lookup(self, found: tuple[bytes, str, str] | None) -> Result | Flight | None:
+        """What follows a lookup: the hit as a `Result`; or `CacheMiss` (only-if-cached); or the
+        flight another caller leads, to wait for and then look up again; or None: run the
+        provider now (leading the flight when coalescing; `land()` ends it)."""
+        if found is not None:
+            return self.hit(found)
+        if self.policy.only_cached:
+            raise CacheMiss(self.key)  # (through the mesh, the serving node looks up and says)
+        if not self.policy.coalesce:
+            return None
+        leader, flight = self.deps.inflight.join(self.key)
+        if not leader:
+            return flight
+        self.flight = flight
+        return None
 
-    async def alookup(self, started: float) -> Result | None:
-        import trio
-
-        found = self.local_lookup()
-        if found is None and self.lookup and self.deps.remote_cache is not None:
-            found = await trio.to_thread.run_sync(self.remote_get)
-        return self.hit(found, started) if found else None
-
-    def hit(self, found: tuple[bytes, str, str], started: float) -> Result:
+    def hit(self, found: tuple[bytes, str, str]) -> Result:
         data, cid, tier = found
         body = decode_response(data, trusted=tier != "cluster")  # cluster bytes were fully checked
         self.deps.count(tier)
         return Result(
             text=body.get("text", ""), provider=self.name, model=body["model"], cache=tier, key=self.key,
-            cid=cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - started) * 1000.0,
+            cid=cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - self.started) * 1000.0,
             finish_reason=body["finish_reason"], usage=body["usage"], response=data,
         )
 
-    # finishing ----------------------------------------------------------------------
+    # running and finishing ----------------------------------------------------------
 
-    def finish(self, completion: Completion, started: float) -> tuple[Result, bytes]:
+    def finish(self, completion: Completion) -> tuple[Result, bytes]:
+        """The provider's answer as a `Result` and its canonical bytes, stored as the policy says."""
         if completion.remote is not None:
-            return self.finish_remote(completion, started)
+            return self._finish_remote(completion)
         data = response_bytes(
             task=self.request.task, model=self.identity, text=completion.text,
             finish_reason=completion.finish_reason, usage=completion.usage,
         )
         cid = cid_of(data)
-        if self.store and self.cache is not None:
+        if self.policy.store and self.cache is not None:
             self.cache.store(self.key, data, cid)
-        tier = "miss" if self.lookup else "bypass"
+        tier = "miss" if self.policy.lookup else "bypass"
         self.deps.count(tier, inference=True)
         result = Result(
             text=completion.text, provider=self.name, model=self.identity, cache=tier, key=self.key, cid=cid,
-            request_id=self.request.request_id, latency_ms=(time.monotonic() - started) * 1000.0,
+            request_id=self.request.request_id, latency_ms=(time.monotonic() - self.started) * 1000.0,
             finish_reason=completion.finish_reason, usage=completion.usage, response=data,
         )
         return result, data
 
-    def finish_remote(self, completion: Completion, started: float) -> tuple[Result, bytes]:
+    def _finish_remote(self, completion: Completion) -> tuple[Result, bytes]:
         """An answer another node computed: keep its exact bytes (already checked against the CID)."""
         remote = completion.remote
         assert remote is not None
         body = decode_response(remote.response, trusted=True)
-        if self.store and self.cache is not None:
+        if self.policy.store and self.cache is not None:
             self.cache.store(remote.key, remote.response, remote.cid)
         # Not counted here: the node that answered counts its tier (and its inference).
         result = Result(
             text=completion.text, provider=remote.provider, model=body["model"], cache=remote.cache, key=remote.key,
-            cid=remote.cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - started) * 1000.0,
-            finish_reason=body["finish_reason"], usage=body["usage"], response=remote.response, peer=remote.peer,
-            served_from=remote.served_from,
+            cid=remote.cid, request_id=self.request.request_id,
+            latency_ms=(time.monotonic() - self.started) * 1000.0, finish_reason=body["finish_reason"],
+            usage=body["usage"], response=remote.response, peer=remote.peer, served_from=remote.served_from,
         )
         return result, remote.response
 
+    def land(self) -> None:
+        """The provider run is over, answered or not: wake whoever waits on the flight it led."""
+        if self.flight is not None:
+            self.deps.inflight.finish(self.key, self.flight)
+            self.flight = None
+
     def remote_set(self, key: str, data: bytes) -> None:
+        """Publish to the remote cache (blocking I/O: async code runs it in a thread)."""
         try:
             self.deps.remote_cache.set(key, data)
         except Exception as exc:  # a third-party cache must not fail the request
@@ -478,14 +429,31 @@ def _log() -> Any:
 _PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest)
 
 
-def _as_provider_error(name: str, exc: Exception) -> ProviderError:
-    if isinstance(exc, ProviderError):
-        return exc
+def _provider_failed(name: str, exc: Exception) -> ProviderFailed:
+    """Any other exception a provider raised is that provider's failure."""
     return ProviderFailed(name, f"{type(exc).__name__}: {exc}")
 
 
+def _in_chain_order(failures: list[tuple[str, Any]], settings: Any) -> list[tuple[str, Any]]:
+    position = {name: i for i, (name, _) in enumerate(failures)}
+    order = {name: i for i, name in enumerate(_chain(settings))}
+    return sorted(failures, key=lambda item: (order.get(item[0], len(order)), position[item[0]]))
+
+
+def _prepare(
+    prompt: Any, provider: str | None, model_name: str | None, deps: RouterDeps | None, kwargs: dict[str, Any]
+) -> tuple[Request, RouterDeps, Any]:
+    deps = deps if deps is not None else get_default_router_deps()
+    settings = deps.current_settings()
+    request = build_request(
+        prompt, model_name=model_name, kwargs=kwargs, default_model=settings.model,
+        default_timeout=settings.request_timeout,
+    )
+    return request, deps, settings
+
+
 # ---------------------------------------------------------------------------------------
-# The synchronous executor
+# The synchronous shell: calls `complete_sync` directly, no event loop
 
 
 def _refuse_inside_trio(function: str, alternative: str) -> None:
@@ -502,18 +470,6 @@ def _refuse_inside_trio(function: str, alternative: str) -> None:
     )
 
 
-def _prepare(
-    prompt: Any, provider: str | None, model_name: str | None, deps: RouterDeps | None, kwargs: dict[str, Any]
-) -> tuple[Request, RouterDeps, Any]:
-    deps = deps if deps is not None else get_default_router_deps()
-    settings = deps.current_settings()
-    request = build_request(
-        prompt, model_name=model_name, kwargs=kwargs, default_model=settings.model,
-        default_timeout=settings.request_timeout,
-    )
-    return request, deps, settings
-
-
 def complete(
     prompt: Any,
     *,
@@ -524,62 +480,42 @@ def complete(
 ) -> Result:
     """Answer a prompt synchronously and say where the answer came from."""
     _refuse_inside_trio("complete", "acomplete")
-    started = time.monotonic()
     request, deps, settings = _prepare(prompt, provider, model_name, deps, kwargs)
-    deadline = started + request.timeout
-    candidates, failures, named = _candidates(provider, deps, settings, request.model)
-    candidates = _constrained(candidates, failures, named, request)
-    for name, candidate in candidates:
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded(request.timeout)
-        try:
-            # Inside the try: a provider may refuse the model while keying it (ModelNotFound).
-            attempt = _Attempt(request, name, candidate, deps, settings)
-            return _attempt_sync(attempt, deadline, started)
+    return _run_sync(request, provider, deps, settings)
+
+
+def _run_sync(request: Request, provider: str | None, deps: RouterDeps, settings: Any) -> Result:
+    """`arun` for synchronous code, without chunks: the same steps, on the monotonic clock."""
+    run = _Run(request, provider, deps, settings, now=time.monotonic)
+    for name, candidate in run.candidates:
+        run.check_deadline()
+        try:  # (keying inside the try: a provider may refuse the model, ModelNotFound)
+            return _attempt_sync(_Attempt(run, name, candidate), run)
         except ProviderError as exc:
-            deps.count_failure(name)
-            if isinstance(exc, ProviderTimeout) and time.monotonic() >= deadline:
-                raise DeadlineExceeded(request.timeout) from exc  # as on the async path: the request is over
-            if named:
-                raise
-            failures.append((name, exc))
-            _log().info("provider %s failed (%s); trying the next one", name, exc)
-    raise AllProvidersFailed(_in_chain_order(failures, settings))
+            run.failed(name, exc)
+    raise run.exhausted()
 
 
-def _in_chain_order(failures: list[tuple[str, Any]], settings: Any) -> list[tuple[str, Any]]:
-    position = {name: i for i, (name, _) in enumerate(failures)}
-    order = {name: i for i, name in enumerate(_chain(settings))}
-    return sorted(failures, key=lambda item: (order.get(item[0], len(order)), position[item[0]]))
-
-
-def _attempt_sync(attempt: _Attempt, deadline: float, started: float) -> Result:
-    inflight, flight, leader = attempt.deps.inflight, None, False
+def _attempt_sync(attempt: _Attempt, run: _Run) -> Result:
     while True:
-        hit = attempt.lookup_sync(started)
-        if hit is not None:
-            return hit
-        if attempt.request.cache_mode == "only-if-cached" and not attempt.provider.routes_remotely:
-            raise CacheMiss(attempt.key)  # (through the mesh, the serving node looks up and says)
-        if not attempt.coalesce:
+        step = attempt.after_lookup(attempt.local_lookup() or attempt.remote_get())
+        if step is None:
             break
-        leader, flight = inflight.join(attempt.key)
-        if leader:
-            break
-        if not inflight.wait(flight, deadline - time.monotonic()):
-            raise DeadlineExceeded(attempt.request.timeout)
+        if isinstance(step, Result):
+            return step
+        attempt.deps.inflight.wait(step, run.left())
+        run.check_deadline()
     try:
         try:
-            completion = attempt.provider.complete_sync(attempt.request.for_provider(deadline - time.monotonic()))
+            completion = attempt.provider.complete_sync(attempt.request.for_provider(run.left()))
         except _PASS_THROUGH:
             raise
         except Exception as exc:
-            raise _as_provider_error(attempt.name, exc) from exc
-        result, data = attempt.finish(completion, started)
+            raise _provider_failed(attempt.name, exc) from exc
+        result, data = attempt.finish(completion)
     finally:
-        if leader and flight is not None:
-            inflight.finish(attempt.key, flight)
-    if attempt.publish:
+        attempt.land()
+    if attempt.policy.publish:
         attempt.remote_set(result.key, data)
     return result
 
@@ -601,7 +537,40 @@ def generate_text(
 
 
 # ---------------------------------------------------------------------------------------
-# The trio executor
+# The trio shell: streams with `astream`, holds the admission slot around local work
+
+
+async def arun(
+    request: Request,
+    *,
+    provider: str | None,
+    deps: RouterDeps,
+    slot: Any = None,
+    local_only: bool = False,
+) -> AsyncIterator[str | Result]:
+    """Run an already-built `Request`: yield text chunks as they come, then exactly one `Result`.
+
+    `slot` (a daemon's admission slot; None in-process) is held with `slot.local()` while a
+    local provider works, and handed to every provider as `ProviderRequest.slot` (the mesh gives
+    it back while another node serves). `local_only` leaves out providers that route to other
+    nodes (a request forwarded by another node: the hop limit). Use with `contextlib.aclosing`
+    when you may stop early; closing cancels the provider.
+    """
+    import trio
+
+    run = _Run(request, provider, deps, deps.current_settings(), now=trio.current_time, local_only=local_only)
+    for name, candidate in run.candidates:
+        run.check_deadline()
+        emitted = False
+        try:  # (keying inside the try: a provider may refuse the model, ModelNotFound)
+            async with aclosing(_attempt_async(_Attempt(run, name, candidate), run, slot)) as items:
+                async for item in items:
+                    emitted = emitted or isinstance(item, str)
+                    yield item
+            return
+        except ProviderError as exc:
+            run.failed(name, exc, emitted=emitted)
+    raise run.exhausted()
 
 
 async def aiter_request(
@@ -616,70 +585,45 @@ async def aiter_request(
 
     Use with `contextlib.aclosing` when you may stop early; closing cancels the provider.
     """
+    request, deps, _ = _prepare(prompt, provider, model_name, deps, kwargs)
+    async with aclosing(arun(request, provider=provider, deps=deps)) as items:
+        async for item in items:
+            yield item
+
+
+async def _attempt_async(attempt: _Attempt, run: _Run, slot: Any) -> AsyncIterator[str | Result]:
     import trio
 
-    started = time.monotonic()
-    request, deps, settings = _prepare(prompt, provider, model_name, deps, kwargs)
-    deadline = trio.current_time() + request.timeout
-    candidates, failures, named = _candidates(provider, deps, settings, request.model)
-    candidates = _constrained(candidates, failures, named, request)
-    for name, candidate in candidates:
-        if trio.current_time() >= deadline:
-            raise DeadlineExceeded(request.timeout)
-        emitted = False
-        try:
-            attempt = _Attempt(request, name, candidate, deps, settings)
-            async for item in _attempt_async(attempt, deadline, started):
-                emitted = emitted or isinstance(item, str)
-                yield item
-            return
-        except ProviderError as exc:
-            deps.count_failure(name)
-            if named or emitted:
-                raise
-            failures.append((name, exc))
-            _log().info("provider %s failed (%s); trying the next one", name, exc)
-    raise AllProvidersFailed(_in_chain_order(failures, settings))
-
-
-async def _attempt_async(attempt: _Attempt, deadline: float, started: float) -> AsyncIterator[str | Result]:
-    import trio
-
-    inflight, flight, leader = attempt.deps.inflight, None, False
     while True:
-        hit = await attempt.alookup(started)
-        if hit is not None:
-            yield hit.text
-            yield hit
+        found = attempt.local_lookup()
+        if found is None and attempt.asks_remote:
+            found = await trio.to_thread.run_sync(attempt.remote_get)
+        step = attempt.after_lookup(found)
+        if step is None:
+            break
+        if isinstance(step, Result):
+            yield step.text
+            yield step
             return
-        if attempt.request.cache_mode == "only-if-cached" and not attempt.provider.routes_remotely:
-            raise CacheMiss(attempt.key)  # (through the mesh, the serving node looks up and says)
-        if not attempt.coalesce:
-            break
-        leader, flight = inflight.join(attempt.key)
-        if leader:
-            break
-        await inflight.await_(flight, deadline)
-        if trio.current_time() >= deadline:
-            raise DeadlineExceeded(attempt.request.timeout)
+        await attempt.deps.inflight.await_(step, run.deadline)
+        run.check_deadline()
     try:
-        async with _local_slot(attempt.provider):
-            request = attempt.request.for_provider(deadline - trio.current_time())
-            stream = attempt.provider.astream(request)
+        async with _held(slot, attempt.provider):
+            stream = attempt.provider.astream(attempt.request.for_provider(run.left(), slot=slot))
             completion: Completion | None = None
             try:
                 while completion is None:
-                    with trio.move_on_at(deadline) as scope:
+                    with trio.move_on_at(run.deadline) as scope:
                         try:
                             item = await stream.__anext__()
                         except StopAsyncIteration:
                             break
-                        except (*_PASS_THROUGH, trio.Cancelled):
+                        except _PASS_THROUGH:
                             raise
                         except Exception as exc:
-                            raise _as_provider_error(attempt.name, exc) from exc
+                            raise _provider_failed(attempt.name, exc) from exc
                     if scope.cancelled_caught:
-                        raise DeadlineExceeded(attempt.request.timeout)
+                        raise DeadlineExceeded(run.request.timeout)
                     if isinstance(item, Completion):
                         completion = item
                     else:
@@ -689,19 +633,17 @@ async def _attempt_async(attempt: _Attempt, deadline: float, started: float) -> 
                     await stream.aclose()  # type: ignore[attr-defined]
             if completion is None:
                 raise ProviderFailed(attempt.name, "stream ended without a completion")
-            result, data = attempt.finish(completion, started)
+            result, data = attempt.finish(completion)
     finally:
-        if leader and flight is not None:
-            inflight.finish(attempt.key, flight)
-    if attempt.publish:
+        attempt.land()
+    if attempt.policy.publish:
         await trio.to_thread.run_sync(attempt.remote_set, result.key, data)
     yield result
 
 
-def _local_slot(provider: BaseProvider) -> AbstractAsyncContextManager[Any]:
-    """In a daemon, the request's admission slot, held while a local provider works (the mesh
-    routes elsewhere and needs none); in-process, nothing."""
-    slot = LOCAL_SLOT.get()
+def _held(slot: Any, provider: BaseProvider) -> AbstractAsyncContextManager[Any]:
+    """The request's admission slot, held while a local provider works (a provider that routes
+    elsewhere holds none: it gets the slot to hand off); without a slot (in-process), nothing."""
     if slot is None or provider.routes_remotely:
         return nullcontext()
     return slot.local()
@@ -716,8 +658,6 @@ async def acomplete(
     **kwargs: Any,
 ) -> Result:
     """Answer a prompt inside a trio loop and say where the answer came from."""
-    from contextlib import aclosing
-
     async with aclosing(aiter_request(prompt, provider=provider, model_name=model_name, deps=deps, **kwargs)) as it:
         async for item in it:
             if isinstance(item, Result):
@@ -746,8 +686,6 @@ async def astream_text(
     **kwargs: Any,
 ) -> AsyncIterator[str]:
     """Yield the answer's text chunks as they come (a cache hit arrives as one chunk)."""
-    from contextlib import aclosing
-
     async with aclosing(aiter_request(prompt, provider=provider, model_name=model_name, deps=deps, **kwargs)) as it:
         async for item in it:
             if isinstance(item, str):
@@ -783,8 +721,6 @@ def iter_request_sync(prompt: Any, **kwargs: Any) -> Iterator[str | Result]:
     started = threading.Event()
 
     async def produce() -> None:
-        from contextlib import aclosing
-
         with trio.CancelScope() as scope:
             box["cancel"], box["token"] = scope.cancel, trio.lowlevel.current_trio_token()
             started.set()

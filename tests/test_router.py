@@ -295,7 +295,7 @@ def test_the_accelerator_kinds_agree_everywhere():
 def test_the_error_tree_in_node_errors_names_every_runtime_error():
     import node.cache
     import node.errors
-    import node.mesh.service  # noqa: F401  (its errors: Busy, ClusterBusy, RemoteError)
+    import node.mesh.errors  # noqa: F401  (its errors: ClusterBusy, RemoteError)
 
     def subclasses(cls):
         for sub in cls.__subclasses__():
@@ -308,3 +308,143 @@ def test_the_error_tree_in_node_errors_names_every_runtime_error():
     tree = node.errors.__doc__
     missing = sorted(c.__name__ for c in ours if f"── {c.__name__} " not in tree)
     assert missing == [], f"node/errors.py's tree lacks {missing}"
+
+
+# ---------------------------------------------------------------------------------------
+# arun: an already-built request, its admission slot and local_only passed explicitly
+
+
+class RecordingSlot:
+    """The admission slot's interface as the router and the mesh use it: `local()`, `hand_off()`."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.times_held = 0
+        self.handed_off = 0
+
+    def local(self):
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def held():
+            assert not self.held, "the slot was taken twice"
+            self.held, self.times_held = True, self.times_held + 1
+            try:
+                yield
+            finally:
+                self.held = False
+
+        return held()
+
+    def hand_off(self) -> None:
+        self.handed_off += 1
+
+
+class SeesItsSlot(ScriptedProvider):
+    """Records, for each call, the slot it got and whether the router held that slot meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.seen = []
+
+    async def astream(self, request):
+        self.seen.append((request.slot, request.slot is not None and request.slot.held))
+        if self.routes_remotely and request.slot is not None:
+            request.slot.hand_off()  # as the mesh does while another node serves
+        async for item in super().astream(request):
+            yield item
+
+
+class RemoteSeesItsSlot(SeesItsSlot):
+    routes_remotely = True
+
+
+async def collect(request, **kw):
+    from contextlib import aclosing
+
+    with trio.fail_after(5):
+        async with aclosing(node.router.arun(request, **kw)) as items:
+            return [item async for item in items]
+
+
+def built(prompt="hi", **kwargs):
+    return node.router.build_request(prompt, model_name=None, kwargs=kwargs)
+
+
+async def test_arun_yields_chunks_then_exactly_one_result_for_a_built_request():
+    alice = ScriptedProvider("alice", chunks=3)
+    items = await collect(built("one two three", cache="no-cache"), provider=None, deps=deps_with(alice))
+    chunks, result = items[:-1], items[-1]
+    assert all(isinstance(c, str) for c in chunks) and len(chunks) >= 3
+    assert isinstance(result, node.router.Result) and "".join(chunks) == result.text == "alice: one two three"
+
+
+async def test_arun_holds_the_slot_around_a_local_provider_and_hands_it_to_the_provider():
+    local, slot = SeesItsSlot("local_a"), RecordingSlot()
+    await collect(built(), provider="local_a", deps=deps_with(local), slot=slot)
+    assert local.seen == [(slot, True)]
+    assert (slot.times_held, slot.held, slot.handed_off) == (1, False, 0)
+
+
+async def test_arun_holds_no_slot_for_a_remote_provider_which_gets_it_to_hand_off():
+    remote, slot = RemoteSeesItsSlot("remote_a"), RecordingSlot()
+    await collect(built(), provider="remote_a", deps=deps_with(remote), slot=slot)
+    assert remote.seen == [(slot, False)]
+    assert (slot.times_held, slot.handed_off) == (0, 1)
+
+
+async def test_a_cache_hit_holds_no_slot():
+    local, slot = SeesItsSlot("local_a"), RecordingSlot()
+    deps = deps_with(local)
+    await collect(built(), provider="local_a", deps=deps, slot=slot)
+    items = await collect(built(), provider="local_a", deps=deps, slot=slot)
+    assert items[-1].cache == "memory" and slot.times_held == 1 and local.calls == 1
+
+
+async def test_without_a_slot_nothing_is_held_and_the_provider_gets_none():
+    local = SeesItsSlot("local_a")
+    await collect(built(), provider="local_a", deps=deps_with(local))
+    assert local.seen == [(None, False)]
+
+
+def test_no_context_variable_steers_a_request_anywhere_in_node():
+    """Slots and hop rules travel as arguments (arun's slot= and local_only=), never invisibly."""
+    import pathlib
+
+    sources = pathlib.Path(node.__file__).parent.rglob("*.py")
+    offenders = [str(p) for p in sources if "ContextVar(" in p.read_text()]
+    assert offenders == []
+
+
+async def test_local_only_skips_providers_that_route_remotely_with_the_hop_limit_reason():
+    remote, local = RemoteSeesItsSlot("remote_a"), SeesItsSlot("local_a")
+    deps = deps_with(remote, local)
+    items = await collect(built(), provider=None, deps=deps, local_only=True)
+    assert items[-1].provider == "local_a" and remote.calls == 0
+    assert (await collect(built(), provider=None, deps=deps))[-1].provider == "remote_a"  # not local_only: first
+
+    only_remote = deps_with(RemoteSeesItsSlot("remote_b"))
+    with pytest.raises(AllProvidersFailed, match="served by local providers only") as info:
+        await collect(built(), provider=None, deps=only_remote, local_only=True)
+    assert list(info.value.attempts) == [
+        ("remote_b", "a request forwarded by another node is served by local providers only (hop limit)")]
+
+
+async def test_local_only_refuses_a_named_remote_provider_as_unavailable():
+    remote = RemoteSeesItsSlot("remote_a")
+    with pytest.raises(ProviderUnavailable, match=r"served by local providers only \(hop limit\)"):
+        await collect(built(), provider="remote_a", deps=deps_with(remote), local_only=True)
+    assert remote.calls == 0
+
+
+async def test_closing_arun_early_releases_the_slot_and_cancels_the_provider():
+    from contextlib import aclosing
+
+    slow, slot = ScriptedProvider("slow", latency=10.0), RecordingSlot()
+    deps = deps_with(slow)
+    with trio.fail_after(5):
+        async with aclosing(node.router.arun(built(), provider="slow", deps=deps, slot=slot)) as items:
+            with trio.move_on_after(0.1):
+                async for _ in items:
+                    pass
+    assert slow.cancelled == 1 and not slot.held and len(deps.inflight) == 0

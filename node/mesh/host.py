@@ -27,7 +27,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from node.errors import ConfigError
 from protocols.records import Identity, is_peer_id
 
 __all__ = [
+    "membership",
     "HostConfig",
     "load_swarm_key",
     "make_swarm_key",
@@ -67,6 +68,22 @@ class HostConfig:
     mdns: bool = False
     max_connections: int = 256
     negotiate_timeout: float = 10.0
+
+
+def membership(*, client: str, allow: frozenset[str] | None, cluster_key: bool,
+               open_: bool) -> Callable[[str], bool]:
+    """Who is a cluster member (a trusted caller) on this node, as a predicate on peer ids.
+
+    The local client key always is. With an allowlist: the peers on it. Otherwise with a cluster
+    key: every connected peer (the connection proves the key). With neither: every peer of a
+    loopback-only node, and nobody on an `--open` node (strangers).
+    """
+    if allow is not None:
+        members = allow | {client}
+        return lambda peer: peer in members
+    if cluster_key or not open_:
+        return lambda peer: True
+    return lambda peer: peer == client
 
 
 def load_swarm_key(path: str | Path) -> str:
@@ -301,6 +318,32 @@ def _atomic_muxer_writes() -> None:
     yamux.Yamux._accelmesh_atomic_writes = True
 
 
+# Streams this node may have open at once that it opened itself, on one connection. py-libp2p
+# 0.8.1's Yamux holds one of 256 "backlog" slots for an outbound stream's whole life (go-yamux
+# frees it when the peer acknowledges the stream), so a client with 256 requests in flight on one
+# connection waited before sending the 257th: the daemon never saw it, to queue it or answer busy.
+OUTBOUND_STREAMS_PER_CONNECTION = 2048
+
+
+def _wider_stream_backlog() -> None:
+    """Work around py-libp2p 0.8.1 capping open outbound streams per connection at 256 (above):
+    each new Yamux connection gets OUTBOUND_STREAMS_PER_CONNECTION slots instead."""
+    import trio
+    from libp2p.stream_muxer.yamux import yamux
+
+    if getattr(yamux.Yamux, "_accelmesh_wider_backlog", False):
+        return
+    original = yamux.Yamux.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.stream_backlog_limit = OUTBOUND_STREAMS_PER_CONNECTION
+        self.stream_backlog_semaphore = trio.Semaphore(OUTBOUND_STREAMS_PER_CONNECTION)
+
+    yamux.Yamux.__init__ = init
+    yamux.Yamux._accelmesh_wider_backlog = True
+
+
 def make_host(config: HostConfig) -> Any:
     """A libp2p host for `config` (not yet listening: use `run_host`)."""
     from libp2p import new_host
@@ -310,6 +353,7 @@ def make_host(config: HostConfig) -> Any:
     from libp2p.security.noise.transport import Transport as NoiseTransport
 
     _atomic_muxer_writes()
+    _wider_stream_backlog()
     keypair = libp2p_keypair(config.identity)
     timeout = PSK_UPGRADE_TIMEOUT if config.cluster_key else 10.0
     negotiate = negotiate_seconds(config.negotiate_timeout)

@@ -8,50 +8,48 @@ the serving node answers with its local providers only and never forwards it aga
 retryable failure before the first chunk it tries the next node (at most `MAX_ATTEMPTS`
 failures; a node that answers busy answers at once, so every eligible one may be asked). When
 every node asked was busy it raises `ClusterBusy` (the caller hears `busy` and the smallest
-`retry_after`). While another node serves, the request gives its slot on this node back
-(the router takes it back before any local provider works on it).
+`retry_after`). While another node serves, the request gives its admission slot on this node
+back (`request.slot.hand_off()`; the router takes it back before any local provider works on it).
 
 The answer keeps the serving node's exact response bytes, checked against their CID, and its
 request key: the entry node cannot key the request itself, since it does not know which
 model (which weights) will answer until a node has answered.
 
-The mesh does not import the router: the daemon gives the provider a `node` that knows its
-peer table, its host and how to run a request locally.
+The mesh does not import the router and is never handed the daemon: it gets this node's peer
+id, a read-only view of who could serve (`candidates()`), a callable that runs a request on this
+node's local providers (`run_local`, the front door's), and the stream pool to other nodes.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+import trio
 
 from node.errors import AllProvidersFailed, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
-from node.providers.base import LOCAL_SLOT, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
-from node.mesh.service import ClusterBusy, RemoteError, wire_timeout_ms
-from protocols.inference.messages import MAX_HOPS, ChatMessage, Request, Result  # noqa: F401 (Result: typing)
+from node.mesh.errors import ClusterBusy, RemoteError
+from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
+from node.requests import Result
+from node.wire import FORWARDED_HOPS, request_to_wire, result_from_wire
+from protocols.inference.messages import Request as WireRequest
 
 __all__ = [
     "MeshProvider",
     "DetachedMesh",
     "Candidate",
+    "candidates_from_adverts",
     "eligible",
     "RoundRobin",
-    "LOCAL_ONLY",
     "MAX_ATTEMPTS",
-    "FORWARDED_HOPS",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # failed nodes before the mesh gives up (the router then falls back); busy ones don't count
-FORWARDED_HOPS = MAX_HOPS  # a request the mesh forwards arrives with this many hops: served locally only
-
-# Set while a request that came from another node is being served: the mesh must not forward it again.
-LOCAL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("accelmesh_local_only", default=False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +60,21 @@ class Candidate:
     providers: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...]
     accelerators: frozenset[str]
     is_self: bool = False
+
+
+def candidates_from_adverts(peer_id: str, others: Iterable[Any], own: Any) -> list[Candidate]:
+    """The nodes that could serve: every peer whose advert we hold (`others`), and this node
+    (`own`, its current advert, or None before the first)."""
+
+    def candidate(advert: Any, is_self: bool) -> Candidate:
+        return Candidate(advert.peer_id, tuple((p.name, tuple(p.tasks), tuple(p.models), p.ready)
+                                               for p in advert.providers),
+                         frozenset(a.kind for a in advert.accelerators), is_self=is_self)
+
+    out = [candidate(advert, False) for advert in others]
+    if own is not None:
+        out.append(candidate(own, True) if own.peer_id == peer_id else candidate(own, False))
+    return out
 
 
 def eligible(candidates: Iterable[Candidate], task: str, model: str | None, on_peers: Sequence[str] = (),
@@ -93,42 +106,37 @@ class RoundRobin:
         return candidates[start:] + candidates[:start]
 
 
-class MeshNode(Protocol):
-    """What the mesh provider needs from its daemon."""
-
-    peer_id: str
-    streams: Any  # node.mesh.service.StreamPool
-
-    def candidates(self) -> list[Candidate]: ...
-    def run_local(self, request: Request) -> AsyncIterator[Any]: ...
+RunLocal = Callable[[WireRequest, Any], AsyncIterator["str | Result"]]  # (request as forwarded, slot)
 
 
 class MeshProvider(BaseProvider):
     name = "mesh"
     routes_remotely = True
 
-    def __init__(self, node: MeshNode) -> None:
-        self.node = node
+    def __init__(self, *, peer_id: str, candidates: Callable[[], list[Candidate]], run_local: RunLocal,
+                 pool: Any) -> None:
+        self.peer_id = peer_id
+        self.candidates = candidates  # a read-only view of who could serve, this node included
+        self.run_local = run_local  # this node's local providers (the front door's run_local)
+        self.pool = pool  # keep-alive streams to other nodes (node.mesh.pool.StreamPool)
         self.rotation = RoundRobin()
         self.served_by: dict[str, int] = {}  # requests answered, by peer id
 
     def available(self) -> Readiness:
-        if LOCAL_ONLY.get():
-            return Readiness(False, "a request forwarded by another node is served locally only (hop limit)")
-        nodes = [c for c in self.node.candidates() if any(p[3] for p in c.providers)]
+        nodes = [c for c in self.candidates() if any(p[3] for p in c.providers)]
         if not nodes:
             return Readiness(False, "no node of the cluster has a ready provider yet")
         return Readiness(True, f"{len(nodes)} node(s) with a ready provider")
 
     def models(self) -> tuple[str, ...]:
-        return tuple(sorted({m for c in self.node.candidates() for _, _, models, ready in c.providers if ready
+        return tuple(sorted({m for c in self.candidates() for _, _, models, ready in c.providers if ready
                              for m in models}))
 
     def model_identity(self, model: str | None) -> str:
         return f"mesh/{model}" if model else "mesh"
 
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
-        nodes = self.rotation.order(eligible(self.node.candidates(), request.task, request.model,
+        nodes = self.rotation.order(eligible(self.candidates(), request.task, request.model,
                                              request.on_peers, request.accelerator))
         if not nodes:
             what = f"model {request.model!r}" if request.model else f"task {request.task!r}"
@@ -160,73 +168,59 @@ class MeshProvider(BaseProvider):
             raise ClusterBusy(self.name, f"every eligible node is busy ({len(busy)} asked)", retry_after=min(busy))
         raise ProviderFailed(self.name, "every node tried failed: " + "; ".join(failures), retryable=True)
 
-    def _forward(self, request: ProviderRequest, node: Candidate) -> Request:
+    def _forward(self, request: ProviderRequest, node: Candidate) -> WireRequest:
         """The request as the serving node gets it: with a model named, addressed to the provider
-        that advertised it there; without one, to the serving node's own chain."""
+        that advertised it there; without one, to the serving node's own chain. The forwarded
+        hops make the serving node use its local providers only."""
         provider = None
         if request.model is not None:
             provider = next((name for name, tasks, models, ready in node.providers
                              if ready and request.task in tasks and request.model in models), None)
-        return Request(
-            id=(request.request_id or uuid.uuid4().hex)[:64], task=request.task, prompt=request.prompt,
-            messages=tuple(ChatMessage(str(m["role"]), str(m["content"])) for m in request.messages)
-            if request.messages is not None else None,
-            model=request.model, provider=provider, params=dict(request.params), stream=True, hops=FORWARDED_HOPS,
-            accelerator=request.accelerator,  # the serving node keeps to providers on that kind of device
-            cache=request.cache_mode, timeout_ms=wire_timeout_ms(request.timeout),
-        )
+        return request_to_wire(request, provider=provider, hops=FORWARDED_HOPS)
 
     async def _ask(self, node: Candidate, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         forwarded = self._forward(request, node)
         if node.is_self:
-            items = self._local(forwarded)  # the router holds this node's slot around the local provider
+            items = self._local(forwarded, request.slot)  # the router holds the slot around the local provider
         else:
-            slot = LOCAL_SLOT.get()
-            if slot is not None:
-                slot.hand_off()  # while the other node serves, this node's slot is free for other work
+            if request.slot is not None:
+                request.slot.hand_off()  # while the other node serves, this node's slot is free for other work
             items = self._remote(node.peer_id, forwarded)
         async with aclosing(items) as answers:
             async for item in answers:
                 if isinstance(item, str):
                     yield item
                     continue
-                answer = _answer(item)
+                answer = RemoteAnswer(response=item.response, cid=item.cid, key=item.key, peer=item.peer,
+                                      provider=item.provider, cache=item.cache, served_from=item.served_from)
                 self.served_by[answer.peer] = self.served_by.get(answer.peer, 0) + 1
-                body = _decode(answer.response)
                 yield Completion(
-                    text=body.get("text", ""), model=body["model"], finish_reason=body["finish_reason"],
-                    prompt_tokens=body["usage"].get("prompt_tokens"),
-                    completion_tokens=body["usage"].get("completion_tokens"), remote=answer,
+                    text=item.text, model=item.model, finish_reason=item.finish_reason,
+                    prompt_tokens=item.usage.get("prompt_tokens"),
+                    completion_tokens=item.usage.get("completion_tokens"), remote=answer,
                 )
 
-    async def _local(self, request: Request) -> AsyncIterator[Any]:
+    async def _local(self, request: WireRequest, slot: Any) -> AsyncIterator[str | Result]:
         """This node serving: a failure here is one node's failure, so the next node may still serve."""
         try:
-            async with aclosing(self.node.run_local(request)) as items:
+            async with aclosing(self.run_local(request, slot)) as items:
                 async for item in items:
                     yield item
         except (ProviderError, AllProvidersFailed) as exc:
             raise ProviderFailed("this node", str(exc), retryable=True) from exc
 
-    async def _remote(self, peer_id: str, request: Request) -> AsyncIterator[str | Result]:
-        async with aclosing(self.node.streams.request(peer_id, request)) as items:
+    async def _remote(self, peer_id: str, request: WireRequest) -> AsyncIterator[str | Result]:
+        started = trio.current_time()
+        async with aclosing(self.pool.request(peer_id, request)) as items:
             async for item in items:
-                yield item
+                if isinstance(item, str):
+                    yield item
+                else:  # (its bytes were checked against its CID as it arrived)
+                    yield result_from_wire(item, request_id=request.id,
+                                           latency_ms=(trio.current_time() - started) * 1000.0)
 
     def statistics(self) -> dict[str, Any]:
         return {"served_by": dict(self.served_by)}
-
-
-def _answer(item: Any) -> RemoteAnswer:
-    """A RemoteAnswer from a protocol Result (a peer) or a router Result (this node)."""
-    return RemoteAnswer(response=item.response, cid=item.cid, key=item.key, peer=item.peer, provider=item.provider,
-                        cache=item.cache, served_from=item.served_from)
-
-
-def _decode(data: bytes) -> dict[str, Any]:
-    from protocols.canonical import decode_response
-
-    return decode_response(data, trusted=True)
 
 
 class DetachedMesh(BaseProvider):

@@ -10,6 +10,14 @@ py-libp2p's resource manager does not apply per-peer or per-protocol stream limi
    handlers and never pass through here, so they are exempt). Checked last, so a stream
    refused for one of the reasons above does not use up a token.
 
+Members (the local client key, and peers admitted by the cluster key or the allowlist; see
+`node.mesh.host.membership`) are trusted callers, not strangers: on a protocol whose work is
+admitted (`wrap(..., admitted=True)`: inference and control) one member may open
+`member_streams` streams (2 x (max_concurrent + max_queue) on a daemon), so that every one of its
+requests reaches admission, which runs it, queues it or answers `busy` (those streams are not
+counted against its per-peer limit, which still bounds everything else it opens); and no
+request rate applies to them. Strangers on an open node keep the limits above.
+
 Over a limit the stream is reset with a typed reason (`Refusal`), logged, and counted; other
 peers are not affected. `FramedStream` then reads frames under two clocks: a frame must
 complete within `frame_timeout` of its first byte (a peer trickling a byte every few seconds
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +42,7 @@ __all__ = [
     "Refusal",
     "REFUSAL_REASONS",
     "StreamGuard",
+    "GuardStatistics",
     "FramedStream",
     "StreamTimeout",
     "TokenBucket",
@@ -66,6 +75,26 @@ class StreamLimits:
     max_streams_per_protocol: int = 64
     request_rate: float = 50.0  # streams per second per peer, sustained
     request_burst: int = 100  # streams a peer may open at once before the rate applies
+    member_streams: int = 0  # streams a member may have open on one admitted protocol (0: as a stranger)
+
+    def protocol_cap(self, member: bool, admitted: bool) -> int:
+        """Streams one peer may have open on one protocol."""
+        if member and admitted:
+            return max(self.max_streams_per_protocol, self.member_streams)
+        return self.max_streams_per_protocol
+
+
+
+@dataclass(frozen=True)
+class GuardStatistics:
+    peers: int  # peers with open streams or a rate bucket
+    open_streams: int  # inbound streams open now, all peers and protocols
+    served: int  # streams whose handler finished normally
+    refused: Mapping[str, int]  # streams reset on purpose, by reason (only reasons that happened)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peers": self.peers, "open_streams": self.open_streams, "served": self.served,
+                "refused": dict(self.refused)}
 
 
 class Refusal(Exception):
@@ -119,47 +148,56 @@ class _PeerState:
 class StreamGuard:
     """Admission control and accounting for inbound streams, shared by every handler of a node."""
 
-    def __init__(self, limits: StreamLimits, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, limits: StreamLimits, clock: Callable[[], float] = trio.current_time,
+                 is_member: Callable[[str], bool] = lambda peer: False) -> None:
         self.limits = limits
         self._clock = clock
+        self.is_member = is_member
         self._peers: dict[str, _PeerState] = {}
         self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.served = 0
         self.closing = False
 
-    def admit(self, peer: str, protocol: str) -> None:
-        """Count a new stream in, or raise `Refusal`."""
+    def admit(self, peer: str, protocol: str, *, admitted: bool = False) -> bool:
+        """Count a new stream in, or raise `Refusal`. `admitted`: the protocol's work goes through
+        admission, so a member may open up to `member_streams` of them, outside its per-peer count.
+        Returns whether the stream counts toward the per-peer limit (pass it back to `release`)."""
         if self.closing:
             raise Refusal("shutting_down")
+        member = self.is_member(peer)
+        counted = not (member and admitted)
         state = self._peers.setdefault(peer, _PeerState())
-        if state.streams >= self.limits.max_streams_per_peer:
+        if counted and state.streams >= self.limits.max_streams_per_peer:
             raise Refusal("too_many_streams_peer", f"{state.streams} open, limit {self.limits.max_streams_per_peer}")
         open_here = state.by_protocol.get(protocol, 0)
-        if open_here >= self.limits.max_streams_per_protocol:
-            raise Refusal("too_many_streams_protocol",
-                          f"{open_here} open on {protocol}, limit {self.limits.max_streams_per_protocol}")
-        if state.bucket is None:
-            state.bucket = TokenBucket(self.limits.request_rate, self.limits.request_burst, self._clock())
-        if not state.bucket.take(self._clock()):  # last: a stream refused above costs no token
-            raise Refusal("rate_limited", f"over {self.limits.request_rate:g} streams/s")
-        state.streams += 1
+        protocol_cap = self.limits.protocol_cap(member, admitted)
+        if open_here >= protocol_cap:
+            raise Refusal("too_many_streams_protocol", f"{open_here} open on {protocol}, limit {protocol_cap}")
+        if not member:  # last: a stream refused above costs no token
+            if state.bucket is None:
+                state.bucket = TokenBucket(self.limits.request_rate, self.limits.request_burst, self._clock())
+            if not state.bucket.take(self._clock()):
+                raise Refusal("rate_limited", f"over {self.limits.request_rate:g} streams/s")
+        state.streams += counted
         state.by_protocol[protocol] = open_here + 1
+        return counted
 
     def take_token(self, peer: str) -> bool:
-        """Charge one request to `peer`'s rate (for the next request on a keep-alive stream)."""
+        """Charge one request to `peer`'s rate (for the next request on a keep-alive stream);
+        members are not rate limited."""
         state = self._peers.get(peer)
-        if state is None or state.bucket is None:
+        if state is None or state.bucket is None or self.is_member(peer):
             return True
         if state.bucket.take(self._clock()):
             return True
         self.refused["rate_limited"] += 1
         return False
 
-    def release(self, peer: str, protocol: str) -> None:
+    def release(self, peer: str, protocol: str, counted: bool = True) -> None:
         state = self._peers.get(peer)
         if state is None:
             return
-        state.streams -= 1
+        state.streams -= counted
         state.by_protocol[protocol] -= 1
         if not state.by_protocol[protocol]:
             del state.by_protocol[protocol]
@@ -168,7 +206,7 @@ class StreamGuard:
         state = self._peers.get(peer)
         if state is None:
             return 0
-        return state.streams if protocol is None else state.by_protocol.get(protocol, 0)
+        return sum(state.by_protocol.values()) if protocol is None else state.by_protocol.get(protocol, 0)
 
     def forget_idle_peers(self) -> None:
         """Drop accounting of peers with no open stream and a full bucket (bounded memory)."""
@@ -185,15 +223,17 @@ class StreamGuard:
         *,
         allowed: Callable[[str], bool] | None = None,
         max_frame_size: int | None = None,
+        admitted: bool = False,
     ) -> Callable[[Any], Awaitable[None]]:
-        """A libp2p stream handler that applies the guard, then calls `handler(framed, peer_id)`."""
+        """A libp2p stream handler that applies the guard, then calls `handler(framed, peer_id)`.
+        `admitted`: the handler's work goes through admission (members get `member_streams`)."""
 
         async def guarded(stream: Any) -> None:
             peer = str(stream.muxed_conn.peer_id)
             try:
                 if allowed is not None and not allowed(peer):
                     raise Refusal("not_allowed", f"{protocol} is not open to this peer")
-                self.admit(peer, protocol)
+                counted = self.admit(peer, protocol, admitted=admitted)
             except Refusal as refusal:
                 self._refuse(stream, peer, protocol, refusal)
                 await _reset(stream)
@@ -216,7 +256,7 @@ class StreamGuard:
                           extra={"peer": peer, "protocol": protocol, "reason": "internal"})
                 await _reset(stream)
             finally:
-                self.release(peer, protocol)
+                self.release(peer, protocol, counted)
                 await _close(stream)
 
         return guarded
@@ -226,17 +266,17 @@ class StreamGuard:
         log.warning("reset %s stream from %s: %s", protocol, peer, refusal,
                     extra={"peer": peer, "protocol": protocol, "reason": refusal.reason})
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "peers": len(self._peers),
-            "open_streams": sum(s.streams for s in self._peers.values()),
-            "served": self.served,
-            "refused": {k: v for k, v in self.refused.items() if v},
-        }
+    def statistics(self) -> GuardStatistics:
+        return GuardStatistics(
+            peers=len(self._peers),
+            open_streams=sum(sum(s.by_protocol.values()) for s in self._peers.values()),
+            served=self.served,
+            refused={k: v for k, v in self.refused.items() if v},
+        )
 
     def __repr__(self) -> str:
         s = self.statistics()
-        return f"<StreamGuard peers={s['peers']} open={s['open_streams']} refused={s['refused']}>"
+        return f"<StreamGuard peers={s.peers} open={s.open_streams} refused={dict(s.refused)}>"
 
 
 async def _reset(stream: Any) -> None:

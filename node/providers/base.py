@@ -13,16 +13,15 @@ object in `PlainProvider`, so the router only ever talks to `BaseProvider`:
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 from node.errors import InvalidRequest, ProviderError, ProviderFailed
+from protocols.vocabulary import ACCELERATOR_KINDS  # noqa: F401 (re-exported: what `accelerator=` may name)
 
 __all__ = [
-    "LOCAL_SLOT",
     "ACCELERATOR_KINDS",
     "Readiness",
     "READY",
@@ -35,13 +34,6 @@ __all__ = [
     "adapt",
     "messages_to_text",
 ]
-
-ACCELERATOR_KINDS = ("cuda", "rocm", "mps", "cpu")  # what `accelerator=` may name (the adverts' kinds)
-
-# Set by a daemon while it answers a request: that request's admission slot (node.mesh.service.Slot).
-# The router holds it (`slot.local()`) around work a local provider does; the mesh gives it back
-# while another node serves. Unset in-process: no slots.
-LOCAL_SLOT: contextvars.ContextVar[Any] = contextvars.ContextVar("accelmesh_local_slot", default=None)
 
 
 class Readiness(NamedTuple):
@@ -111,6 +103,10 @@ class ProviderRequest:
     accelerator: str | None = None
     strategy: str | None = None
     cache_mode: str = "default"
+    # In a daemon, the request's admission slot (node.admission.Slot); None in-process. The router
+    # holds it (`slot.local()`) around a local provider's work; a provider that routes to another
+    # node frees it with `slot.hand_off()` while that node serves. Not part of the request's identity.
+    slot: Any = field(default=None, compare=False, repr=False)
 
     @property
     def text(self) -> str:

@@ -20,6 +20,7 @@ from protocols.records import (
     check_time_window,
     verify_signature,
 )
+from protocols.vocabulary import ACCELERATOR_KINDS, TASKS
 
 __all__ = [
     "PROTOCOL_ID",
@@ -46,8 +47,6 @@ TOPIC = "accelmesh/adverts/1"
 _VERSION = re.compile(r"([0-9]{1,6})\.([0-9]{1,6})", re.ASCII)
 PROTOCOL_VERSION = "1.0"  # major.minor of accelmesh's wire protocols; a newer major is refused
 MAX_ADVERT_BYTES = 64 * 1024  # the real bound of an advert (the per-field bounds allow more): gossip stays cheap
-TASKS = ("generate", "chat", "embed")
-ACCELERATOR_KINDS = ("cuda", "rocm", "mps", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,10 +12,12 @@ from typing import Any
 
 from protocols.codec import Any_, Bool, Dict, Limits, Message, Nested, Str, field
 
-__all__ = ["PROTOCOL_ID", "COMMANDS", "ERROR_CODES", "ErrorInfo", "Command", "Reply", "MAX_FRAME_SIZE", "LIMITS"]
+__all__ = ["PROTOCOL_ID", "COMMANDS", "ERROR_CODES", "ErrorInfo", "Command", "Reply", "MAX_FRAME_SIZE",
+           "MAX_ERROR_MESSAGE_CHARS", "LIMITS"]
 
 PROTOCOL_ID = "/accelmesh/control/1.0.0"
 MAX_FRAME_SIZE = 8 * 1024 * 1024  # a `cache-get` reply carries one block (4 MiB) as base64 text
+MAX_ERROR_MESSAGE_CHARS = 4096  # one line for stderr
 LIMITS = Limits(max_str_len=6 * 1024 * 1024)  # that base64 text: 4 MiB * 4/3, rounded up
 COMMANDS = (
     "status",  # is the daemon up: peer id, pid, uptime, version
@@ -38,7 +40,7 @@ ERROR_CODES = (
 @dataclasses.dataclass(frozen=True)
 class ErrorInfo(Message):
     code: str = field(Str(max_len=32, choices=ERROR_CODES))
-    message: str = field(Str(max_len=4096))  # one line for stderr
+    message: str = field(Str(max_len=MAX_ERROR_MESSAGE_CHARS))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from protocols.cid import cid_of
 from protocols.codec import Any_, Bool, Bytes, Dict, Float, Int, List, Message, Nested, Str, field
 from protocols.errors import CIDMismatch
 from protocols.records import MAX_PEER_ID_LENGTH
+from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES, CACHE_TIERS, TASKS
 
 __all__ = [
     "PROTOCOL_ID",
@@ -25,6 +26,8 @@ __all__ = [
     "MAX_PROMPT_CHARS",
     "MAX_CHUNK_CHARS",
     "MAX_RESPONSE_BYTES",
+    "MAX_ERROR_MESSAGE_CHARS",
+    "MAX_RETRY_AFTER",
     "TASKS",
     "CACHE_MODES",
     "CACHE_TIERS",
@@ -47,9 +50,8 @@ MAX_TIMEOUT_MS = 3_600_000  # one hour: a longer deadline is sent as this
 MAX_PROMPT_CHARS = 1024 * 1024  # 1 Mi characters of prompt or of one chat message
 MAX_CHUNK_CHARS = 64 * 1024  # one streamed delta
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # the canonical response bytes (one cache block)
-TASKS = ("generate", "chat", "embed")
-CACHE_MODES = ("default", "no-store", "no-cache", "only-if-cached", "force", "private")
-CACHE_TIERS = ("memory", "local", "cluster", "miss", "bypass")
+MAX_ERROR_MESSAGE_CHARS = 4096  # an Error's message: one readable paragraph, not a log
+MAX_RETRY_AFTER = 86_400.0  # seconds: a busy hint longer than a day is no hint
 ERROR_CODES = (
     "bad_request",  # the request itself is invalid (not retryable)
     "unauthorized",  # the caller may not use this node
@@ -90,7 +92,7 @@ class Request(Message):
     cache: str = field(Str(max_len=16, choices=CACHE_MODES), default="default")
     strategy: str | None = field(Str(max_len=32), optional=True)
     on_peers: tuple[str, ...] = field(List(Str(max_len=MAX_PEER_ID_LENGTH), max_items=16), default=())
-    accelerator: str | None = field(Str(max_len=8, choices=("cuda", "rocm", "mps", "cpu")), optional=True)
+    accelerator: str | None = field(Str(max_len=8, choices=ACCELERATOR_KINDS), optional=True)
     window: int = field(Int(1, MAX_WINDOW), default=DEFAULT_WINDOW)  # initial chunk credit
 
     def __post_init__(self) -> None:
@@ -149,9 +151,9 @@ class Error(Message):
     TYPE = "error"
     VERSION = 1
     code: str = field(Str(max_len=32, choices=ERROR_CODES))
-    message: str = field(Str(max_len=4096))
+    message: str = field(Str(max_len=MAX_ERROR_MESSAGE_CHARS))
     retryable: bool = field(Bool(), default=False)
-    retry_after: float | None = field(Float(0.0, 86_400.0), optional=True)  # seconds
+    retry_after: float | None = field(Float(0.0, MAX_RETRY_AFTER), optional=True)  # seconds
 
 
 CLIENT_MESSAGES: tuple[type[Message], ...] = (Request, Credit)

@@ -91,3 +91,42 @@ class SeedStyleProvider:
     def generate(self, prompt, *, model_name=None, **kwargs):  # noqa: ANN001, ANN201 - seed signature
         self.calls += 1
         return "response"
+
+
+class GatedProvider(BaseProvider):
+    """Answers ``"<name>: <prompt>"`` once `open()` is called: every request waits at the gate, so a
+    test can fill a node's slots and queue, look at them, then let everything through at once.
+
+    `waiting` counts requests at the gate now; `answered` those that went through. Async only.
+    """
+
+    def __init__(self, name: str = "gate") -> None:
+        self.name = name  # type: ignore[misc]
+        self.waiting = 0
+        self.answered = 0
+        self._gate: Any = None  # a trio.Event, made in the loop of the first request
+
+    def models(self) -> tuple[str, ...]:
+        return (f"{self.name}-model",)
+
+    def accelerator(self) -> str:
+        return "cpu"
+
+    def open(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+
+    async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+        import trio
+
+        if self._gate is None:
+            self._gate = trio.Event()
+        self.waiting += 1
+        try:
+            await self._gate.wait()
+        finally:
+            self.waiting -= 1
+        self.answered += 1
+        text = f"{self.name}: {request.text}"
+        yield text
+        yield Completion(text, model=request.model or self.default_model())

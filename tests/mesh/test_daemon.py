@@ -12,13 +12,15 @@ from functools import partial
 import multiaddr
 import pytest
 import trio
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 
 from node.client import DaemonClient
 from node.config import load_settings
 from node.daemon import Daemon, check_listen_policy, mdns_enabled
 from node.datadir import DataDir
-from node.errors import ConfigError, DaemonError
+from node.errors import ConfigError, DaemonError, ProviderFailed
 from node.mesh.host import make_swarm_key, peer_info
 from protocols.control.messages import PROTOCOL_ID as CONTROL
 from protocols.inference.messages import Request, Result
@@ -114,15 +116,26 @@ async def test_control_status_info_and_stop_from_the_client_key(tmp_path):
                 await trio.sleep(0.05)
 
 
+def caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 async def test_control_is_refused_to_every_other_peer_even_an_allowed_one(tmp_path):
     friend_id = Identity.generate()
     async with running_daemon(tmp_path, ACCELMESH_ALLOW=friend_id.peer_id) as daemon, peer_host(friend_id) as friend:
         await connect(friend, daemon)
-        with trio.fail_after(10), pytest.raises(Exception):
+        # Where the reset lands races the client's reader task inside py-libp2p: before the protocol ack
+        # is read (new_stream fails), before our write (StreamReset), or after it (the read sees EOF).
+        with trio.fail_after(10), pytest.raises((StreamFailure, StreamReset, StreamEOF)) as info:
             stream = await friend.new_stream(ID.from_base58(daemon.peer_id), [CONTROL])
             await stream.write(b"\x00")
-            if not await stream.read(1):
-                raise ConnectionError("closed")
+            await stream.read(1)  # any answer fails the test
+        if isinstance(info.value, StreamFailure):  # a reset, not e.g. an unknown protocol
+            assert caused_by(info.value, StreamReset), repr(info.value)
         assert daemon.guard.refused["not_allowed"] == 1
 
 
@@ -171,7 +184,7 @@ async def test_drain_grace_bounds_the_wait(tmp_path):
         request = Request(id="stuck", task="generate", prompt="x", provider="echo", timeout_ms=60_000)
 
         async def generate():
-            with pytest.raises(Exception):
+            with pytest.raises(ProviderFailed, match="the stream ended before the result"):
                 async with aclosing(client.generate(request)) as items:
                     async for _ in items:
                         pass

@@ -106,7 +106,7 @@ class ResettingHost:
 
 async def test_a_reset_stream_is_a_retryable_failure_of_that_peer():
     from node.errors import ProviderFailed
-    from node.mesh.service import StreamPool
+    from node.mesh.pool import StreamPool
     from node.mesh.streams import StreamLimits
     from protocols.records import Identity
 

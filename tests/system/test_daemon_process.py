@@ -186,11 +186,22 @@ def test_three_daemons_bootstrapped_from_the_first_list_each_other_within_5_s(st
             assert info["accelerators"][-1]["kind"] == "cpu" and info["capacity"] == 64
 
 
-def test_a_refused_request_is_one_clear_line_not_a_traceback(start_daemon, accelmesh_cmd):
-    with start_daemon("alice", "--limits-request-rate", "0.001", "--limits-request-burst", "1") as alice:
+def test_a_busy_daemon_is_one_clear_line_not_a_traceback(start_daemon, accelmesh_cmd, subprocess_env):
+    # One slot, no queue: while a slow request holds the slot, the next one is answered busy at once.
+    with start_daemon("alice", "--limits-max-concurrent", "1", "--limits-max-queue", "0",
+                      env={"ACCELMESH_ECHO_LATENCY_MS": "20000"}) as alice:
         data = str(alice.data_dir)
-        accelmesh_cmd("status", "--data-dir", data, check=True)  # spends the only token
-        out = accelmesh_cmd("generate", "x", "--provider", "echo", "--data-dir", data)
+        holder = subprocess.Popen(["accelmesh", "generate", "hold", "--provider", "echo", "--data-dir", data],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env)
+        try:
+            deadline = time.monotonic() + 30
+            while json.loads(accelmesh_cmd("status", "--json", "--data-dir", data, check=True).stdout)["in_flight"] < 1:
+                assert time.monotonic() < deadline, "the first request never started"
+                time.sleep(0.1)
+            out = accelmesh_cmd("generate", "x", "--provider", "echo", "--data-dir", data)
+        finally:
+            holder.kill()
+            holder.wait(10)
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert out.stderr.startswith("accelmesh: error: ") and out.stderr.count("\n") == 1
-        assert "reset" in out.stderr or "refused" in out.stderr or "closed" in out.stderr
+        assert "busy" in out.stderr and "retry after" in out.stderr

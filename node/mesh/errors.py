@@ -1,0 +1,93 @@
+"""The inference protocol's `Error` and our errors, both ways: what a server answers for an
+exception, and what a client raises for an answer. One table each way, used by every entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from node.errors import (
+    AllProvidersFailed,
+    Busy,
+    CacheMiss,
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    ProviderError,
+    ProviderNotFound,
+    ProviderUnavailable,
+    RateLimited,
+)
+from protocols.inference.messages import MAX_ERROR_MESSAGE_CHARS, MAX_RETRY_AFTER, MAX_TIMEOUT_MS, Error
+
+__all__ = ["ClusterBusy", "RemoteError", "error_for", "raise_for", "wire_timeout_ms"]
+
+
+class ClusterBusy(RateLimited):
+    """Every eligible node answered busy (the caller hears `busy`, with the smallest retry_after)."""
+
+
+def error_for(exc: BaseException) -> Error:
+    """The wire Error for an exception raised while serving (messages cut to what the wire allows)."""
+    error = _error_for(exc)
+    if len(error.message) > MAX_ERROR_MESSAGE_CHARS:
+        error = dataclasses.replace(error, message=error.message[:MAX_ERROR_MESSAGE_CHARS - 1] + "…")
+    return error
+
+
+def _error_for(exc: BaseException) -> Error:
+    if isinstance(exc, Busy):
+        return Error(code="busy", message=exc.reason, retryable=True, retry_after=exc.retry_after)
+    if isinstance(exc, ClusterBusy):
+        return Error(code="busy", message=exc.message, retryable=True, retry_after=exc.retry_after)
+    if isinstance(exc, AllProvidersFailed) and _all_busy(exc):
+        retry_after = min(cause.retry_after or 1.0 for _, cause in exc.attempts if isinstance(cause, ClusterBusy))
+        return Error(code="busy", message=str(exc), retryable=True, retry_after=retry_after)
+    if isinstance(exc, DeadlineExceeded):
+        return Error(code="deadline_exceeded", message=str(exc), retryable=False)
+    if isinstance(exc, CacheMiss):
+        return Error(code="cache_miss", message=str(exc))
+    if isinstance(exc, InvalidRequest):
+        return Error(code="bad_request", message=str(exc))
+    if isinstance(exc, ModelNotFound):
+        return Error(code="model_not_found", message=str(exc), retryable=True)
+    if isinstance(exc, (ProviderNotFound, ProviderUnavailable, AllProvidersFailed)):
+        return Error(code="no_provider", message=str(exc), retryable=True)
+    if isinstance(exc, ProviderError):
+        retry_after = exc.retry_after if exc.retry_after is None or math.isfinite(exc.retry_after) else None
+        return Error(code="provider_failed", message=str(exc), retryable=exc.retryable,
+                     retry_after=None if retry_after is None else min(max(retry_after, 0.0), MAX_RETRY_AFTER))
+    return Error(code="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+def _all_busy(exc: AllProvidersFailed) -> bool:
+    """Whether every provider that was tried answered busy (skipped ones aside): the cluster is full."""
+    tried = [cause for _, cause in exc.attempts if isinstance(cause, BaseException)]
+    return bool(tried) and all(isinstance(cause, ClusterBusy) for cause in tried)
+
+
+class RemoteError(ProviderError):
+    """The serving node answered with an `Error`; `code` is the wire error code."""
+
+    def __init__(self, peer: str, error: Error) -> None:
+        super().__init__(f"peer {peer[-8:]}", f"{error.code}: {error.message}", retryable=error.retryable,
+                         retry_after=error.retry_after)
+        self.code, self.peer, self.detail = error.code, peer, error.message
+
+
+def raise_for(error: Error, peer: str) -> None:
+    """Raise the local error that matches a wire `Error` from `peer`."""
+    if error.code == "deadline_exceeded":
+        raise DeadlineExceeded(0.0, f"the request on {peer[-8:]}")
+    if error.code == "cache_miss":
+        raise CacheMiss(error.message)
+    if error.code == "bad_request":
+        raise InvalidRequest(error.message)
+    if error.code == "model_not_found":  # retryable: the mesh tries the next node (the advert was stale)
+        raise ModelNotFound(f"peer {peer[-8:]}", error.message, retryable=error.retryable)
+    raise RemoteError(peer, error)
+
+
+def wire_timeout_ms(seconds: float) -> int:
+    """A deadline in seconds as the Request's `timeout_ms` (the protocol allows 1 ms to 1 hour)."""
+    return min(MAX_TIMEOUT_MS, max(1, int(seconds * 1000)))

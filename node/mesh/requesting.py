@@ -1,0 +1,55 @@
+"""Asking a node for one inference on a stream: send the Request, return credit, verify the Result."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from node.errors import InvalidRequest, ProviderFailed
+from node.mesh.errors import raise_for
+from node.mesh.streams import FramedStream
+from protocols.errors import ProtocolError
+from protocols.inference.machine import InferenceStream
+from protocols.inference.messages import Credit, Error, Request, Result
+
+__all__ = ["request_inference"]
+
+
+async def request_inference(framed: FramedStream, request: Request) -> AsyncIterator[str | Result]:
+    """Send `request` on a fresh stream; yield text chunks, then the verified `Result`.
+
+    Credit is returned as chunks are consumed (half a window at a time), so the server never
+    runs more than one window ahead of this reader. The Result's bytes are hashed and checked
+    against its CID before it is yielded (CIDMismatch otherwise).
+    """
+    machine = framed.decoder
+    assert isinstance(machine, InferenceStream)
+    _check_sendable(request)
+    await framed.write(machine.send(request))
+    consumed, top_up = 0, max(1, request.window // 2)
+    while True:
+        event = await framed.read_event(idle=False)
+        if event is None:
+            raise ProviderFailed(f"peer {framed.peer[-8:]}", "the stream ended before the result (the peer reset it: "
+                                 "over one of its limits, or shutting down; its log says which)", retryable=True)
+        if isinstance(event, Result):
+            event.verify()
+            yield event
+            return
+        if isinstance(event, Error):
+            raise_for(event, framed.peer)
+        yield event.text
+        consumed += 1
+        if consumed >= top_up and machine.state.value == "active":
+            await framed.write(machine.send(Credit(consumed)))
+            consumed = 0
+
+
+def _check_sendable(request: Request) -> None:
+    """Refuse here, with the field and the reason, a Request the server would refuse to decode
+    (e.g. more than 16 `on_peers`): otherwise the caller would only see its stream reset."""
+    from protocols.codec import encode
+
+    try:
+        encode(request)  # checks every field against the bounds the server decodes with
+    except ProtocolError as exc:
+        raise InvalidRequest(f"this request cannot be sent: {exc}") from exc

@@ -1,0 +1,200 @@
+"""What a request is: the arguments of a call, validated and normalized once, and what comes back.
+
+`build_request` turns the arguments of any entry point (`node.generate_text(...)`, a CLI
+command, a protocol message through `node.wire.request_from_wire`) into a `Request`: reserved
+keyword arguments split off and checked, parameters validated, parameters equal to their
+defaults dropped (so spelling one out keeps the request key), the rest canonical. A `Result` is
+the answer with its metadata (INTERFACES.md `--json`). The router, the front door, the clients
+and the mesh all use these types; none of them needs the router to build one.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.errors import InvalidRequest
+from node.providers.base import ProviderRequest
+from protocols.canonical import canonicalize
+from protocols.errors import NotCanonical
+from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES
+
+__all__ = ["RESERVED_KWARGS", "CACHE_MODES", "PARAM_DEFAULTS", "Request", "Result", "build_request"]
+
+# Never sent to a provider, never part of a request key (INTERFACES.md "Python API").
+RESERVED_KWARGS = frozenset({"timeout", "cache", "stream", "request_id", "deps", "on_peers", "accelerator", "strategy"})
+# A parameter equal to its default is dropped before keying, so spelling it out keeps the key.
+PARAM_DEFAULTS: Mapping[str, Any] = {
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+_FLOAT_PARAMS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
+
+
+
+@dataclass(frozen=True)
+class Request:
+    """A normalized request: what determines the answer, and how to get it."""
+
+    task: str  # "generate" (a prompt) or "chat" (messages)
+    prompt: str | None
+    messages: tuple[Mapping[str, Any], ...] | None
+    model: str | None  # explicit model, else the configured default, else None (provider's default)
+    params: Mapping[str, Any]  # non-reserved keyword arguments, defaults dropped
+    cache_mode: str = "default"
+    timeout: float = 120.0
+    request_id: str = ""
+    on_peers: tuple[str, ...] = ()
+    accelerator: str | None = None
+    strategy: str | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """Sampling without a seed: the answer may differ each time, so it is not cached."""
+        return float(self.params.get("temperature", 0.0)) > 0.0 and self.params.get("seed") is None
+
+    def for_provider(self, timeout: float, *, slot: Any = None) -> ProviderRequest:
+        """The request as a provider sees it, with `timeout` seconds left and the admission slot."""
+        return ProviderRequest(
+            task=self.task, prompt=self.prompt, messages=self.messages, model=self.model,
+            params=dict(self.params), timeout=timeout, request_id=self.request_id, on_peers=self.on_peers,
+            accelerator=self.accelerator, strategy=self.strategy, cache_mode=self.cache_mode, slot=slot,
+        )
+
+
+@dataclass(frozen=True)
+class Result:
+    """An answer and where it came from (INTERFACES.md `--json` shape)."""
+
+    text: str
+    provider: str
+    model: str  # identity of the model that answered (what the request key covered)
+    cache: str  # tier: memory, local, cluster, miss, bypass
+    key: str  # request key
+    cid: str  # response CID
+    request_id: str
+    latency_ms: float
+    finish_reason: str = "stop"
+    usage: Mapping[str, int] = field(default_factory=dict)
+    peer: str | None = None  # peer id that computed the answer (set when a daemon handled it)
+    served_from: str | None = None  # peer that supplied a cluster hit
+    response: bytes = field(default=b"", repr=False)  # the canonical response bytes (their CID is `cid`)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "provider": self.provider,
+            "model": self.model,
+            "cache": self.cache,
+            "key": self.key,
+            "cid": self.cid,
+            "request_id": self.request_id,
+            "peer": self.peer,
+            "served_from": self.served_from,
+            "latency_ms": round(self.latency_ms, 3),
+        }
+
+
+def _messages(value: Sequence[Any]) -> tuple[Mapping[str, Any], ...]:
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise InvalidRequest(f"messages[{i}] must be a mapping with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}] needs string 'role' and 'content'")
+        out.append(dict(message))
+    if not out:
+        raise InvalidRequest("messages must not be empty")
+    return tuple(out)
+
+
+def _params(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if value is None:
+            continue
+        if name in _FLOAT_PARAMS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
+            value = float(value)
+        if name == "temperature" and value < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {value!r}")
+        if name == "top_p" and not 0.0 < value <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {value!r}")
+        if name in ("max_tokens", "seed", "n") and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+        if name == "max_tokens" and value < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {value!r}")
+        if name == "stop":
+            value = [value] if isinstance(value, str) else list(value)
+            if not all(isinstance(s, str) for s in value):
+                raise InvalidRequest("stop must be a string or a list of strings")
+            if not value:
+                continue
+        if name in PARAM_DEFAULTS and value == PARAM_DEFAULTS[name]:
+            continue
+        params[name] = value
+    try:
+        return canonicalize(params)  # type: ignore[no-any-return]
+    except NotCanonical as exc:
+        raise InvalidRequest(f"keyword argument {exc.path}: {exc.reason}") from None
+
+
+def build_request(
+    prompt: Any,
+    *,
+    model_name: str | None,
+    kwargs: Mapping[str, Any],
+    default_model: str | None = None,
+    default_timeout: float = 120.0,
+) -> Request:
+    """Split reserved arguments from parameters, validate them, drop defaults."""
+    reserved = {k: v for k, v in kwargs.items() if k in RESERVED_KWARGS}
+    params = _params({k: v for k, v in kwargs.items() if k not in RESERVED_KWARGS})
+    if isinstance(prompt, str):
+        task, text, messages = "generate", prompt, None
+    elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        task, text, messages = "chat", None, _messages(prompt)
+    else:
+        raise InvalidRequest(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    if model_name is not None and not isinstance(model_name, str):
+        raise InvalidRequest(f"model_name must be a string, got {type(model_name).__name__}")
+
+    mode = reserved.get("cache")
+    if mode is None or mode is True:
+        mode = "default"
+    elif mode is False:
+        mode = "no-cache"
+    if mode not in CACHE_MODES:
+        raise InvalidRequest(f"cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}")
+    timeout = reserved.get("timeout")
+    timeout = default_timeout if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
+    on_peers = reserved.get("on_peers") or ()
+    on_peers = (on_peers,) if isinstance(on_peers, str) else on_peers
+    if not isinstance(on_peers, (list, tuple)) or not all(isinstance(p, str) and p for p in on_peers):
+        raise InvalidRequest(f"on_peers must be a peer id or a list of peer ids, got {on_peers!r}")
+    accelerator = reserved.get("accelerator")
+    if accelerator is not None and accelerator not in ACCELERATOR_KINDS:
+        raise InvalidRequest(f"accelerator must be one of {', '.join(ACCELERATOR_KINDS)}, got {accelerator!r}")
+    return Request(
+        task=task,
+        prompt=text,
+        messages=messages,
+        model=model_name or default_model,
+        params=params,
+        cache_mode=mode,
+        timeout=float(timeout),
+        request_id=str(reserved.get("request_id") or uuid.uuid4().hex),
+        on_peers=tuple(on_peers),
+        accelerator=accelerator,
+        strategy=reserved.get("strategy"),
+    )

@@ -1,0 +1,111 @@
+"""The front door: every daemon entry point turns its request into one RequestContext and runs it here.
+
+    entry point                               front door                      router
+    ─────────────────────────────────────     ───────────────────────────     ──────────────────────────
+    `accelmesh generate --data-dir` (CLI),    RequestContext(request,         router.arun(request,
+      node.connect(data_dir=): control    ─►    provider, deadline, hops,  ─►   slot=, local_only=)
+    node.connect(peer=), client peers,          caller, entry)                 ├─► local providers
+      other nodes forwarding: infer       ─►  admission: a slot, the          └─► the mesh (other nodes,
+    the HTTP API (a later issue)          ─►    queue, or Busy at once             or this one: run_local)
+
+One request, one context: what to answer (`request`: validated and normalized exactly as an
+in-process call's arguments are), who asked and through which door, by when (`deadline`, on
+trio's clock: time spent in the queue counts), and how far it has travelled (`hops`: a request
+another node forwarded is served by local providers only). The router holds the admission slot
+around work done by a local provider; the mesh hands it back while another node serves.
+
+In-process calls with no daemon (`node.generate_text`) go straight to the router: no admission.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from node import router
+from node.admission import Admission, Slot
+from node.errors import DeadlineExceeded
+from node.requests import Request, Result
+from node.wire import FORWARDED_HOPS, request_from_wire, result_to_wire
+from protocols.inference.messages import Request as WireRequest
+from protocols.inference.messages import Result as WireResult
+
+__all__ = ["ENTRY_POINTS", "RequestContext", "FrontDoor"]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINTS = ("control", "infer", "http")  # the doors a request can come in by
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    request: Request  # what to answer: task, prompt or messages, model, params, cache mode, constraints
+    provider: str | None  # the provider the caller named (None: this node's chain)
+    deadline: float  # trio.current_time() by which the answer must be complete
+    hops: int  # network crossings so far; FORWARDED_HOPS: served by local providers only
+    caller: str  # the peer id that sent it
+    entry: str  # one of ENTRY_POINTS
+
+    @property
+    def local_only(self) -> bool:
+        return self.hops >= FORWARDED_HOPS
+
+
+class FrontDoor:
+    """Admits and runs every request a daemon receives. It needs the node's admission, the
+    router's deps and this node's peer id, and nothing else of the daemon."""
+
+    def __init__(self, *, admission: Admission, deps: Any, peer_id: str) -> None:
+        self.admission, self.deps, self.peer_id = admission, deps, peer_id
+
+    def context(self, message: WireRequest, *, caller: str, entry: str) -> RequestContext:
+        """The context of a request that arrived now as a protocol message."""
+        request = request_from_wire(message, default_model=self.deps.current_settings().model)
+        return RequestContext(request=request, provider=message.provider,
+                              deadline=trio.current_time() + request.timeout, hops=message.hops,
+                              caller=caller, entry=entry)
+
+    async def run(self, ctx: RequestContext) -> AsyncIterator[str | Result]:
+        """Admit `ctx` (a slot now, a place in the queue, or Busy), then answer it: text chunks,
+        then one Result naming the peer that computed it."""
+        async with self.admission.slot() as slot:
+            async with aclosing(self._answer(ctx, slot)) as items:
+                async for item in items:
+                    yield item
+
+    async def run_local(self, message: WireRequest, slot: Slot | None) -> AsyncIterator[str | Result]:
+        """The mesh choosing this node: `message` as it would be forwarded, served by this node's
+        local providers within the slot the request already holds (no second admission)."""
+        ctx = self.context(message, caller=self.peer_id, entry="infer")
+        async with aclosing(self._answer(ctx, slot)) as items:
+            async for item in items:
+                yield item
+
+    async def _answer(self, ctx: RequestContext, slot: Slot | None) -> AsyncIterator[str | Result]:
+        remaining = ctx.deadline - trio.current_time()
+        if remaining <= 0:
+            raise DeadlineExceeded(ctx.request.timeout)  # it waited its whole deadline in the queue
+        request = dataclasses.replace(ctx.request, timeout=remaining)
+        async with aclosing(router.arun(request, provider=ctx.provider, deps=self.deps, slot=slot,
+                                        local_only=ctx.local_only)) as items:
+            async for item in items:
+                if isinstance(item, Result):
+                    item = dataclasses.replace(item, peer=item.peer or self.peer_id)
+                yield item
+
+    def runner(self, entry: str) -> Any:
+        """The inference server's runner for requests coming in by `entry` (node.mesh.server)."""
+        assert entry in ENTRY_POINTS, entry
+
+        async def run_wire(message: WireRequest, caller: str) -> AsyncIterator[str | WireResult]:
+            async with aclosing(self.run(self.context(message, caller=caller, entry=entry))) as items:
+                async for item in items:
+                    yield result_to_wire(item, peer=self.peer_id) if isinstance(item, Result) else item
+
+        return run_wire
