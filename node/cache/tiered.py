@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from node.cache.memory import MemoryCache
-from node.cache.store import LocalStore
+from node.cache.memory import MemoryCache, MemoryCacheStatistics
+from node.cache.store import LocalStore, StoreStatistics
 from protocols.cid import cid_of
 
-__all__ = ["Hit", "ResponseCache", "TieredCache", "MappingCache", "as_response_cache"]
+__all__ = ["Hit", "ResponseCache", "TieredCache", "TieredCacheStatistics", "MappingCache", "as_response_cache"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,20 @@ class ResponseCache(Protocol):
     def lookup(self, key: str) -> Hit | None: ...
     def store(self, key: str, data: bytes, cid: str) -> None: ...
     def clear(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TieredCacheStatistics:
+    """A snapshot of both tiers (`TieredCache.statistics()`)."""
+
+    memory: MemoryCacheStatistics
+    local: StoreStatistics | None  # None when there is no local store
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"memory": dataclasses.asdict(self.memory)}
+        if self.local is not None:
+            out["local"] = dataclasses.asdict(self.local)
+        return out
 
 
 class TieredCache:
@@ -52,11 +67,9 @@ class TieredCache:
     def clear(self) -> None:
         self.memory.clear()
 
-    def statistics(self) -> dict[str, Any]:
-        stats: dict[str, Any] = {"memory": self.memory.statistics()}
-        if self.local is not None:
-            stats["local"] = self.local.statistics()
-        return stats
+    def statistics(self) -> TieredCacheStatistics:
+        return TieredCacheStatistics(memory=self.memory.statistics(),
+                                     local=self.local.statistics() if self.local is not None else None)
 
     def __repr__(self) -> str:
         return f"<TieredCache memory={self.memory!r} local={self.local!r}>"

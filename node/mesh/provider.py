@@ -23,7 +23,7 @@ node's local providers (`run_local`, the front door's), and the stream pool to o
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +39,7 @@ from protocols.inference.messages import Request as WireRequest
 
 __all__ = [
     "MeshProvider",
+    "MeshStatistics",
     "DetachedMesh",
     "Candidate",
     "candidates_from_adverts",
@@ -107,6 +108,16 @@ class RoundRobin:
 
 
 RunLocal = Callable[[WireRequest, Any], AsyncIterator["str | Result"]]  # (request as forwarded, slot)
+
+
+@dataclass(frozen=True)
+class MeshStatistics:
+    """A snapshot of the mesh provider (`MeshProvider.statistics()`)."""
+
+    served_by: Mapping[str, int]  # requests answered, by the peer id of the node that answered (a copy)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"served_by": dict(self.served_by)}
 
 
 class MeshProvider(BaseProvider):
@@ -219,8 +230,13 @@ class MeshProvider(BaseProvider):
                     yield result_from_wire(item, request_id=request.id,
                                            latency_ms=(trio.current_time() - started) * 1000.0)
 
-    def statistics(self) -> dict[str, Any]:
-        return {"served_by": dict(self.served_by)}
+    def statistics(self) -> MeshStatistics:
+        return MeshStatistics(served_by=dict(self.served_by))
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        served = {peer[-8:]: n for peer, n in s.served_by.items()}
+        return f"<MeshProvider peer={self.peer_id[-8:]} pool={self.pool!r} served_by={served}>"
 
 
 class DetachedMesh(BaseProvider):

@@ -40,6 +40,7 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from node.errors import (
@@ -55,7 +56,7 @@ from node.providers.base import BaseProvider, Completion, ProviderRequest, Readi
 if TYPE_CHECKING:
     from node.config import Settings
 
-__all__ = ["CopilotSDKProvider", "SDK_DISTRIBUTION", "SDK_VERSION_TESTED"]
+__all__ = ["CopilotSDKProvider", "CopilotSDKStatistics", "SDK_DISTRIBUTION", "SDK_VERSION_TESTED"]
 
 SDK_DISTRIBUTION = "github-copilot-sdk"  # the PyPI name; its import name is `copilot`
 SDK_VERSION_TESTED = "1.0.27"  # the version this adapter was written and tested against
@@ -86,6 +87,15 @@ _AUTH_WORDS = re.compile(
 _CLI_URL = re.compile(r"(https?://)?(\d{1,5}|(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]*):\d{1,5})")
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CopilotSDKStatistics:
+    """A snapshot of one Copilot SDK provider (`CopilotSDKProvider.statistics()`)."""
+
+    started: int  # generations started (each one runs its own CLI, or connects to `cli_url`)
+    in_flight: int  # generations running now
+    cli_url: str | None  # the CLI server connected to; None when each generation starts its own CLI
 
 
 class CopilotSDKProvider(BaseProvider):
@@ -160,13 +170,16 @@ class CopilotSDKProvider(BaseProvider):
         model = model or self.model
         return f"{self.name}/{model}" if model else self.name
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> CopilotSDKStatistics:
         with self._lock:
-            return {"started": self._started, "in_flight": self._in_flight, "cli_url": self.cli_url or None}
+            return CopilotSDKStatistics(started=self._started, in_flight=self._in_flight,
+                                        cli_url=self.cli_url or None)
 
     def __repr__(self) -> str:
-        target = f"cli_url={self.cli_url!r}" if self.cli_url else f"cli_path={self.cli_path!r}"
-        return f"<{type(self).__name__} {target} model={self.model or 'default'!r} in_flight={self._in_flight}>"
+        s = self.statistics()
+        target = f"cli_url={s.cli_url!r}" if s.cli_url else f"cli_path={self.cli_path!r}"
+        return (f"<{type(self).__name__} {target} model={self.model or 'default'!r} "
+                f"started={s.started} in_flight={s.in_flight}>")
 
     # -- generation ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from node.errors import ProviderFailed, ProviderTimeout
@@ -22,7 +23,7 @@ from node.providers.base import BaseProvider, Completion, ProviderRequest, Readi
 if TYPE_CHECKING:
     from node.config import EchoSettings, Settings
 
-__all__ = ["EchoProvider", "echo_text", "split_words"]
+__all__ = ["EchoProvider", "EchoStatistics", "echo_text", "split_words"]
 
 MODEL = "echo"
 
@@ -41,6 +42,16 @@ def split_words(text: str) -> list[str]:
         else:
             chunks = [tail]
     return chunks
+
+
+@dataclass(frozen=True)
+class EchoStatistics:
+    """A snapshot of one echo provider (`EchoProvider.statistics()`)."""
+
+    served: int  # attempts that produced an answer
+    concurrency: int  # cap on generations served at once; 0 = unlimited
+    latency_ms: tuple[float, float]  # (min, max) milliseconds slept before the first chunk
+    failure_rate: float  # probability that an attempt fails
 
 
 class EchoProvider(BaseProvider):
@@ -139,5 +150,13 @@ class EchoProvider(BaseProvider):
             if slots is not None:
                 slots.release()
 
-    def statistics(self) -> dict[str, Any]:
-        return {"served": self.served, "concurrency": self.concurrency, "latency_ms": self.latency_ms}
+    def statistics(self) -> EchoStatistics:
+        return EchoStatistics(served=self.served, concurrency=self.concurrency, latency_ms=self.latency_ms,
+                              failure_rate=self.failure_rate)
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        lo, hi = s.latency_ms
+        latency = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+        return (f"<EchoProvider served={s.served} concurrency={s.concurrency or 'unlimited'} "
+                f"latency_ms={latency} failure_rate={s.failure_rate:g}>")

@@ -47,7 +47,7 @@ from node.providers.base import BaseProvider, Completion, ProviderRequest, Readi
 if TYPE_CHECKING:
     from node.config import Settings
 
-__all__ = ["HFLocalProvider", "EMBEDDED_MODEL", "weights_digest", "resolve_model_dir"]
+__all__ = ["HFLocalProvider", "HFLocalStatistics", "EMBEDDED_MODEL", "weights_digest", "resolve_model_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,14 @@ class Handoff:
             except queue.Full:
                 continue
         return False
+
+
+@dataclass(frozen=True)
+class HFLocalStatistics:
+    """A snapshot of one hf_local provider (`HFLocalProvider.statistics()`)."""
+
+    loaded: tuple[str, ...]  # models in memory, as "MODEL@DEVICE", sorted
+    default: str  # the model used when a request names none
 
 
 class HFLocalProvider(BaseProvider):
@@ -541,5 +549,11 @@ class HFLocalProvider(BaseProvider):
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(worker.join)
 
-    def statistics(self) -> dict[str, Any]:
-        return {"loaded": sorted(f"{m}@{d}" for m, d in self._loaded), "default": self.default}
+    def statistics(self) -> HFLocalStatistics:
+        loaded = tuple(self._loaded)  # one C-level copy: a load finishing meanwhile cannot break the iteration
+        return HFLocalStatistics(loaded=tuple(sorted(f"{m}@{d}" for m, d in loaded)), default=self.default)
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (f"<HFLocalProvider default={s.default!r} device={self.device_setting!r} "
+                f"loaded={list(s.loaded)} concurrency={self.concurrency}>")

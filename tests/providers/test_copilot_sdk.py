@@ -157,7 +157,7 @@ async def test_closing_the_stream_aborts_the_turn_and_leaves_no_process(fake_cli
             assert [await stream.__anext__() for _ in range(3)] == [" more"] * 3
     assert "session.abort" in cli.methods()
     assert not alive(cli.pid())
-    assert provider.statistics()["in_flight"] == 0
+    assert provider.statistics().in_flight == 0
 
 
 async def test_a_cancel_scope_stops_the_work_and_leaves_no_process(fake_cli):
