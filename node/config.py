@@ -30,6 +30,7 @@ __all__ = [
     "Settings",
     "EchoSettings",
     "CacheSettings",
+    "MeshSettings",
     "SettingSpec",
     "LOAD_BALANCING_STRATEGIES",
     "DEFAULT_FALLBACK_ORDER",
@@ -292,6 +293,17 @@ class AdvertSettings:
 
 
 @dataclass(frozen=True)
+class MeshSettings:
+    """The mesh's client side: keep-alive inference streams to other nodes (`node.mesh.pool.StreamPool`)."""
+
+    pool_max_idle_per_peer: int = setting(16, "idle keep-alive inference streams kept per peer", kind="int",
+                                          minimum=0, daemon_only=True)
+    pool_max_idle_seconds: float = setting(20.0, "seconds an idle keep-alive stream is kept before it is closed "
+                                           "(below the server's idle_timeout)", kind="float", minimum=0.001,
+                                           daemon_only=True)
+
+
+@dataclass(frozen=True)
 class HFLocalSettings:
     """`hf_local`: Hugging Face transformers models run in this process."""
 
@@ -476,6 +488,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     adverts: AdvertSettings = field(default_factory=AdvertSettings)
+    mesh: MeshSettings = field(default_factory=MeshSettings)
     providers: ProvidersSettings = field(default_factory=ProvidersSettings)
 
     # Where each value came from (dotted key -> "default" | "file PATH" | "env NAME" | "flag --x").

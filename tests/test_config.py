@@ -217,3 +217,41 @@ def test_tests_run_without_any_inherited_setting_or_alias():
     assert _is_config_name("OPENROUTER_API_KEY")
     leaked = [name for name in os.environ if _is_config_name(name)]
     assert leaked == [], f"the clean_environment fixture let {leaked} through"
+
+
+def test_mesh_pool_limits_from_toml_env_and_flag(tmp_path):
+    from node.cli import _setting_flags, build_parser
+
+    s = load_settings(env={})
+    assert (s.mesh.pool_max_idle_per_peer, s.mesh.pool_max_idle_seconds) == (16, 20.0)
+    toml = write_toml(tmp_path, "[mesh]\npool_max_idle_per_peer = 4\npool_max_idle_seconds = 5\n")
+    s = load_settings(config=toml, env={})
+    assert (s.mesh.pool_max_idle_per_peer, s.mesh.pool_max_idle_seconds) == (4, 5.0)
+    s = load_settings(config=toml, env={"ACCELMESH_MESH_POOL_MAX_IDLE_PER_PEER": "0",
+                                        "ACCELMESH_MESH_POOL_MAX_IDLE_SECONDS": "7.5"})
+    assert (s.mesh.pool_max_idle_per_peer, s.mesh.pool_max_idle_seconds) == (0, 7.5), "0: keep no idle stream"
+    assert s.sources["mesh.pool_max_idle_per_peer"] == "env ACCELMESH_MESH_POOL_MAX_IDLE_PER_PEER"
+    args = build_parser().parse_args(["daemon", "--mesh-pool-max-idle-per-peer", "2",
+                                      "--mesh-pool-max-idle-seconds", "0.5"])
+    s = load_settings(config=toml, env={"ACCELMESH_MESH_POOL_MAX_IDLE_PER_PEER": "0"}, flags=_setting_flags(args))
+    assert (s.mesh.pool_max_idle_per_peer, s.mesh.pool_max_idle_seconds) == (2, 0.5)
+    assert s.sources["mesh.pool_max_idle_seconds"] == "flag --mesh-pool-max-idle-seconds"
+
+
+@pytest.mark.parametrize(
+    "name,raw,reason",
+    [
+        ("ACCELMESH_MESH_POOL_MAX_IDLE_PER_PEER", "-1", "at least 0"),
+        ("ACCELMESH_MESH_POOL_MAX_IDLE_PER_PEER", "many", "integer"),
+        ("ACCELMESH_MESH_POOL_MAX_IDLE_SECONDS", "0", "at least 0.001"),
+        ("ACCELMESH_MESH_POOL_MAX_IDLE_SECONDS", "soon", "number"),
+    ],
+)
+def test_bad_mesh_pool_limit_names_the_key_value_and_source(name, raw, reason):
+    key = "mesh." + name.removeprefix("ACCELMESH_MESH_").lower()
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={name: raw})
+    message = str(info.value)
+    assert key in message and repr(raw) in message and name in message and reason in message
+    with pytest.raises(ConfigError, match=f"{key}.*flag --{key.replace('.', '-').replace('_', '-')}"):
+        load_settings(env={}, flags={key: raw})

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from node.config import MeshSettings
 from node.errors import ProviderFailed
 from node.mesh.requesting import request_inference
 from node.mesh.streams import FramedStream, StreamClosedEarly
@@ -34,6 +35,10 @@ class PoolStatistics:
 class StreamPool:
     """Keep-alive inference streams per peer: a request on an open stream costs no negotiation.
 
+    At most `max_idle_per_peer` idle streams are kept per peer (0: none, every request opens
+    a stream), each for `max_idle_seconds` (keep it below the servers' `limits.idle_timeout`);
+    the daemon passes ``[mesh] pool_max_idle_per_peer`` and ``pool_max_idle_seconds``.
+
     `request(peer_id, request)` takes an idle stream to that peer (or opens one), runs the
     request, and gives the stream back when its answer ended cleanly; a stream whose answer
     did not end (cancelled, failed) is reset. An idle stream the server has meanwhile closed is
@@ -41,7 +46,10 @@ class StreamPool:
     """
 
     def __init__(self, host: Any, limits: Any, *, protocol: str = INFER_PROTOCOL,
-                 max_idle_per_peer: int = 16, max_idle_seconds: float = 20.0) -> None:
+                 max_idle_per_peer: int = MeshSettings.pool_max_idle_per_peer,
+                 max_idle_seconds: float = MeshSettings.pool_max_idle_seconds) -> None:
+        if max_idle_per_peer < 0 or max_idle_seconds <= 0:
+            raise ValueError("max_idle_per_peer must be >= 0 and max_idle_seconds > 0")
         self.host, self.limits, self.protocol = host, limits, protocol
         self.max_idle_per_peer, self.max_idle_seconds = max_idle_per_peer, max_idle_seconds
         self._idle: dict[str, list[tuple[float, FramedStream]]] = {}
@@ -123,4 +131,5 @@ class StreamPool:
 
     def __repr__(self) -> str:
         s = self.statistics()
-        return f"<StreamPool opened={s.opened} reused={s.reused} idle={s.idle}>"
+        return (f"<StreamPool opened={s.opened} reused={s.reused} idle={s.idle} "
+                f"(at most {self.max_idle_per_peer} per peer for {self.max_idle_seconds:g} s)>")
