@@ -4,8 +4,11 @@ Start-up, in order: check the listen policy (secure defaults) and refuse setting
 implemented yet (`http`) -> take the data dir's lock
 (one daemon per directory) -> load or create the identity and the client key -> read the
 cluster key -> open the local store and build the router -> start the libp2p host and
-listen -> register every protocol handler -> start background tasks (bootstrap reconnects,
-dialing what mDNS finds) -> write daemon.json (atomically: temp file + rename). Only then is the daemon "up".
+listen -> build the peer table, the advert service (node.mesh.adverts), the mesh provider and the
+control commands' view (node.control) -> register every protocol handler -> start background tasks
+(adverts; the bootstrap peers and, with mDNS, what it finds, each kept dialed by a
+node.mesh.discovery.DiscoveryDialer) -> write daemon.json (atomically: temp file + rename). Only
+then is the daemon "up".
 
 Shutdown (SIGINT, SIGTERM, or `accelmesh stop`): new streams are refused; in-flight requests
 get `daemon.drain_grace` seconds to finish; then every task is cancelled, the host closes its
@@ -19,14 +22,19 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import trio
 
 from node import __version__
+from node import control
+from node.admission import Admission
 from node.config import Settings
 from node.datadir import DataDir
 from node.errors import ConfigError, DaemonError
+from node.mesh.adverts import AdvertBuilder, AdvertService, PeerTable, local_offer
+from node.mesh.discovery import Backoff, DiscoveryDialer, mdns_peers
 from node.mesh.host import (
     HostConfig,
     is_loopback_multiaddr,
@@ -36,19 +44,11 @@ from node.mesh.host import (
     peer_info,
     run_host,
 )
-from node.mesh.adverts import AdvertService, PeerTable
-from node.mesh.discovery import Backoff, DiscoveryDialer, mdns_peers
-from node.admission import Admission
 from node.mesh.pool import StreamPool
-from node.mesh.server import serve_inference, serve_inference_stream
+from node.mesh.server import serve_inference_stream
 from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
 from node.serving import FrontDoor
-from protocols.codec import decode, encode
-from protocols.control import messages as control
-from protocols.framing import encode_frame
-from protocols.inference.machine import LIMITS as INFER_LIMITS
-from protocols.inference.machine import InferenceStream, Role
-from protocols.inference.messages import Request
+from protocols.control import messages as control_wire
 
 __all__ = ["Daemon", "check_listen_policy", "check_unimplemented", "mdns_enabled"]
 
@@ -113,16 +113,16 @@ class Daemon:
         self.front_door: FrontDoor | None = None
         self._stop: trio.Event | None = None
         self._force: trio.Event | None = None
-        self.handlers: dict[str, Any] = {}
         self.table: PeerTable | None = None
         self.adverts: AdvertService | None = None
+        self.control: control.ControlContext | None = None  # what the control commands see
         self.mesh: Any = None
         self.streams: StreamPool | None = None  # keep-alive inference streams to other nodes
-        self.accelerators: list[Any] = []
         from node.accelerators import AcceleratorDetector
 
         self.detect_accelerators = AcceleratorDetector()  # static parts once, free memory at most every 10 s
-        self.discovery: DiscoveryDialer | None = None
+        self.bootstrap: DiscoveryDialer | None = None  # keeps the bootstrap peers connected
+        self.discovery: DiscoveryDialer | None = None  # dials what mDNS finds
 
     @property
     def peer_id(self) -> str:
@@ -152,22 +152,20 @@ class Daemon:
                 negotiate_timeout=self.settings.limits.negotiate_timeout,
             )
             self.host = make_host(config)
-            self.accelerators = await trio.to_thread.run_sync(self.detect_accelerators)
             async with run_host(self.host, self.settings.listen) as host, trio.open_nursery() as nursery:
                 self.front_door = FrontDoor(admission=self.admission, deps=self.deps, peer_id=self.peer_id)
-                self.streams = StreamPool(host, self.limits)
-                self.mesh = self._mesh(self.front_door, self.streams)
-                self._register_handlers(host)
+                self.streams = StreamPool(host, self.limits, max_idle_per_peer=self.settings.mesh.pool_max_idle_per_peer,
+                                          max_idle_seconds=self.settings.mesh.pool_max_idle_seconds)
                 self.table = PeerTable(self.peer_id, self.settings.adverts.ttl)
-                self.adverts = AdvertService(
-                    host, self.guard, self.table, self._build_advert,
-                    interval=self.settings.adverts.interval, load_interval=self.settings.adverts.load_interval,
-                    load=lambda: (self.admission.in_flight, self.admission.queued),
-                    load_changed=lambda: self.admission.changed, is_member=lambda peer: True,
-                    offer_signature=lambda: [(p["name"], p["ready"], p["models"]) for p in self.providers()],
-                )
+                self.adverts = self._advert_service(host, self.table)
+                self.mesh = self._mesh(self.front_door, self.streams, self.table, self.adverts)
+                self.control = self._control_context(host, self.table, self.adverts)
+                self._register_handlers(host, self.control, self.front_door)
                 await nursery.start(self.adverts.run)
-                nursery.start_soon(self._keep_bootstrap_connected)
+                if self.settings.bootstrap:
+                    targets = [peer_info(addr) for addr in self.settings.bootstrap]
+                    self.bootstrap = self.discovery_dialer(lambda: targets, name="bootstrap", allowlist=False)
+                    nursery.start_soon(self.bootstrap.run)
                 if config.mdns:
                     self.discovery = self.discovery_dialer(lambda: mdns_peers(host))
                     nursery.start_soon(self.discovery.run)
@@ -228,78 +226,73 @@ class Daemon:
         deps = RouterDeps(response_cache=TieredCache(memory, store), settings=self.settings)
         return deps, store
 
-    def _mesh(self, front_door: FrontDoor, pool: StreamPool) -> Any:
+    def _mesh(self, front_door: FrontDoor, pool: StreamPool, table: PeerTable, adverts: AdvertService) -> Any:
         """The mesh provider, pinned in the router's deps: it sees the peer table and this node's
         advert read-only, and runs a request here through the front door's `run_local`."""
         from node.mesh.provider import MeshProvider, candidates_from_adverts
 
         def candidates() -> list[Any]:
-            others = [e.advert for e in self.table.entries()] if self.table is not None else []
-            own = self.adverts.current if self.adverts is not None else None
-            return candidates_from_adverts(self.peer_id, others, own)
+            return candidates_from_adverts(self.peer_id, [e.advert for e in table.entries()], adverts.current)
 
         mesh = MeshProvider(peer_id=self.peer_id, candidates=candidates, run_local=front_door.run_local, pool=pool)
         self.deps.pin_provider("mesh", mesh)
         self.deps.backend_manager = mesh  # RouterDeps.get_backend_manager(): who picks the serving node
         return mesh
 
-    def _register_handlers(self, host: Any) -> None:
+    def _advert_service(self, host: Any, table: PeerTable) -> AdvertService:
+        """Publishes what this node offers (its local providers, as the router's deps build them),
+        on what hardware, and how busy admission is; keeps `table` current."""
+        from node.providers import registry
+
+        admission, deps, settings = self.admission, self.deps, self.settings
+
+        def load() -> tuple[int, int]:
+            return admission.in_flight, admission.queued
+
+        def offer() -> list[Any]:
+            return local_offer(registry.names(), lambda name: deps.get_provider(name, settings))
+
+        build = AdvertBuilder(
+            self.identity, addrs=self.addrs, offer=offer, accelerators=self.detect_accelerators, load=load,
+            capacity=admission.max_concurrent, queue=admission.max_queue, ttl=settings.adverts.ttl,
+            software=f"accelmesh/{__version__}",
+        )
+        return AdvertService(
+            host, self.guard, table, build,
+            interval=settings.adverts.interval, load_interval=settings.adverts.load_interval,
+            load=load, load_changed=lambda: admission.changed, is_member=lambda peer: True,
+            offer_signature=build.offer_signature,
+        )
+
+    def _control_context(self, host: Any, table: PeerTable, adverts: AdvertService) -> control.ControlContext:
+        """What `accelmesh status|info|peers|stop|cache` may read and do here."""
+        return control.ControlContext(
+            peer_id=self.peer_id, version=__version__, pid=os.getpid(), drain_grace=self.settings.daemon.drain_grace,
+            addrs=self.addrs, state=lambda: self.state, uptime=lambda: time.time() - self.started_at,
+            connections=lambda: len(host.get_network().connections), admission=self.admission.statistics,
+            streams=self.guard.statistics, peer_entries=table.entries, advert=lambda: adverts.current,
+            router=self.deps.statistics, store=self.store, request_stop=self.request_stop,
+        )
+
+    def _register_handlers(self, host: Any, context: control.ControlContext, front_door: FrontDoor) -> None:
         from protocols.inference.machine import MAX_FRAME_SIZE as INFER_FRAME
         from protocols.inference.messages import PROTOCOL_ID as INFER
 
-        self.handlers[control.PROTOCOL_ID] = self.guard.wrap(
-            control.PROTOCOL_ID, self._control, allowed=lambda peer: peer == self.client_peer_id,
-            max_frame_size=control.MAX_FRAME_SIZE, admitted=True,
-        )
-        self.handlers[INFER] = self.guard.wrap(INFER, self._infer, max_frame_size=INFER_FRAME, admitted=True)
-        for protocol, handler in self.handlers.items():
-            host.set_stream_handler(protocol, handler)
+        serve = partial(control.serve_control, context=context, runner=front_door.runner("control"))
+        host.set_stream_handler(control_wire.PROTOCOL_ID, self.guard.wrap(
+            control_wire.PROTOCOL_ID, serve, allowed=lambda peer: peer == self.client_peer_id,
+            max_frame_size=control_wire.MAX_FRAME_SIZE, admitted=True,
+        ))
+        host.set_stream_handler(INFER, self.guard.wrap(INFER, self._infer, max_frame_size=INFER_FRAME, admitted=True))
 
-    def discovery_dialer(self, source: Callable[[], Iterable[Any]]) -> DiscoveryDialer:
-        """Dials the peers `source` names (PeerInfos: mDNS's finds), within this node's allowlist."""
-        allow = frozenset(self.settings.allow) if self.settings.allow else None
+    def discovery_dialer(self, source: Callable[[], Iterable[Any]], *, name: str = "mDNS",
+                         allowlist: bool = True) -> DiscoveryDialer:
+        """Dials the peers `source` names (PeerInfos: mDNS's finds, the bootstrap peers) and redials them
+        when they drop; with `allowlist`, only peers on this node's allowlist (the connection gate
+        refuses the others anyway)."""
+        allow = frozenset(self.settings.allow) if self.settings.allow and allowlist else None
         return DiscoveryDialer(self.host, source, allowed=lambda peer: allow is None or peer in allow,
-                               backoff=Backoff(0.5, self.settings.daemon.bootstrap_backoff_max))
-
-    def _build_advert(self, seq: int) -> Any:
-        """This node's advert, signed (blocking: readiness checks may run subprocesses)."""
-        from protocols.advert.messages import PROTOCOL_VERSION, Accelerator, Load, ProviderEntry, sign_advert
-
-        self.accelerators = self.detect_accelerators()  # (in a worker thread: AdvertService.publish)
-        created = int(time.time() * 1000)
-        # Within the advert's bounds: what does not fit is left out (a cut model name would be wrong)
-        providers = [p for p in self.providers() if _fits(p["name"], 64)][:32]
-        return sign_advert(
-            self.identity,
-            addrs=tuple([a for a in self.addrs() if _fits(a, 256)][:16]),
-            providers=tuple(ProviderEntry(p["name"], tuple(p["tasks"]),
-                                          tuple(m for m in p["models"] if _fits(m, 256))[:64], p["ready"])
-                            for p in providers),
-            accelerators=tuple(Accelerator(a.kind, _cut(a.name, 128), a.memory_total, a.memory_free, a.index, a.cores)
-                               for a in self.accelerators[:64]),
-            capacity=self.admission.max_concurrent, queue=self.admission.max_queue,
-            load=Load(self.admission.in_flight, self.admission.queued),
-            software=f"accelmesh/{__version__}", protocol=PROTOCOL_VERSION, seq=seq, created=created,
-            expires=created + int(self.settings.adverts.ttl * 1000),
-        )
-
-    def providers(self) -> list[dict[str, Any]]:
-        """The local providers this node offers (the mesh itself is not one of them)."""
-        from node.providers import registry
-
-        out = []
-        for name in registry.names():
-            if name == "mesh":
-                continue
-            try:
-                provider = self.deps.get_provider(name, self.settings)
-                readiness = provider.available()
-                out.append({"name": name, "tasks": list(provider.tasks), "models": list(provider.models()),
-                            "ready": readiness.ok})
-            except Exception as exc:  # a provider that cannot be built is advertised as not ready
-                log.debug("provider %s: %s", name, exc)
-                out.append({"name": name, "tasks": [], "models": [], "ready": False})
-        return out
+                               backoff=Backoff(0.5, self.settings.daemon.bootstrap_backoff_max), name=name)
 
     def addrs(self) -> list[str]:
         """Full multiaddrs of this node, loopback first; a wildcard listen address appears as this
@@ -316,28 +309,6 @@ class Daemon:
         return info
 
     # -- background tasks ----------------------------------------------------------------
-
-    async def _keep_bootstrap_connected(self) -> None:
-        """Dial every bootstrap peer; reconnect with exponential backoff whenever it drops."""
-        targets = [peer_info(addr) for addr in self.settings.bootstrap]
-        backoff = {str(t.peer_id): 0.5 for t in targets}
-        retry_at = {str(t.peer_id): 0.0 for t in targets}
-        while targets:
-            for target in targets:
-                pid = str(target.peer_id)
-                if pid == self.peer_id or self._connected(target.peer_id) or trio.current_time() < retry_at[pid]:
-                    continue
-                try:
-                    with trio.fail_after(10):
-                        await self.host.connect(target)
-                    backoff[pid] = 0.5
-                    log.info("connected to bootstrap peer %s", pid)
-                except Exception as exc:  # libp2p raises many types for a failed dial
-                    log.info("bootstrap peer %s unreachable (%s); retry in %.1f s", pid, type(exc).__name__,
-                             backoff[pid])
-                    retry_at[pid] = trio.current_time() + backoff[pid]
-                    backoff[pid] = min(backoff[pid] * 2, self.settings.daemon.bootstrap_backoff_max)
-            await trio.sleep(0.5)
 
     async def _preload_models(self) -> None:
         """Load hf_local's models in a worker thread (with a progress bar) so the first request is fast."""
@@ -357,66 +328,21 @@ class Daemon:
             await trio.sleep(60)
             self.guard.forget_idle_peers()
 
-    # -- the control protocol ------------------------------------------------------------
+    # -- the control commands' answers, for tests and in-process callers (node.control) ----------
 
-    async def _control(self, framed: FramedStream, peer: str) -> None:
-        frame = await framed.read_frame()
-        if frame is None:
-            return
-        message = decode(frame, (control.Command, Request), INFER_LIMITS)  # a Request as the infer protocol bounds it
-        if isinstance(message, Request):
-            machine = InferenceStream(Role.SERVER, max_inbound_frame_size=framed.limits.max_frame_size)
-            machine.receive_message(message)
-            framed.decoder = machine
-            await serve_inference(framed, machine, message, self.front_door.runner("control"))
-            return
-        assert isinstance(message, control.Command)
-        try:
-            result = await self.command(message.command, dict(message.args))
-            reply = control.Reply(ok=True, result=result)
-        except (DaemonError, ConfigError, ValueError, KeyError) as exc:
-            reply = control.Reply(ok=False, error=control.ErrorInfo(code="failed", message=_cut(str(exc), 4096)))
-        await framed.write(encode_frame(encode(reply), control.MAX_FRAME_SIZE))
-        if message.command == "stop":
-            self.request_stop()
-
-    async def command(self, name: str, args: dict[str, Any]) -> Any:
-        if name == "status":
-            return self.status()
-        if name == "info":
-            return self.info()
-        if name == "stop":
-            return {"stopping": True, "in_flight": self.admission.in_flight,
-                    "drain_grace": self.settings.daemon.drain_grace}
-        if name == "peers":
-            return {"peers": [entry.to_json() for entry in self.table.entries()] if self.table else []}
-        if name.startswith("cache-"):
-            from node.cache.commands import run_cache_command
-
-            return await trio.to_thread.run_sync(run_cache_command, self.store, name[len("cache-"):], args)
-        raise DaemonError(f"unknown command {name!r}")
+    def _running(self) -> control.ControlContext:
+        if self.control is None:
+            raise DaemonError("the daemon is not running")
+        return self.control
 
     def status(self) -> dict[str, Any]:
-        stats = self.admission.statistics()
-        return {
-            "state": self.state, "peer_id": self.peer_id, "pid": os.getpid(), "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3), "in_flight": stats.in_flight,
-            "queued": stats.queued, "connections": len(self.host.get_network().connections) if self.host else 0,
-            "streams": self.guard.statistics().to_json(),
-        }
+        return control.status(self._running())
 
     def info(self) -> dict[str, Any]:
-        advert = self.adverts.current if self.adverts is not None else None
-        return {
-            "peer_id": self.peer_id, "addrs": self.addrs(), "version": __version__,
-            "providers": [{"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready}
-                          for p in advert.providers] if advert else [],
-            "accelerators": [a.to_json() for a in self.accelerators],
-            "capacity": self.admission.max_concurrent, "queue": self.admission.max_queue,
-            "load": {"in_flight": self.admission.in_flight, "queued": self.admission.queued},
-            "peers": len(self.table) if self.table is not None else 0,
-            "stats": self.deps.statistics().to_json() if self.deps is not None else {},
-        }
+        return control.info(self._running())
+
+    async def command(self, name: str, args: dict[str, Any]) -> Any:
+        return await control.run_command(self._running(), name, args)
 
     # -- remote inference ------------------------------------------------------------------
 
@@ -425,12 +351,3 @@ class Daemon:
         await serve_inference_stream(framed, self.front_door.runner("infer"),
                                      allow_request=lambda: self.guard.take_token(peer))
 
-
-def _fits(text: str, limit: int) -> bool:
-    """Whether `text` fits a wire string bound of `limit` (the codec's bounds count characters)."""
-    return len(text) <= limit
-
-
-def _cut(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` characters."""
-    return text[:limit]

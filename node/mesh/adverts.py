@@ -12,6 +12,12 @@ Pure parts (tested without a network):
   no entry outlives its advert's own expiry (plus the 60 s clock-skew allowance).
 - `LoadPublisher`: when a changed load is worth republishing (it moved to another
   power-of-two bucket), at most once per `min_interval`.
+- `build_advert`: this node's advert from plain values, signed, within the wire's bounds
+  (named in `protocols.advert.messages`): what does not fit is left out.
+
+Gathering those values (blocking, in a worker thread): `AdvertBuilder` reads them from the
+callables the daemon hands it each time an advert is signed; `local_offer` lists the local
+providers (ready or not).
 
 I/O part, `AdvertService`: signs and publishes this node's advert on the gossipsub topic
 periodically and on change; drains the subscription in its own task (ignoring our own
@@ -25,21 +31,34 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from protocols.advert.messages import (
+    MAX_ACCELERATOR_NAME_CHARS,
+    MAX_ACCELERATORS,
+    MAX_ADDR_CHARS,
+    MAX_ADDRS,
     MAX_ADVERT_BYTES,
+    MAX_MODEL_NAME_CHARS,
+    MAX_MODELS,
+    MAX_PROVIDER_NAME_CHARS,
+    MAX_PROVIDERS,
     PROTOCOL_ID,
+    PROTOCOL_VERSION,
     TOPIC,
+    Accelerator,
     Advert,
     GetAdvert,
+    Load,
+    ProviderEntry,
     check_newer,
     decode_advert,
     encode_advert,
+    sign_advert,
     verify_advert,
 )
 from protocols.codec import decode, encode
@@ -51,10 +70,11 @@ from protocols.errors import (
     UnsupportedVersion,
 )
 from protocols.framing import encode_frame
-from protocols.records import CLOCK_SKEW_MS
+from protocols.records import CLOCK_SKEW_MS, Identity
 
-__all__ = ["PeerEntry", "PeerTable", "PeerTableStatistics", "LoadPublisher", "AdvertService", "REJECTIONS",
-           "MAX_GOSSIP_RPC_BYTES", "software_version"]
+__all__ = ["PeerEntry", "PeerTable", "PeerTableStatistics", "LoadPublisher", "AdvertService", "AdvertBuilder",
+           "REJECTIONS", "MAX_GOSSIP_RPC_BYTES", "build_advert", "local_offer", "software_version", "provider_json",
+           "accelerator_json"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +105,8 @@ class PeerEntry:
         return {
             "peer_id": a.peer_id,
             "addrs": list(a.addrs),
-            "providers": [{"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready}
-                          for p in a.providers],
-            "accelerators": [_accelerator_json(x) for x in a.accelerators],
+            "providers": [provider_json(p) for p in a.providers],
+            "accelerators": [accelerator_json(x) for x in a.accelerators],
             "capacity": a.capacity,
             "queue": a.queue,
             "load": {"in_flight": a.load.in_flight, "queued": a.load.queued},
@@ -105,7 +124,13 @@ def software_version(software: str) -> str:
     return software.split("/", 1)[1] if software.startswith("accelmesh/") else software
 
 
-def _accelerator_json(x: Any) -> dict[str, Any]:
+def provider_json(p: ProviderEntry) -> dict[str, Any]:
+    """One advertised provider as `info --json` and `peers --json` show it."""
+    return {"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready}
+
+
+def accelerator_json(x: Accelerator) -> dict[str, Any]:
+    """One advertised device as `info --json` and `peers --json` show it (`cores` only when known)."""
     out = {"kind": x.kind, "name": x.name, "memory_total": x.memory_total, "memory_free": x.memory_free,
            "index": x.index}
     if x.cores is not None:
@@ -252,6 +277,100 @@ class LoadPublisher:
 
     def mark(self, in_flight: int, queued: int, now: float) -> None:
         self.published, self.last = (in_flight, queued), now
+
+
+# ---------------------------------------------------------------------------------------
+# This node's advert
+
+
+def build_advert(
+    identity: Identity,
+    *,
+    addrs: Sequence[str],
+    providers: Iterable[ProviderEntry],
+    accelerators: Iterable[Any],
+    capacity: int,
+    queue: int,
+    load: tuple[int, int],
+    ttl: float,
+    seq: int,
+    software: str,
+    created: int,
+) -> Advert:
+    """This node's advert, signed, within the wire's bounds (`protocols.advert.messages`).
+
+    What does not fit is left out, not cut: a cut model or provider name would name another one,
+    a cut address would not dial. Only device names are cut (a shorter GPU name misleads no one).
+    `accelerators` are `node.accelerators.Accelerator`s (or anything with the same fields);
+    `created` is Unix time in milliseconds and the advert expires `ttl` seconds later.
+    """
+    offered = [p for p in providers if _fits(p.name, MAX_PROVIDER_NAME_CHARS)][:MAX_PROVIDERS]
+    return sign_advert(
+        identity,
+        addrs=tuple([a for a in addrs if _fits(a, MAX_ADDR_CHARS)][:MAX_ADDRS]),
+        providers=tuple(ProviderEntry(p.name, tuple(p.tasks),
+                                      tuple(m for m in p.models if _fits(m, MAX_MODEL_NAME_CHARS))[:MAX_MODELS],
+                                      p.ready)
+                        for p in offered),
+        accelerators=tuple(Accelerator(a.kind, a.name[:MAX_ACCELERATOR_NAME_CHARS], a.memory_total, a.memory_free,
+                                       a.index, a.cores)
+                           for a in list(accelerators)[:MAX_ACCELERATORS]),
+        capacity=capacity, queue=queue, load=Load(*load),
+        software=software, protocol=PROTOCOL_VERSION, seq=seq, created=created,
+        expires=created + int(ttl * 1000),
+    )
+
+
+def _fits(text: str, limit: int) -> bool:
+    """Whether `text` fits a wire string bound of `limit` (the codec's bounds count characters)."""
+    return len(text) <= limit
+
+
+def local_offer(names: Iterable[str], get_provider: Callable[[str], Any]) -> list[ProviderEntry]:
+    """The local providers this node offers, one entry per registered name, ready or not.
+
+    Blocking (readiness checks may run subprocesses). The mesh itself is not offered; a
+    provider that cannot be built is offered as not ready, with no tasks or models.
+    """
+    out = []
+    for name in names:
+        if name == "mesh":
+            continue
+        try:
+            provider = get_provider(name)
+            out.append(ProviderEntry(name, tuple(provider.tasks), tuple(provider.models()),
+                                     provider.available().ok))
+        except Exception as exc:  # a provider that cannot be built is advertised as not ready
+            log.debug("provider %s: %s", name, exc)
+            out.append(ProviderEntry(name, (), (), False))
+    return out
+
+
+@dataclass(frozen=True)
+class AdvertBuilder:
+    """What this node advertises, read each time an advert is signed: `builder(seq)` is `AdvertService`'s
+    `build`, `builder.offer_signature()` its `offer_signature`. Blocking: call both in a worker thread."""
+
+    identity: Identity
+    addrs: Callable[[], Sequence[str]]
+    offer: Callable[[], Sequence[ProviderEntry]]  # e.g. `local_offer` over the provider registry
+    accelerators: Callable[[], Sequence[Any]]  # e.g. a `node.accelerators.AcceleratorDetector`
+    load: Callable[[], tuple[int, int]]  # (in flight, queued)
+    capacity: int
+    queue: int
+    ttl: float
+    software: str
+    wall: Callable[[], float] = time.time
+
+    def __call__(self, seq: int) -> Advert:
+        return build_advert(self.identity, addrs=self.addrs(), providers=self.offer(),
+                            accelerators=self.accelerators(), capacity=self.capacity, queue=self.queue,
+                            load=self.load(), ttl=self.ttl, seq=seq, software=self.software,
+                            created=int(self.wall() * 1000))
+
+    def offer_signature(self) -> list[tuple[str, bool, tuple[str, ...]]]:
+        """What this node serves (providers, readiness, models): a change is published at once."""
+        return [(p.name, p.ready, tuple(p.models)) for p in self.offer()]
 
 
 # ---------------------------------------------------------------------------------------

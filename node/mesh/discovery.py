@@ -1,13 +1,17 @@
-"""Dialing the peers that discovery finds (mDNS on the local network).
+"""Dialing the peers a source names and keeping them connected: the bootstrap peers, what mDNS finds.
+
+`DiscoveryDialer` polls a source of PeerInfos and dials each peer it names that is not
+connected, with a per-peer exponential backoff; a peer that drops is redialed the same way.
+The daemon runs one over its configured bootstrap peers (a fixed list) and, when mDNS is on,
+one over `mdns_peers(host)`.
 
 py-libp2p 0.8.1's mDNS (zeroconf) only records what it finds: the listener puts each peer's
 announced addresses in the peerstore and its id in `listener.discovered_services`; nothing
 dials them (its auto-connector would, but it dials *every* peerstore peer and is switched off
-in `node.mesh.host`). `DiscoveryDialer` polls a discovery source (`mdns_peers(host)`) and
-dials each peer it names that is not connected, with a per-peer exponential backoff. Who may
-join is unchanged: the cluster key and the allowlist are enforced by the connection upgrade
-and the resource manager's gate exactly as for any other dial, and peers outside the
-allowlist are not even dialed. Once connected, the advert exchange that follows every new
+in `node.mesh.host`); `mdns_peers(host)` reads what it found, as a source. Who may join is
+unchanged: the cluster key and the allowlist are enforced by the connection upgrade
+and the resource manager's gate exactly as for any other dial, and the daemon's mDNS dialer
+does not even dial peers outside the allowlist. Once connected, the advert exchange that follows every new
 connection (`node.mesh.adverts`) puts the peer in the peer table.
 """
 
@@ -98,7 +102,11 @@ def mdns_peers(host: Any) -> list[Any]:
 
 
 class DiscoveryDialer:
-    """Dials what a discovery source names, each peer at most on its `Backoff` schedule."""
+    """Dials what a source names (`name` says which, in logs), each peer at most on its `Backoff` schedule.
+
+    A peer stays dialed while the source names it: should its connection drop, it is dialed
+    again, at once if the connection had lasted `STABLE_AFTER` seconds, else on its schedule.
+    """
 
     def __init__(
         self,
@@ -162,7 +170,7 @@ class DiscoveryDialer:
             with trio.fail_after(self.dial_timeout):
                 await self.host.connect(info)
         except Exception as exc:  # libp2p raises many types for a failed dial
-            log.info("peer %s found by %s unreachable (%s); retry in %.1f s", peer, self.name, type(exc).__name__,
+            log.info("%s peer %s unreachable (%s); retry in %.1f s", self.name, peer, type(exc).__name__,
                      max(0.0, self.backoff.next_at(peer) - trio.current_time()),
                      extra={"peer": peer})
             return
@@ -170,4 +178,4 @@ class DiscoveryDialer:
             self._dialing.discard(peer)
         self.connected += 1
         self._since[peer] = trio.current_time()
-        log.info("connected to peer %s found by %s", peer, self.name, extra={"peer": peer})
+        log.info("connected to %s peer %s", self.name, peer, extra={"peer": peer})

@@ -27,6 +27,24 @@ __all__ = [
     "TOPIC",
     "PROTOCOL_VERSION",
     "MAX_ADVERT_BYTES",
+    "MAX_ADDRS",
+    "MAX_ADDR_CHARS",
+    "MAX_PROVIDERS",
+    "MAX_PROVIDER_NAME_CHARS",
+    "MAX_TASK_CHARS",
+    "MAX_MODELS",
+    "MAX_MODEL_NAME_CHARS",
+    "MAX_ACCELERATORS",
+    "MAX_ACCELERATOR_KIND_CHARS",
+    "MAX_ACCELERATOR_NAME_CHARS",
+    "MAX_KEY_BYTES",
+    "MAX_SOFTWARE_CHARS",
+    "MAX_PROTOCOL_VERSION_CHARS",
+    "MAX_CAPACITY",
+    "MAX_CORES",
+    "MAX_QUEUED",
+    "MAX_DEVICE_INDEX",
+    "MAX_INT",
     "TASKS",
     "ACCELERATOR_KINDS",
     "ProviderEntry",
@@ -47,15 +65,35 @@ TOPIC = "accelmesh/adverts/1"
 _VERSION = re.compile(r"([0-9]{1,6})\.([0-9]{1,6})", re.ASCII)
 PROTOCOL_VERSION = "1.0"  # major.minor of accelmesh's wire protocols; a newer major is refused
 MAX_ADVERT_BYTES = 64 * 1024  # the real bound of an advert (the per-field bounds allow more): gossip stays cheap
+# Per-field bounds (strings count characters). A sender leaves out what does not fit rather than
+# cutting it, except device names: a cut model name would name another model, a cut GPU name is harmless.
+MAX_ADDRS = 16  # multiaddrs per node: loopback, every interface, a public address, with room to spare
+MAX_ADDR_CHARS = 256  # one multiaddr, /p2p/ peer id (52 characters) included, with room for a DNS name
+MAX_PROVIDERS = 32  # providers one node offers: the ten built in, and room for registered ones
+MAX_PROVIDER_NAME_CHARS = 64  # a provider's registry name (`echo`, `hf_local`, `openai_compatible`)
+MAX_TASK_CHARS = 16  # one of TASKS, with room for a later one
+MAX_MODELS = 64  # models one provider lists; a catalogue beyond that is asked for by name
+MAX_MODEL_NAME_CHARS = 256  # a model id: `org/name`, a local path, a revision
+MAX_ACCELERATORS = 64  # devices on one host: one entry per GPU and one for the cpu; beyond any real host
+MAX_ACCELERATOR_KIND_CHARS = 8  # one of ACCELERATOR_KINDS
+MAX_ACCELERATOR_NAME_CHARS = 128  # a device name as the vendor tool prints it
+MAX_KEY_BYTES = 64  # a libp2p public-key protobuf (Ed25519: 36 bytes) or an Ed25519 signature (64 bytes)
+MAX_SOFTWARE_CHARS = 64  # "accelmesh/<version>"
+MAX_PROTOCOL_VERSION_CHARS = 16  # "major.minor"
+MAX_CAPACITY = 1 << 20  # requests served at once (a node's max_concurrent)
+MAX_CORES = 1 << 20  # logical cores of one host's cpu
+MAX_QUEUED = 1 << 24  # requests waiting or running, as counted in `queue` and `load`
+MAX_DEVICE_INDEX = 1023  # a device's index among its kind
+MAX_INT = 2**53  # sequence numbers, times in ms, bytes of memory: exact as a float64 (JSON, JavaScript)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProviderEntry(Message):
     """One provider a node offers."""
 
-    name: str = field(Str(max_len=64))
-    tasks: tuple[str, ...] = field(List(Str(max_len=16, choices=TASKS), max_items=len(TASKS)))
-    models: tuple[str, ...] = field(List(Str(max_len=256), max_items=64))
+    name: str = field(Str(max_len=MAX_PROVIDER_NAME_CHARS))
+    tasks: tuple[str, ...] = field(List(Str(max_len=MAX_TASK_CHARS, choices=TASKS), max_items=len(TASKS)))
+    models: tuple[str, ...] = field(List(Str(max_len=MAX_MODEL_NAME_CHARS), max_items=MAX_MODELS))
     ready: bool = field(Bool())
 
 
@@ -63,18 +101,18 @@ class ProviderEntry(Message):
 class Accelerator(Message):
     """One device: a GPU (per device) or the host's CPU."""
 
-    kind: str = field(Str(max_len=8, choices=ACCELERATOR_KINDS))
-    name: str = field(Str(max_len=128))
-    memory_total: int = field(Int(0, 2**53))  # bytes (RAM for the cpu entry)
-    memory_free: int = field(Int(0, 2**53))  # bytes
-    index: int = field(Int(0, 1023), default=0)  # device index among its kind
-    cores: int = field(Int(0, 1 << 20), optional=True)  # cpu: logical cores
+    kind: str = field(Str(max_len=MAX_ACCELERATOR_KIND_CHARS, choices=ACCELERATOR_KINDS))
+    name: str = field(Str(max_len=MAX_ACCELERATOR_NAME_CHARS))
+    memory_total: int = field(Int(0, MAX_INT))  # bytes (RAM for the cpu entry)
+    memory_free: int = field(Int(0, MAX_INT))  # bytes
+    index: int = field(Int(0, MAX_DEVICE_INDEX), default=0)  # device index among its kind
+    cores: int = field(Int(0, MAX_CORES), optional=True)  # cpu: logical cores
 
 
 @dataclasses.dataclass(frozen=True)
 class Load(Message):
-    in_flight: int = field(Int(0, 1 << 24))  # requests being served
-    queued: int = field(Int(0, 1 << 24))  # requests waiting for a slot
+    in_flight: int = field(Int(0, MAX_QUEUED))  # requests being served
+    queued: int = field(Int(0, MAX_QUEUED))  # requests waiting for a slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +134,19 @@ class Advert(Message):
     VERSION = 1
 
     peer_id: str = field(Str(max_len=MAX_PEER_ID_LENGTH))  # the subject, and the signer
-    public_key: bytes = field(Bytes(max_len=64))  # libp2p public-key protobuf; hashes to peer_id
-    addrs: tuple[str, ...] = field(List(Str(max_len=256), max_items=16))  # multiaddrs, /p2p/ included
-    providers: tuple[ProviderEntry, ...] = field(List(Nested(ProviderEntry), max_items=32))
-    accelerators: tuple[Accelerator, ...] = field(List(Nested(Accelerator), max_items=64))
-    capacity: int = field(Int(0, 1 << 20))  # requests served at once (node max_concurrent)
-    queue: int = field(Int(0, 1 << 24))  # requests that may wait for a slot
+    public_key: bytes = field(Bytes(max_len=MAX_KEY_BYTES))  # libp2p public-key protobuf; hashes to peer_id
+    addrs: tuple[str, ...] = field(List(Str(max_len=MAX_ADDR_CHARS), max_items=MAX_ADDRS))  # multiaddrs, /p2p/ included
+    providers: tuple[ProviderEntry, ...] = field(List(Nested(ProviderEntry), max_items=MAX_PROVIDERS))
+    accelerators: tuple[Accelerator, ...] = field(List(Nested(Accelerator), max_items=MAX_ACCELERATORS))
+    capacity: int = field(Int(0, MAX_CAPACITY))  # requests served at once (node max_concurrent)
+    queue: int = field(Int(0, MAX_QUEUED))  # requests that may wait for a slot
     load: Load = field(Nested(Load))
-    software: str = field(Str(max_len=64))  # e.g. "accelmesh/0.1.0"
-    protocol: str = field(Str(max_len=16))  # PROTOCOL_VERSION of the sender, "major.minor"
-    seq: int = field(Int(0, 2**53))  # increases with every new advert of this peer
-    created: int = field(Int(0, 2**53))  # Unix time, milliseconds
-    expires: int = field(Int(0, 2**53))  # Unix time, milliseconds
-    signature: bytes = field(Bytes(max_len=64), default=b"")
+    software: str = field(Str(max_len=MAX_SOFTWARE_CHARS))  # e.g. "accelmesh/0.1.0"
+    protocol: str = field(Str(max_len=MAX_PROTOCOL_VERSION_CHARS))  # PROTOCOL_VERSION of the sender, "major.minor"
+    seq: int = field(Int(0, MAX_INT))  # increases with every new advert of this peer
+    created: int = field(Int(0, MAX_INT))  # Unix time, milliseconds
+    expires: int = field(Int(0, MAX_INT))  # Unix time, milliseconds
+    signature: bytes = field(Bytes(max_len=MAX_KEY_BYTES), default=b"")
 
     def __post_init__(self) -> None:
         if not self.accelerators:

@@ -14,7 +14,7 @@ from libp2p.peer.id import ID
 from node.accelerators import Accelerator, detect, detect_cpu, parse_nvidia_smi, parse_rocm_smi
 from node.client import DaemonClient
 from node.mesh.adverts import LoadPublisher, PeerTable, load_bucket
-from protocols.advert.messages import TOPIC, encode_advert
+from protocols.advert.messages import TOPIC, decode_advert, encode_advert, verify_advert
 from protocols.codec import encode
 from protocols.inference.messages import Request
 from protocols.records import Identity
@@ -167,6 +167,109 @@ def test_load_is_republished_on_a_bucket_change_at_most_once_per_interval():
     loads.mark(5, 0, now=1.0)
     assert not loads.due(6, 0, now=9.0), "4..7 is one bucket"
     assert loads.due(6, 3, now=9.0)
+
+
+# -- this node's advert: built within the wire's bounds (pure) ------------------------------------
+
+
+def build(**kw):
+    from protocols.advert.messages import ProviderEntry
+
+    fields = dict(addrs=[f"/ip4/127.0.0.1/tcp/4001/p2p/{alice.peer_id}"],
+                  providers=[ProviderEntry("echo", ("generate",), ("echo",), True)],
+                  accelerators=[Accelerator("cpu", "x86_64", 1 << 34, 1 << 33, cores=2)], capacity=4, queue=16,
+                  load=(1, 2), ttl=90.0, seq=7, software="accelmesh/0.1.0", created=int(time.time() * 1000))
+    fields.update(kw)
+    from node.mesh.adverts import build_advert
+
+    advert = build_advert(alice, **fields)
+    verify_advert(advert, int(time.time() * 1000))  # signed, current, and every field within its bound
+    assert decode_advert(encode_advert(advert))[0] == advert
+    return advert
+
+
+def test_a_built_advert_is_signed_and_carries_what_it_was_given():
+    created = int(time.time() * 1000)
+    advert = build(created=created)
+    assert (advert.peer_id, advert.seq, advert.capacity, advert.queue) == (alice.peer_id, 7, 4, 16)
+    assert (advert.load.in_flight, advert.load.queued) == (1, 2)
+    assert advert.expires == created + 90_000 and advert.software == "accelmesh/0.1.0"
+    assert advert.accelerators[0].cores == 2 and advert.providers[0].models == ("echo",)
+
+
+def test_addresses_beyond_the_bounds_are_left_out():
+    from protocols.advert.messages import MAX_ADDR_CHARS, MAX_ADDRS
+
+    at_limit, over = "/dns4/" + "a" * (MAX_ADDR_CHARS - 6), "/dns4/" + "a" * (MAX_ADDR_CHARS - 5)
+    assert len(at_limit) == MAX_ADDR_CHARS
+    assert build(addrs=[over, at_limit]).addrs == (at_limit,)
+    many = [f"/ip4/10.0.0.{i}/tcp/4001" for i in range(MAX_ADDRS + 1)]
+    assert build(addrs=many).addrs == tuple(many[:MAX_ADDRS])
+
+
+def test_providers_and_models_beyond_the_bounds_are_left_out_not_cut():
+    from protocols.advert.messages import (
+        MAX_MODEL_NAME_CHARS,
+        MAX_MODELS,
+        MAX_PROVIDER_NAME_CHARS,
+        MAX_PROVIDERS,
+        ProviderEntry,
+    )
+
+    named = [ProviderEntry("p" * (MAX_PROVIDER_NAME_CHARS + 1), (), (), True),
+             ProviderEntry("p" * MAX_PROVIDER_NAME_CHARS, (), (), True)]
+    assert [p.name for p in build(providers=named).providers] == ["p" * MAX_PROVIDER_NAME_CHARS]
+    many = [ProviderEntry(f"p{i}", ("generate",), (), True) for i in range(MAX_PROVIDERS + 1)]
+    assert [p.name for p in build(providers=many).providers] == [f"p{i}" for i in range(MAX_PROVIDERS)]
+    models = ("é" * (MAX_MODEL_NAME_CHARS + 1), "é" * MAX_MODEL_NAME_CHARS,  # characters, not bytes
+              *(f"m{i}" for i in range(MAX_MODELS)))
+    (entry,) = build(providers=[ProviderEntry("hf", ("generate",), models, True)]).providers
+    assert entry.models == models[1:MAX_MODELS + 1]
+
+
+def test_accelerators_beyond_the_bound_are_left_out_and_long_device_names_cut():
+    from protocols.advert.messages import MAX_ACCELERATOR_NAME_CHARS, MAX_ACCELERATORS
+
+    gpus = [Accelerator("cuda", "G" * (MAX_ACCELERATOR_NAME_CHARS + 1), 1 << 30, 1 << 29, index=i)
+            for i in range(MAX_ACCELERATORS + 1)]
+    advert = build(accelerators=gpus)
+    assert [a.index for a in advert.accelerators] == list(range(MAX_ACCELERATORS))
+    assert {a.name for a in advert.accelerators} == {"G" * MAX_ACCELERATOR_NAME_CHARS}
+
+
+def test_the_builder_reads_its_sources_each_time_an_advert_is_signed():
+    from node.mesh.adverts import AdvertBuilder
+    from protocols.advert.messages import ProviderEntry
+
+    offer = [ProviderEntry("echo", ("generate",), ("echo",), False)]
+    load = [(0, 0)]
+    builder = AdvertBuilder(alice, addrs=lambda: [f"/ip4/127.0.0.1/tcp/4001/p2p/{alice.peer_id}"],
+                            offer=lambda: list(offer), accelerators=lambda: [Accelerator("cpu", "x", 1, 1, cores=1)],
+                            load=lambda: load[0], capacity=2, queue=8, ttl=30.0, software="accelmesh/0.1.0",
+                            wall=lambda: 1_800_000_000.0)
+    first = builder(1)
+    assert (first.seq, first.created, first.expires) == (1, 1_800_000_000_000, 1_800_000_030_000)
+    assert builder.offer_signature() == [("echo", False, ("echo",))]
+    offer[0], load[0] = ProviderEntry("echo", ("generate",), ("echo",), True), (3, 1)
+    second = builder(2)
+    assert second.providers[0].ready and (second.load.in_flight, second.load.queued) == (3, 1)
+    assert builder.offer_signature() == [("echo", True, ("echo",))]
+
+
+def test_the_local_offer_lists_every_provider_but_the_mesh_and_one_that_fails_as_not_ready():
+    from node.mesh.adverts import local_offer
+    from protocols.advert.messages import ProviderEntry
+    from tests.fakes.providers import ScriptedProvider
+
+    def get_provider(name):
+        if name == "broken":
+            raise RuntimeError("cannot build")
+        return ScriptedProvider(name)
+
+    assert local_offer(["echo", "mesh", "broken"], get_provider) == [
+        ProviderEntry("echo", tuple(ScriptedProvider.tasks), ("echo-model",), True),
+        ProviderEntry("broken", (), (), False),
+    ]
 
 
 # -- accelerators -----------------------------------------------------------------------------------
