@@ -19,6 +19,15 @@ from protocols.records import Identity
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
+def caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    """Whether `exc` or an exception it was raised from (`__cause__`) is a `kind`."""
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 @asynccontextmanager
 async def running_daemon(tmp_path: Path, name: str = "alice", **env: str) -> AsyncIterator[Daemon]:
     """A daemon on loopback port 0 with its own data dir; stopped on exit."""

@@ -25,7 +25,7 @@ from node.mesh.host import make_swarm_key, peer_info
 from protocols.control.messages import PROTOCOL_ID as CONTROL
 from protocols.inference.messages import Request, Result
 from protocols.records import Identity
-from tests.mesh.conftest import LOOPBACK, connect, peer_host, running_daemon
+from tests.mesh.conftest import LOOPBACK, caused_by, connect, peer_host, running_daemon
 
 
 async def test_daemon_json_is_written_when_up_and_removed_on_exit(tmp_path):
@@ -114,14 +114,6 @@ async def test_control_status_info_and_stop_from_the_client_key(tmp_path):
         with trio.fail_after(10):
             while daemon.state != "stopped":
                 await trio.sleep(0.05)
-
-
-def caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
-    while exc is not None:
-        if isinstance(exc, kind):
-            return True
-        exc = exc.__cause__
-    return False
 
 
 async def test_control_is_refused_to_every_other_peer_even_an_allowed_one(tmp_path):

@@ -17,7 +17,7 @@ from libp2p.stream_muxer.exceptions import MuxedStreamError
 from node.mesh.streams import FramedStream, Refusal, StreamClosedEarly, StreamGuard, StreamLimits, TokenBucket
 from protocols.codec import encode
 from protocols.framing import encode_frame, encode_varint
-from tests.mesh.conftest import connect, peer_host, running_daemon
+from tests.mesh.conftest import caused_by, connect, peer_host, running_daemon
 
 ECHO = "/accelmesh-test/echo/1.0.0"
 OTHER = "/accelmesh-test/other/1.0.0"
@@ -56,14 +56,6 @@ async def open_and_check(host, daemon, protocol=ECHO):
     stream = await host.new_stream(ID.from_base58(daemon.peer_id), [protocol])
     assert await roundtrip(stream) == b"ping"
     return stream
-
-
-def caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
-    while exc is not None:
-        if isinstance(exc, kind):
-            return True
-        exc = exc.__cause__
-    return False
 
 
 async def expect_refused(host, daemon, protocol=ECHO):
