@@ -3,7 +3,7 @@
     node.requests.Request  ── request_to_wire ──►  protocols Request   (clients, the mesh forwarding)
     protocols Request      ── request_from_wire ─► node.requests.Request (the front door, serving)
     node.requests.Result   ── result_to_wire ───►  protocols Result     (the front door, answering)
-    protocols Result       ── result_from_wire ─►  node.requests.Result (clients, the mesh; verified)
+    protocols Result       ── result_from_wire ─►  node.requests.Result (clients, the mesh)
 
 `request_to_wire` also takes a provider's view of a request (`ProviderRequest`: the same fields).
 No router here: the mesh may use this module.
@@ -16,6 +16,7 @@ from typing import Any
 
 from node.errors import InvalidRequest
 from node.requests import Request, Result, build_request
+from protocols.canonical import decode_response
 from protocols.inference.messages import MAX_HOPS, MAX_TIMEOUT_MS, ChatMessage
 from protocols.inference.messages import Request as WireRequest
 from protocols.inference.messages import Result as WireResult
@@ -83,8 +84,9 @@ def result_to_wire(result: Result, *, peer: str) -> WireResult:
 
 
 def result_from_wire(message: WireResult, *, request_id: str, latency_ms: float) -> Result:
-    """The answer a node sent, its bytes checked against its CID (CIDMismatch otherwise)."""
-    body = message.verify()
+    """The answer a node sent, as `node.mesh.requesting.request_inference` yields it: its bytes were
+    checked against its CID and decoded as they arrived, so they are not hashed again here."""
+    body = decode_response(message.response, trusted=True)
     return Result(
         text=body.get("text", ""), provider=message.provider, model=body["model"], cache=message.cache,
         key=message.key, cid=message.cid, request_id=request_id, latency_ms=latency_ms,
