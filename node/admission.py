@@ -116,12 +116,17 @@ class Admission:
         old = self.service_time
         self.service_time = sample if old is None else old + SERVICE_TIME_WEIGHT * (sample - old)
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Slot]:
-        """Hold a slot for the body (waiting in the queue first if need be); Busy when both are full."""
+    async def enter(self) -> Slot:
+        """A slot now, or a place in the queue until one frees; Busy when both are full. Release
+        it with `hold` (cancelled while queued, nothing is held)."""
         slot = Slot(self)
         await self._admit(slot)
         self._touch()
+        return slot
+
+    @asynccontextmanager
+    async def hold(self, slot: Slot) -> AsyncIterator[Slot]:
+        """Give `slot` (from `enter`) back when the body ends, however it ends."""
         try:
             yield slot
         finally:
@@ -131,6 +136,12 @@ class Admission:
                 self.forwarding -= 1
             self.served += 1
             self._touch()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[Slot]:
+        """Hold a slot for the body (waiting in the queue first if need be); Busy when both are full."""
+        async with self.hold(await self.enter()) as slot:
+            yield slot
 
     def statistics(self) -> AdmissionStatistics:
         return AdmissionStatistics(
@@ -160,14 +171,18 @@ class Slot:
             self.admission.forwarding += 1
             self.admission._touch()
 
-    @asynccontextmanager
-    async def local(self) -> AsyncIterator[None]:
-        """Hold the slot around work done here, taking it back (through the queue, or Busy when
-        that is full) if it was handed off; cancelled while waiting, nothing changes."""
+    async def take_back(self) -> None:
+        """Hold the slot again if it was handed off: through the queue, or Busy when that is full;
+        cancelled while waiting, nothing changes."""
         if not self.held:
             await self.admission._admit(self)
             self.admission.forwarding -= 1
             self.admission._touch()
+
+    @asynccontextmanager
+    async def local(self) -> AsyncIterator[None]:
+        """Hold the slot around work done here (`take_back` first if it was handed off)."""
+        await self.take_back()
         yield
 
     def __repr__(self) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from node.deps import RouterDeps, get_default_router_deps
-from node.errors import AccelmeshError, AllProvidersFailed, ProviderUnavailable
+from node.errors import AllProvidersFailed, ProviderUnavailable
 from node.providers import registry
 from node.providers.base import BaseProvider, ProviderInfo
 
@@ -22,6 +23,8 @@ __all__ = [
     "clear_llm_router_caches",
 ]
 
+
+log = logging.getLogger(__name__)
 
 llm_router_available = True  # the seed's flag: the router imported (here it always does)
 
@@ -103,7 +106,8 @@ def builtin_provider(name: str, deps: RouterDeps | None = None) -> BaseProvider 
     try:
         provider = deps.get_provider(name, deps.current_settings())
         return provider if provider.available().ok else None
-    except (AccelmeshError, ImportError):  # not installed, not configured: not ready
+    except Exception as exc:  # not installed, not configured, a readiness check that broke: not ready
+        log.debug("built-in provider %s is not ready: %s", name, exc)
         return None
 
 
@@ -118,20 +122,17 @@ def response_cache_key(
     """The request key of a call, from its arguments alone (no provider is looked up or built).
 
     The model identity keyed is ``PROVIDER/MODEL`` (or ``PROVIDER`` with no model): the identity
-    the router uses for every seed-style provider. Built-ins that pin more into their identity
-    key by that instead (echo: ``echo``; an OpenAI-compatible API adds its base URL; hf_local a
-    digest of the weights), which `node.complete(...).key` reports. Reserved keyword arguments
+    the router uses for every seed-style provider when the call names the model (a provider's
+    own `default_model` is not known without constructing it: pass it as `model_name`). Built-ins
+    that pin more into their identity key by that instead (echo: ``echo``; an OpenAI-compatible
+    API adds its base URL; hf_local a digest of the weights), which `node.complete(...).key` reports. Reserved keyword arguments
     and parameters equal to their defaults do not change the key; any other change does. The
     default model and the key strategy (cid or sha256) come from the settings, as in the router.
     """
-    from node.router import build_request
-    from protocols.canonical import request_bytes
-    from protocols.cid import request_key
+    from node.requests import build_request, request_key_for
 
     deps = deps if deps is not None else get_default_router_deps()
     settings = deps.current_settings()
     request = build_request(prompt, model_name=model_name, kwargs=dict(kwargs or {}), default_model=settings.model)
     identity = f"{provider}/{request.model}" if request.model else provider
-    canonical = request_bytes(task=request.task, model=identity, prompt=request.prompt, messages=request.messages,
-                              params=request.params)
-    return request_key(canonical, settings.cache_key)
+    return request_key_for(request, identity, settings.cache_key)

@@ -20,8 +20,7 @@ from typing import Any
 import trio
 
 from node.datadir import DaemonInfo, DataDir
-from node.errors import Busy, DaemonError
-from node.mesh.errors import RemoteError
+from node.errors import DaemonError
 from node.mesh.host import HostConfig, load_swarm_key, make_host, peer_info, run_host
 from node.mesh.pool import StreamPool
 from node.mesh.requesting import request_inference
@@ -56,19 +55,6 @@ async def connected_host(addr: str, identity: Identity, cluster_key: str | None)
         yield host
 
 
-async def _entry_answers(items: AsyncIterator[str | Result]) -> AsyncIterator[str | Result]:
-    """The entry daemon's answer as its caller hears it: `busy` there (its slots and queue, or every
-    node it could ask, full) is `Busy` with the daemon's retry_after."""
-    try:
-        async with aclosing(items) as answers:
-            async for item in answers:
-                yield item
-    except RemoteError as exc:
-        if exc.code == "busy":
-            raise Busy(exc.retry_after or 1.0, f"the daemon {exc.peer[-8:]} is busy: {exc.detail}") from None
-        raise
-
-
 class _Session:
     """One connection to one daemon, and how to open streams to it."""
 
@@ -93,7 +79,7 @@ class _Session:
         framed.decoder = InferenceStream(Role.CLIENT, control.MAX_FRAME_SIZE)
         finished = False
         try:
-            async with aclosing(_entry_answers(request_inference(framed, request))) as items:
+            async with aclosing(request_inference(framed, request)) as items:
                 async for item in items:
                     finished = finished or isinstance(item, Result)
                     yield item
@@ -120,7 +106,7 @@ class PeerClient(_Session):
         self.pool = StreamPool(host, _LIMITS, protocol=INFER_PROTOCOL)
 
     async def generate(self, request: Request) -> AsyncIterator[str | Result]:
-        async with aclosing(_entry_answers(self.pool.request(self.peer_id, request))) as items:
+        async with aclosing(self.pool.request(self.peer_id, request)) as items:
             async for item in items:
                 yield item
 

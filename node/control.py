@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from node.cache.commands import CACHE_COMMANDS, run_cache_command
-from node.errors import ConfigError, DaemonError
+from node.errors import DaemonError
 from node.mesh.adverts import accelerator_json, provider_json
 from node.mesh.server import Runner, serve_inference
 from protocols.codec import decode, encode
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "AFTER_REPLY", "ControlContext", "Handler", "answer", "run_command", "serve_control",
            "status", "info", "peers", "stop"]
 
-FAILURES = (DaemonError, ConfigError, ValueError, KeyError)  # a command's own failures: answered `failed`
+# A command's own failures, answered `failed`: DaemonError, or a ValueError for a malformed argument
+# (a CID that does not parse). Anything else is a bug: the stream guard logs its traceback.
+FAILURES = (DaemonError, ValueError)
 
 
 @dataclass(frozen=True)

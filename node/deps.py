@@ -177,7 +177,8 @@ class RouterDeps:
         """The instance under `key`, made by `factory()` if there is none yet.
 
         Threads racing for the same key wait for the first one's factory: it runs once per key
-        (again only if it raised). Other keys are not held up. An empty key is never kept.
+        (again only if it raised). Other keys are not held up. An empty key is never kept. Not
+        re-entrant: a factory must not ask for its own key.
         """
         if not key:
             return factory()
@@ -186,14 +187,18 @@ class RouterDeps:
                 return self.router_cache[key]  # type: ignore[no-any-return]
             creating = self._creating.setdefault(key, threading.Lock())
         with creating:
-            with self._lock:
-                if key in self.router_cache:
-                    return self.router_cache[key]  # type: ignore[no-any-return]
-            value = factory()
-            with self._lock:
-                self.router_cache[key] = value
-                self._creating.pop(key, None)
-            return value
+            try:
+                with self._lock:
+                    if key in self.router_cache:
+                        return self.router_cache[key]  # type: ignore[no-any-return]
+                value = factory()
+                with self._lock:
+                    self.router_cache[key] = value
+                return value
+            finally:
+                with self._lock:
+                    if self._creating.get(key) is creating:
+                        del self._creating[key]
 
     def get_cached_or_remote(self, key: str) -> Any:
         """`get_cached(key)`, else `remote_cache.get(key)` (kept locally when found); None if neither

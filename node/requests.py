@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.errors import InvalidRequest
-from node.providers.base import ProviderRequest
-from protocols.canonical import canonicalize
+from node.providers.base import AdmissionSlot, ProviderRequest
+from protocols.canonical import canonicalize, request_bytes
+from protocols.cid import request_key
 from protocols.errors import NotCanonical
 from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES
 
-__all__ = ["RESERVED_KWARGS", "CACHE_MODES", "PARAM_DEFAULTS", "Request", "Result", "build_request"]
+__all__ = ["RESERVED_KWARGS", "CACHE_MODES", "PARAM_DEFAULTS", "Request", "Result", "build_request", "request_key_for"]
 
 # Never sent to a provider, never part of a request key (INTERFACES.md "Python API").
-RESERVED_KWARGS = frozenset({"timeout", "cache", "stream", "request_id", "deps", "on_peers", "accelerator", "strategy"})
+RESERVED_KWARGS = frozenset({"timeout", "cache", "stream", "request_id", "deps", "on_peers", "accelerator", "strategy",
+                             "verify"})
 # A parameter equal to its default is dropped before keying, so spelling it out keeps the key.
 PARAM_DEFAULTS: Mapping[str, Any] = {
     "temperature": 0.0,
@@ -59,7 +61,7 @@ class Request:
         """Sampling without a seed: the answer may differ each time, so it is not cached."""
         return float(self.params.get("temperature", 0.0)) > 0.0 and self.params.get("seed") is None
 
-    def for_provider(self, timeout: float, *, slot: Any = None) -> ProviderRequest:
+    def for_provider(self, timeout: float, *, slot: AdmissionSlot | None = None) -> ProviderRequest:
         """The request as a provider sees it, with `timeout` seconds left and the admission slot."""
         return ProviderRequest(
             task=self.task, prompt=self.prompt, messages=self.messages, model=self.model,
@@ -182,6 +184,7 @@ def build_request(
     on_peers = (on_peers,) if isinstance(on_peers, str) else on_peers
     if not isinstance(on_peers, (list, tuple)) or not all(isinstance(p, str) and p for p in on_peers):
         raise InvalidRequest(f"on_peers must be a peer id or a list of peer ids, got {on_peers!r}")
+    _verify(reserved.get("verify"))
     accelerator = reserved.get("accelerator")
     if accelerator is not None and accelerator not in ACCELERATOR_KINDS:
         raise InvalidRequest(f"accelerator must be one of {', '.join(ACCELERATOR_KINDS)}, got {accelerator!r}")
@@ -196,5 +199,33 @@ def build_request(
         request_id=str(reserved.get("request_id") or uuid.uuid4().hex),
         on_peers=tuple(on_peers),
         accelerator=accelerator,
-        strategy=reserved.get("strategy"),
+        strategy=_strategy(reserved.get("strategy")),
     )
+
+
+def _strategy(name: Any) -> str | None:
+    """A load-balancing strategy the caller asked for, checked against the names that exist."""
+    from node.config import LOAD_BALANCING_STRATEGIES
+
+    if name is not None and name not in LOAD_BALANCING_STRATEGIES:
+        raise InvalidRequest(f"strategy must be one of {', '.join(LOAD_BALANCING_STRATEGIES)}, got {name!r}")
+    return name  # type: ignore[no-any-return]
+
+
+def _verify(k: Any) -> None:
+    """`verify=k` (INTERFACES.md): k nodes must agree on the response CID. One node always agrees with
+    itself; comparing the answers of several nodes is not built yet, so k > 1 is refused, not ignored."""
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidRequest(f"verify must be a whole number of nodes, at least 1, got {k!r}")
+    if k > 1:
+        raise InvalidRequest(f"verify={k}: answers agreed on by several nodes are not available in this release "
+                             "(verify=1, one node's answer, is)")
+
+
+def request_key_for(request: Request, identity: str, strategy: str) -> str:
+    """The request key of `request` answered by the model `identity` (`strategy`: cid or sha256)."""
+    canonical = request_bytes(task=request.task, model=identity, prompt=request.prompt, messages=request.messages,
+                              params=request.params)
+    return request_key(canonical, strategy)

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from node._singleflight import Flight
 from node.deps import RouterDeps, get_default_router_deps
 from node.errors import (
     AllProvidersFailed,
+    Busy,
     CacheMiss,
     DeadlineExceeded,
     InvalidRequest,
@@ -49,10 +50,10 @@ from node.errors import (
     ProviderUnavailable,
 )
 from node.providers import registry
-from node.providers.base import BaseProvider, Completion
-from node.requests import CACHE_MODES, PARAM_DEFAULTS, RESERVED_KWARGS, Request, Result, build_request
-from protocols.canonical import decode_response, request_bytes, response_bytes
-from protocols.cid import cid_of, request_key
+from node.providers.base import AdmissionSlot, BaseProvider, Completion
+from node.requests import CACHE_MODES, PARAM_DEFAULTS, RESERVED_KWARGS, Request, Result, build_request, request_key_for
+from protocols.canonical import decode_response, response_bytes
+from protocols.cid import cid_of
 from protocols.errors import MalformedMessage
 
 __all__ = [  # Request, Result, build_request and the constants live in node.requests
@@ -287,11 +288,7 @@ class _Attempt:
         request, deps, settings = run.request, run.deps, run.settings
         self.request, self.name, self.provider, self.deps, self.started = request, name, provider, deps, run.started
         self.identity = provider.model_identity(request.model)
-        canonical = request_bytes(
-            task=request.task, model=self.identity, prompt=request.prompt,
-            messages=request.messages, params=request.params,
-        )
-        self.key = request_key(canonical, settings.cache_key)
+        self.key = request_key_for(request, self.identity, settings.cache_key)
         enabled = settings.response_cache
         self.policy = _cache_policy(  # (positional: the cached call is cheaper; cache_policy() names them)
             request.cache_mode, request.sampled, enabled, provider.routes_remotely, deps.remote_cache is not None)
@@ -426,7 +423,7 @@ def _log() -> Any:
 
 # Errors that mean the same whichever provider raised them (the mesh relays a serving node's):
 # they end the request as they are, instead of becoming one provider's failure.
-_PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest)
+_PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest, Busy)
 
 
 def _provider_failed(name: str, exc: Exception) -> ProviderFailed:
@@ -545,7 +542,7 @@ async def arun(
     *,
     provider: str | None,
     deps: RouterDeps,
-    slot: Any = None,
+    slot: AdmissionSlot | None = None,
     local_only: bool = False,
 ) -> AsyncIterator[str | Result]:
     """Run an already-built `Request`: yield text chunks as they come, then exactly one `Result`.
@@ -591,7 +588,7 @@ async def aiter_request(
             yield item
 
 
-async def _attempt_async(attempt: _Attempt, run: _Run, slot: Any) -> AsyncIterator[str | Result]:
+async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | None) -> AsyncIterator[str | Result]:
     import trio
 
     while True:
@@ -608,7 +605,13 @@ async def _attempt_async(attempt: _Attempt, run: _Run, slot: Any) -> AsyncIterat
         await attempt.deps.inflight.await_(step, run.deadline)
         run.check_deadline()
     try:
-        async with _held(slot, attempt.provider):
+        holds_slot = slot is not None and not attempt.provider.routes_remotely
+        if holds_slot:  # a slot the mesh handed off is taken back, through the queue, within the deadline
+            with trio.move_on_at(run.deadline) as waiting:
+                await slot.take_back()
+            if waiting.cancelled_caught:
+                raise DeadlineExceeded(run.request.timeout)
+        async with slot.local() if holds_slot else nullcontext():
             stream = attempt.provider.astream(attempt.request.for_provider(run.left(), slot=slot))
             completion: Completion | None = None
             try:
@@ -639,14 +642,6 @@ async def _attempt_async(attempt: _Attempt, run: _Run, slot: Any) -> AsyncIterat
     if attempt.policy.publish:
         await trio.to_thread.run_sync(attempt.remote_set, result.key, data)
     yield result
-
-
-def _held(slot: Any, provider: BaseProvider) -> AbstractAsyncContextManager[Any]:
-    """The request's admission slot, held while a local provider works (a provider that routes
-    elsewhere holds none: it gets the slot to hand off); without a slot (in-process), nothing."""
-    if slot is None or provider.routes_remotely:
-        return nullcontext()
-    return slot.local()
 
 
 async def acomplete(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ import trio
 
 from node import router
 from node.admission import Admission, Slot
+from node.deps import RouterDeps
 from node.errors import DeadlineExceeded
 from node.requests import Request, Result
 from node.wire import FORWARDED_HOPS, request_from_wire, result_to_wire
@@ -41,6 +42,7 @@ __all__ = ["ENTRY_POINTS", "RequestContext", "FrontDoor"]
 log = logging.getLogger(__name__)
 
 ENTRY_POINTS = ("control", "infer", "http")  # the doors a request can come in by
+SELF = "mesh"  # not a door: this node's own mesh chose it to serve a request admitted here
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class RequestContext:
     deadline: float  # trio.current_time() by which the answer must be complete
     hops: int  # network crossings so far; FORWARDED_HOPS: served by local providers only
     caller: str  # the peer id that sent it
-    entry: str  # one of ENTRY_POINTS
+    entry: str  # one of ENTRY_POINTS, or SELF
 
     @property
     def local_only(self) -> bool:
@@ -61,7 +63,7 @@ class FrontDoor:
     """Admits and runs every request a daemon receives. It needs the node's admission, the
     router's deps and this node's peer id, and nothing else of the daemon."""
 
-    def __init__(self, *, admission: Admission, deps: Any, peer_id: str) -> None:
+    def __init__(self, *, admission: Admission, deps: RouterDeps, peer_id: str) -> None:
         self.admission, self.deps, self.peer_id = admission, deps, peer_id
 
     def context(self, message: WireRequest, *, caller: str, entry: str) -> RequestContext:
@@ -73,16 +75,28 @@ class FrontDoor:
 
     async def run(self, ctx: RequestContext) -> AsyncIterator[str | Result]:
         """Admit `ctx` (a slot now, a place in the queue, or Busy), then answer it: text chunks,
-        then one Result naming the peer that computed it."""
-        async with self.admission.slot() as slot:
+        then one Result naming the peer that computed it. Time in the queue counts against the
+        deadline: a request still waiting when it passes ends with DeadlineExceeded."""
+        log.debug("request %s from %s by %s", ctx.request.request_id, ctx.caller, ctx.entry,
+                  extra={"request_id": ctx.request.request_id, "peer": ctx.caller, "entry": ctx.entry})
+        async with self._admitted(ctx) as slot:
             async with aclosing(self._answer(ctx, slot)) as items:
                 async for item in items:
                     yield item
 
+    @asynccontextmanager
+    async def _admitted(self, ctx: RequestContext) -> AsyncIterator[Slot]:
+        with trio.move_on_at(ctx.deadline) as waiting:
+            slot = await self.admission.enter()
+        if waiting.cancelled_caught:
+            raise DeadlineExceeded(ctx.request.timeout)  # it waited its whole deadline in the queue
+        async with self.admission.hold(slot):
+            yield slot
+
     async def run_local(self, message: WireRequest, slot: Slot | None) -> AsyncIterator[str | Result]:
         """The mesh choosing this node: `message` as it would be forwarded, served by this node's
         local providers within the slot the request already holds (no second admission)."""
-        ctx = self.context(message, caller=self.peer_id, entry="infer")
+        ctx = self.context(message, caller=self.peer_id, entry=SELF)
         async with aclosing(self._answer(ctx, slot)) as items:
             async for item in items:
                 yield item
@@ -90,7 +104,7 @@ class FrontDoor:
     async def _answer(self, ctx: RequestContext, slot: Slot | None) -> AsyncIterator[str | Result]:
         remaining = ctx.deadline - trio.current_time()
         if remaining <= 0:
-            raise DeadlineExceeded(ctx.request.timeout)  # it waited its whole deadline in the queue
+            raise DeadlineExceeded(ctx.request.timeout)
         request = dataclasses.replace(ctx.request, timeout=remaining)
         async with aclosing(router.arun(request, provider=ctx.provider, deps=self.deps, slot=slot,
                                         local_only=ctx.local_only)) as items:
@@ -101,7 +115,8 @@ class FrontDoor:
 
     def runner(self, entry: str) -> Any:
         """The inference server's runner for requests coming in by `entry` (node.mesh.server)."""
-        assert entry in ENTRY_POINTS, entry
+        if entry not in ENTRY_POINTS:
+            raise ValueError(f"unknown entry point {entry!r}; one of {', '.join(ENTRY_POINTS)}")
 
         async def run_wire(message: WireRequest, caller: str) -> AsyncIterator[str | WireResult]:
             async with aclosing(self.run(self.context(message, caller=caller, entry=entry))) as items:

@@ -177,11 +177,28 @@ def test_reserved_kwargs_never_reach_the_provider_nor_the_key():
             return "ok"
 
     node.register_llm_provider("rec", Recorder)
-    a = node.complete("p", provider="rec", timeout=5, request_id="r1", stream=False, strategy="x",
-                      on_peers=[], accelerator=None, cache="no-store", extra=1)  # (constraints: below)
+    a = node.complete("p", provider="rec", timeout=5, request_id="r1", stream=False, strategy="least_loaded",
+                      on_peers=[], accelerator=None, cache="no-store", verify=1, extra=1)  # (constraints: below)
     b = node.complete("p", provider="rec", extra=1, cache="no-store")
     assert seen == [{"extra": 1}, {"extra": 1}]
     assert a.key == b.key and a.request_id == "r1"
+
+
+def test_an_unknown_strategy_is_refused_naming_the_valid_ones():
+    with pytest.raises(node.InvalidRequest, match="round_robin, least_loaded, power_of_two, weighted, cache_affinity"):
+        node.complete("p", provider="echo", strategy="fastest")
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True, "2"])
+def test_verify_must_be_a_whole_number_of_nodes(k):
+    with pytest.raises(node.InvalidRequest, match="verify must be"):
+        node.complete("p", provider="echo", verify=k)
+
+
+def test_verify_above_one_is_refused_until_answers_are_compared_across_nodes():
+    with pytest.raises(node.InvalidRequest, match="verify=3"):
+        node.complete("p", provider="echo", verify=3)
+    assert node.complete("p", provider="echo", verify=1).text == "echo: p"  # one node agrees with itself
 
 
 def test_spelled_out_defaults_keep_the_key_and_real_parameters_change_it():
@@ -315,12 +332,16 @@ def test_the_error_tree_in_node_errors_names_every_runtime_error():
 
 
 class RecordingSlot:
-    """The admission slot's interface as the router and the mesh use it: `local()`, `hand_off()`."""
+    """The admission slot's interface as the router and the mesh use it (node.providers.base.AdmissionSlot)."""
 
     def __init__(self) -> None:
         self.held = False
         self.times_held = 0
         self.handed_off = 0
+        self.taken_back = 0
+
+    async def take_back(self) -> None:
+        self.taken_back += 1
 
     def local(self):
         from contextlib import asynccontextmanager

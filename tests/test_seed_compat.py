@@ -328,6 +328,19 @@ def test_the_key_is_the_one_the_router_uses_for_a_seed_style_provider():
                                                       kwargs=kwargs)
 
 
+def test_a_provider_s_default_model_keys_the_same_when_the_call_names_it():
+    class WithDefault:
+        default_model = "m-default"
+
+        def generate(self, prompt, *, model_name=None, **kwargs):
+            return "d"
+
+    node.register_llm_provider("defaulted", lambda: WithDefault())
+    result = node.complete("same prompt", provider="defaulted")
+    assert result.key == node.response_cache_key(provider="defaulted", model_name="m-default", prompt="same prompt")
+    assert result.key != node.response_cache_key(provider="defaulted", model_name=None, prompt="same prompt")
+
+
 def test_the_key_follows_the_sha256_strategy(monkeypatch):
     monkeypatch.setenv("IPFS_ACCELERATE_PY_ROUTER_CACHE_KEY", "sha256")
     value = key()

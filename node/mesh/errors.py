@@ -1,5 +1,21 @@
 """The inference protocol's `Error` and our errors, both ways: what a server answers for an
-exception, and what a client raises for an answer. One table each way, used by every entry point."""
+exception (`error_for`), and what a client raises for an answer (`raise_for`). One table each way.
+
+Errors defined here, under node.errors' tree:
+
+    ProviderError
+    ├── RateLimited
+    │   └── ClusterBusy         every eligible node was busy: the caller hears `busy`
+    └── RemoteError             a peer answered with an Error not mapped to one of ours; `code`
+
+    wire code            raised by raise_for         error_for answers it for
+    busy                 Busy (retry_after)          Busy, ClusterBusy, AllProvidersFailed of busy nodes only
+    deadline_exceeded    DeadlineExceeded            DeadlineExceeded
+    cache_miss           CacheMiss                   CacheMiss
+    bad_request          InvalidRequest              InvalidRequest
+    model_not_found      ModelNotFound (retryable)   ModelNotFound
+    no_provider, provider_failed, internal, ...      RemoteError (code, retryable, retry_after)
+"""
 
 from __future__ import annotations
 
@@ -18,9 +34,9 @@ from node.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from protocols.inference.messages import MAX_ERROR_MESSAGE_CHARS, MAX_RETRY_AFTER, MAX_TIMEOUT_MS, Error
+from protocols.inference.messages import MAX_ERROR_MESSAGE_CHARS, MAX_RETRY_AFTER, Error
 
-__all__ = ["ClusterBusy", "RemoteError", "error_for", "raise_for", "wire_timeout_ms"]
+__all__ = ["ClusterBusy", "RemoteError", "error_for", "raise_for"]
 
 
 class ClusterBusy(RateLimited):
@@ -85,9 +101,6 @@ def raise_for(error: Error, peer: str) -> None:
         raise InvalidRequest(error.message)
     if error.code == "model_not_found":  # retryable: the mesh tries the next node (the advert was stale)
         raise ModelNotFound(f"peer {peer[-8:]}", error.message, retryable=error.retryable)
+    if error.code == "busy":  # a client hears it as it is; the mesh asks the next node
+        raise Busy(error.retry_after if error.retry_after is not None else 1.0, f"peer {peer[-8:]} is busy: {error.message}")
     raise RemoteError(peer, error)
-
-
-def wire_timeout_ms(seconds: float) -> int:
-    """A deadline in seconds as the Request's `timeout_ms` (the protocol allows 1 ms to 1 hour)."""
-    return min(MAX_TIMEOUT_MS, max(1, int(seconds * 1000)))

@@ -30,9 +30,9 @@ from typing import Any
 
 import trio
 
-from node.errors import AllProvidersFailed, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
-from node.mesh.errors import ClusterBusy, RemoteError
-from node.providers.base import BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
+from node.errors import AllProvidersFailed, Busy, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
+from node.mesh.errors import ClusterBusy
+from node.providers.base import AdmissionSlot, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
 from node.requests import Result
 from node.wire import FORWARDED_HOPS, request_to_wire, result_from_wire
 from protocols.inference.messages import Request as WireRequest
@@ -107,7 +107,7 @@ class RoundRobin:
         return candidates[start:] + candidates[:start]
 
 
-RunLocal = Callable[[WireRequest, Any], AsyncIterator["str | Result"]]  # (request as forwarded, slot)
+RunLocal = Callable[[WireRequest, "AdmissionSlot | None"], AsyncIterator["str | Result"]]  # (request as forwarded, slot)
 
 
 @dataclass(frozen=True)
@@ -166,14 +166,17 @@ class MeshProvider(BaseProvider):
                         emitted = emitted or isinstance(item, str)
                         yield item
                 return
+            except Busy as exc:  # a full node (this one too) answers at once: every one may be asked
+                if emitted:
+                    raise
+                failures.append(f"{node.peer_id[-8:]}: busy")
+                busy.append(exc.retry_after)
+                log.info("mesh: %s is busy; trying the next node", node.peer_id)
             except ProviderError as exc:
                 if emitted or not exc.retryable:
                     raise
                 failures.append(f"{node.peer_id[-8:]}: {exc.message}")
-                if isinstance(exc, RemoteError) and exc.code == "busy":
-                    busy.append(exc.retry_after or 1.0)  # a full node answers at once: every one may be asked
-                else:
-                    failed += 1
+                failed += 1
                 log.info("mesh: %s failed (%s); trying the next node", node.peer_id, exc)
         if busy and not failed:
             raise ClusterBusy(self.name, f"every eligible node is busy ({len(busy)} asked)", retry_after=min(busy))
@@ -211,7 +214,7 @@ class MeshProvider(BaseProvider):
                     completion_tokens=item.usage.get("completion_tokens"), remote=answer,
                 )
 
-    async def _local(self, request: WireRequest, slot: Any) -> AsyncIterator[str | Result]:
+    async def _local(self, request: WireRequest, slot: AdmissionSlot | None) -> AsyncIterator[str | Result]:
         """This node serving: a failure here is one node's failure, so the next node may still serve."""
         try:
             async with aclosing(self.run_local(request, slot)) as items:

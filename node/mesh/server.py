@@ -1,7 +1,7 @@
 """Serving inference requests on a stream: credit-based streaming, deadlines, keep-alive, cancellation.
 
 The mesh does not import the router: the daemon hands `serve_inference_stream` a `runner`
-(the front door, `node.serving.FrontDoor.run_wire`), an async generator function that takes the
+(the front door's, `node.serving.FrontDoor.runner(entry)`), an async generator function that takes the
 protocol `Request` and the caller's peer id and yields text chunks, then the protocol `Result`.
 The runner admits the request (a slot, the queue, or `Busy`); this module only moves its answer
 under the request's deadline. Used by `/accelmesh/infer/1.0.0` and by the control protocol's

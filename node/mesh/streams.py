@@ -211,7 +211,7 @@ class StreamGuard:
     def forget_idle_peers(self) -> None:
         """Drop accounting of peers with no open stream and a full bucket (bounded memory)."""
         now = self._clock()
-        for peer in [p for p, s in self._peers.items() if not s.streams]:
+        for peer in [p for p, s in self._peers.items() if not s.streams and not s.by_protocol]:
             bucket = self._peers[peer].bucket
             if bucket is None or bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst:
                 del self._peers[peer]

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from node.errors import InvalidRequest, ProviderError, ProviderFailed
 from protocols.vocabulary import ACCELERATOR_KINDS  # noqa: F401 (re-exported: what `accelerator=` may name)
 
 __all__ = [
     "ACCELERATOR_KINDS",
+    "AdmissionSlot",
     "Readiness",
     "READY",
     "ProviderInfo",
@@ -34,6 +36,17 @@ __all__ = [
     "adapt",
     "messages_to_text",
 ]
+
+
+class AdmissionSlot(Protocol):
+    """A daemon's admission slot as a request carries it (node.admission.Slot): the router holds it
+    around work a local provider does; a provider that routes elsewhere hands it back meanwhile."""
+
+    def hand_off(self) -> None: ...
+
+    async def take_back(self) -> None: ...
+
+    def local(self) -> AbstractAsyncContextManager[None]: ...
 
 
 class Readiness(NamedTuple):
@@ -106,7 +119,7 @@ class ProviderRequest:
     # In a daemon, the request's admission slot (node.admission.Slot); None in-process. The router
     # holds it (`slot.local()`) around a local provider's work; a provider that routes to another
     # node frees it with `slot.hand_off()` while that node serves. Not part of the request's identity.
-    slot: Any = field(default=None, compare=False, repr=False)
+    slot: AdmissionSlot | None = field(default=None, compare=False, repr=False)
 
     @property
     def text(self) -> str:

@@ -304,6 +304,37 @@ def test_a_stream_refused_for_its_protocol_count_costs_no_rate_token():
     guard.admit("p", OTHER)  # the second token is still there
 
 
+def test_a_member_may_open_member_streams_on_an_admitted_protocol_outside_its_peer_count():
+    limits = StreamLimits(max_streams_per_peer=2, max_streams_per_protocol=1, request_rate=0.001, request_burst=1,
+                          member_streams=4)
+    guard = StreamGuard(limits, clock=lambda: 0.0, is_member=lambda peer: peer == "member")
+    counted = [guard.admit("member", ECHO, admitted=True) for _ in range(4)]  # at member_streams
+    assert counted == [False] * 4, "admitted streams do not count toward the per-peer limit"
+    with pytest.raises(Refusal, match="too_many_streams_protocol"):
+        guard.admit("member", ECHO, admitted=True)  # one past it
+    assert guard.admit("member", OTHER) and guard.admit("member", OTHER + "/2")  # its per-peer 2, no rate
+    with pytest.raises(Refusal, match="too_many_streams_peer"):
+        guard.admit("member", OTHER + "/3")
+    guard.admit("stranger", ECHO, admitted=True)  # a stranger: max_streams_per_protocol, and the rate
+    with pytest.raises(Refusal, match="too_many_streams_protocol"):
+        guard.admit("stranger", ECHO, admitted=True)
+
+
+def test_the_idle_sweep_never_forgets_a_member_with_streams_open():
+    guard = StreamGuard(StreamLimits(max_streams_per_protocol=1, member_streams=4), clock=lambda: 0.0,
+                        is_member=lambda peer: True)
+    for _ in range(4):
+        guard.admit("member", ECHO, admitted=True)
+    guard.forget_idle_peers()  # the member's streams are outside its per-peer count, not gone
+    assert guard.open_streams("member") == 4 == guard.statistics().open_streams
+    with pytest.raises(Refusal, match="too_many_streams_protocol"):
+        guard.admit("member", ECHO, admitted=True)
+    for _ in range(4):
+        guard.release("member", ECHO, counted=False)
+    guard.forget_idle_peers()
+    assert guard.statistics().peers == 0
+
+
 def test_the_token_bucket_sustains_its_rate_after_the_burst():
     bucket = TokenBucket(rate=10.0, burst=5, now=0.0)
     assert sum(bucket.take(0.0) for _ in range(10)) == 5  # the burst at once, then nothing

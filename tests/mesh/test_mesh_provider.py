@@ -135,3 +135,68 @@ async def test_when_this_node_fails_to_serve_the_next_node_does(tmp_path):
                     result = [item async for item in items][-1]
                 assert result.peer == bob.peer_id and result.provider == "echo"
         assert bob.info()["stats"]["inferences"] == 4
+
+
+class BusyPool:
+    """The stream pool's interface, where every other node answers busy."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after, self.asked = retry_after, []
+
+    async def request(self, peer_id, request):
+        from node.errors import Busy
+
+        self.asked.append(peer_id)
+        raise Busy(self.retry_after, f"peer {peer_id} is busy")
+        yield  # pragma: no cover - an async generator
+
+
+async def test_when_every_node_this_one_included_is_full_the_caller_hears_busy_with_the_smallest_hint():
+    from node.errors import Busy
+    from node.mesh.errors import ClusterBusy
+    from node.mesh.provider import MeshProvider
+    from node.providers.base import ProviderRequest
+
+    async def this_node_full(request, slot):  # taking the slot back found the queue full
+        raise Busy(0.5, "every slot and the queue are full")
+        yield  # pragma: no cover
+
+    pool = BusyPool(retry_after=2.0)
+    nodes = [Candidate("B", (ECHO,), frozenset()), Candidate("SELF", (ECHO,), frozenset(), is_self=True)]
+    mesh = MeshProvider(peer_id="SELF", candidates=lambda: nodes, run_local=this_node_full, pool=pool)
+    request = ProviderRequest(task="generate", prompt="hi", messages=None, model="echo")
+    with trio.fail_after(5), pytest.raises(ClusterBusy) as info:
+        async with aclosing(mesh.astream(request)) as items:
+            async for _ in items:
+                pass
+    assert pool.asked == ["B"] and info.value.retry_after == 0.5, "both asked; the smallest hint wins"
+
+
+async def test_a_busy_node_is_passed_over_for_this_node_when_it_has_room():
+    from node.mesh.provider import MeshProvider
+    from node.providers.base import Completion, ProviderRequest
+
+    answer = await node_answer("hi")
+
+    async def this_node_serves(request, slot):
+        yield answer.text
+        yield answer
+
+    pool = BusyPool(retry_after=2.0)
+    nodes = [Candidate("B", (ECHO,), frozenset()), Candidate("SELF", (ECHO,), frozenset(), is_self=True)]
+    mesh = MeshProvider(peer_id="SELF", candidates=lambda: nodes, run_local=this_node_serves, pool=pool)
+    request = ProviderRequest(task="generate", prompt="hi", messages=None, model="echo")
+    with trio.fail_after(5):
+        async with aclosing(mesh.astream(request)) as items:
+            out = [item async for item in items]
+    assert pool.asked == ["B"] and isinstance(out[-1], Completion) and out[-1].remote.peer == "SELF"
+
+
+async def node_answer(prompt: str):
+    """An echo answer computed here, as this node's front door returns it (peer filled in)."""
+    import dataclasses
+
+    import node
+
+    result = await node.acomplete(prompt, provider="echo", cache="no-store")
+    return dataclasses.replace(result, peer="SELF")
