@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 TIERS = CACHE_TIERS  # answers are counted by tier
-PROVIDER_KEY = "provider:{}"  # where the router keeps a provider instance in `router_cache`
+PROVIDER_PREFIX = "provider:"  # the router keeps provider NAME in `router_cache` under "provider:NAME"
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,7 +122,7 @@ class RouterDeps:
             return pinned
         if not settings.provider_cache:
             return self._construct(name, settings)
-        cache_key = PROVIDER_KEY.format(name)
+        cache_key = PROVIDER_PREFIX + name
         with self._lock:
             cached = self.router_cache.get(cache_key)
         built_with = getattr(cached, "_accelmesh_settings", settings)
@@ -145,12 +145,12 @@ class RouterDeps:
     def forget_provider(self, name: str) -> None:
         """Drop the cached instance of provider `name` (it is built again on next use)."""
         with self._lock:
-            self.router_cache.pop(PROVIDER_KEY.format(name), None)
+            self.router_cache.pop(PROVIDER_PREFIX + name, None)
 
     def clear(self) -> None:
         """Forget provider instances and cached responses (the caller's own shared instances and the
         counters are kept)."""
-        prefix = PROVIDER_KEY.format("")
+        prefix = PROVIDER_PREFIX
         with self._lock:
             for key in [k for k in self.router_cache if k.startswith(prefix)]:
                 del self.router_cache[key]

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from node.config import LOAD_BALANCING_STRATEGIES
 from node.errors import InvalidRequest
 from node.providers.base import AdmissionSlot, ProviderRequest
 from protocols.canonical import canonicalize, request_bytes
@@ -184,7 +185,11 @@ def build_request(
     on_peers = (on_peers,) if isinstance(on_peers, str) else on_peers
     if not isinstance(on_peers, (list, tuple)) or not all(isinstance(p, str) and p for p in on_peers):
         raise InvalidRequest(f"on_peers must be a peer id or a list of peer ids, got {on_peers!r}")
-    _verify(reserved.get("verify"))
+    strategy, verify = reserved.get("strategy"), reserved.get("verify")
+    if strategy is not None and strategy not in LOAD_BALANCING_STRATEGIES:
+        raise InvalidRequest(f"strategy must be one of {', '.join(LOAD_BALANCING_STRATEGIES)}, got {strategy!r}")
+    if verify is not None:
+        _verify(verify)
     accelerator = reserved.get("accelerator")
     if accelerator is not None and accelerator not in ACCELERATOR_KINDS:
         raise InvalidRequest(f"accelerator must be one of {', '.join(ACCELERATOR_KINDS)}, got {accelerator!r}")
@@ -199,17 +204,8 @@ def build_request(
         request_id=str(reserved.get("request_id") or uuid.uuid4().hex),
         on_peers=tuple(on_peers),
         accelerator=accelerator,
-        strategy=_strategy(reserved.get("strategy")),
+        strategy=strategy,
     )
-
-
-def _strategy(name: Any) -> str | None:
-    """A load-balancing strategy the caller asked for, checked against the names that exist."""
-    from node.config import LOAD_BALANCING_STRATEGIES
-
-    if name is not None and name not in LOAD_BALANCING_STRATEGIES:
-        raise InvalidRequest(f"strategy must be one of {', '.join(LOAD_BALANCING_STRATEGIES)}, got {name!r}")
-    return name  # type: ignore[no-any-return]
 
 
 def _verify(k: Any) -> None:
