@@ -135,6 +135,10 @@ def _build(name: str) -> Factory:
             from node.mesh.adverts import PeerTable
 
             return PeerTable("12D3KooWself", ttl=30.0)
+        if name == "node.mesh.health.BackendHealth":
+            from node.mesh.health import BackendHealth
+
+            return BackendHealth()
         if name == "node.mesh.streams.StreamGuard":
             from node.mesh.streams import StreamGuard, StreamLimits
 
@@ -159,6 +163,7 @@ FACTORIES: dict[str, Factory] = {
         "node.cache.memory.MemoryCache",
         "node.deps.RouterDeps",
         "node.mesh.adverts.PeerTable",
+        "node.mesh.health.BackendHealth",
         "node.mesh.streams.StreamGuard",
         "node.remote.Client",
         "node.providers.cli_base.CLIProvider",
