@@ -39,6 +39,7 @@ __all__ = [
     "render_reference",
     "default_data_dir",
     "current_settings",
+    "provider_section",
 ]
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,8 @@ def setting(
 class EchoSettings:
     """The `echo` provider: a deterministic stand-in for smoke and load tests."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     latency_ms: tuple[float, float] = setting(
         (0.0, 0.0), "latency before the first chunk: milliseconds, or MIN-MAX drawn uniformly", kind="range_ms"
     )
@@ -307,6 +310,8 @@ class MeshSettings:
 class HFLocalSettings:
     """`hf_local`: Hugging Face transformers models run in this process."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     models: tuple[str, ...] = setting(
         (), "models served (Hugging Face ids or local paths); empty = the embedded tiny model only", kind="list"
     )
@@ -326,6 +331,8 @@ class HFLocalSettings:
 class OpenAICompatibleSettings:
     """`openai_compatible`: any server speaking the OpenAI chat-completions API."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     base_url: str = setting("", "API base URL including /v1, e.g. http://127.0.0.1:8000/v1; empty = not configured",
                             kind="str")
     api_key: str = setting("", "bearer token sent as Authorization (may be empty for local servers)", kind="str",
@@ -338,6 +345,8 @@ class OpenAICompatibleSettings:
 class OpenRouterSettings:
     """`openrouter`: the OpenAI-compatible code with OpenRouter's URL and key preset."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     base_url: str = setting("https://openrouter.ai/api/v1", "OpenRouter API base URL", kind="str")
     api_key: str = setting("", "OpenRouter API key", kind="str", alias="OPENROUTER_API_KEY", secret=True)
     default_model: str = setting("openrouter/auto", "model used when a request names none", kind="str")
@@ -348,6 +357,8 @@ class OpenRouterSettings:
 class CodexCLISettings:
     """`codex_cli`: the OpenAI Codex CLI (`codex exec`)."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     binary: str = setting("codex", "executable name or path", kind="str")
     model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
     timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
@@ -358,6 +369,8 @@ class CodexCLISettings:
 class CopilotCLISettings:
     """`copilot_cli`: the GitHub Copilot CLI (`copilot -p`)."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     binary: str = setting("copilot", "executable name or path", kind="str")
     model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
     timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
@@ -368,6 +381,8 @@ class CopilotCLISettings:
 class GeminiCLISettings:
     """`gemini_cli`: the Google Gemini CLI (`gemini -p`)."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     binary: str = setting("gemini", "executable name or path", kind="str")
     model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
     timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
@@ -378,6 +393,8 @@ class GeminiCLISettings:
 class ClaudeCodeSettings:
     """`claude_code`: Anthropic's Claude Code CLI (`claude -p`)."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     binary: str = setting("claude", "executable name or path", kind="str")
     model: str = setting("", "model passed to the tool; empty = the tool's own default", kind="str")
     timeout: float = setting(300.0, "seconds a run may take before its process group is killed", kind="float",
@@ -388,10 +405,19 @@ class ClaudeCodeSettings:
 class CopilotSDKSettings:
     """`copilot_sdk`: the GitHub Copilot SDK (`github-copilot-sdk`), driving the `copilot` CLI."""
 
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
     cli_path: str = setting("copilot", "the `copilot` executable the SDK starts", kind="str")
     cli_url: str = setting("", "connect to an already running Copilot CLI server instead (host:port)", kind="str")
     model: str = setting("", "model for new sessions; empty = the SDK's default", kind="str")
     timeout: float = setting(300.0, "seconds a generation may take", kind="float", minimum=0.001)
+
+
+def provider_section(settings: Settings, name: str) -> Any:
+    """The settings section of built-in provider `name` (`[echo]`, `[providers.NAME]`); None for others."""
+    if name == "echo":
+        return settings.echo
+    return getattr(settings.providers, name, None)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from node.cache import MemoryCache, ResponseCache, TieredCache, as_response_cache
-from node.config import Settings, current_settings
+from node.config import Settings, current_settings, provider_section
 from node.providers import registry
-from node.providers.base import BaseProvider, adapt
+from node.providers.base import BaseProvider, DisabledProvider, adapt
 from node._singleflight import InFlight
 from protocols.vocabulary import CACHE_TIERS
 
@@ -135,6 +135,9 @@ class RouterDeps:
 
     @staticmethod
     def _construct(name: str, settings: Settings) -> BaseProvider:
+        section = provider_section(settings, name) if name in registry.BUILTIN_PROVIDERS else None
+        if section is not None and not section.enabled:
+            return DisabledProvider(name)  # `enabled = false`: not ready, reason "disabled"
         factory = registry.factory_for(name)
         if isinstance(factory, type) and issubclass(factory, BaseProvider) and hasattr(factory, "from_settings"):
             provider = factory.from_settings(settings)

@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from node.providers.base import DISABLED
 from protocols.advert.messages import (
     MAX_ACCELERATOR_NAME_CHARS,
     MAX_ACCELERATORS,
@@ -329,8 +330,9 @@ def _fits(text: str, limit: int) -> bool:
 def local_offer(names: Iterable[str], get_provider: Callable[[str], Any]) -> list[ProviderEntry]:
     """The local providers this node offers, one entry per registered name, ready or not.
 
-    Blocking (readiness checks may run subprocesses). The mesh itself is not offered; a
-    provider that cannot be built is offered as not ready, with no tasks or models.
+    Blocking (readiness checks may run subprocesses). The mesh itself is not offered, nor a
+    provider switched off in the settings (`enabled = false`); a provider that cannot be built
+    is offered as not ready, with no tasks or models.
     """
     out = []
     for name in names:
@@ -338,8 +340,10 @@ def local_offer(names: Iterable[str], get_provider: Callable[[str], Any]) -> lis
             continue
         try:
             provider = get_provider(name)
-            out.append(ProviderEntry(name, tuple(provider.tasks), tuple(provider.models()),
-                                     provider.available().ok))
+            readiness = provider.available()
+            if not readiness.ok and readiness.reason == DISABLED:
+                continue
+            out.append(ProviderEntry(name, tuple(provider.tasks), tuple(provider.models()), readiness.ok))
         except Exception as exc:  # a provider that cannot be built is advertised as not ready
             log.debug("provider %s: %s", name, exc)
             out.append(ProviderEntry(name, (), (), False))

@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from node.errors import InvalidRequest, ProviderError, ProviderFailed
+from node.errors import InvalidRequest, ProviderError, ProviderFailed, ProviderUnavailable
 from protocols.vocabulary import ACCELERATOR_KINDS  # noqa: F401 (re-exported: what `accelerator=` may name)
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "BaseProvider",
     "PlainProvider",
     "adapt",
+    "DisabledProvider",
+    "DISABLED",
     "messages_to_text",
 ]
 
@@ -293,6 +295,26 @@ def _next_or_none(iterator: Iterator[Any], name: str) -> Any:
         raise
     except Exception as exc:
         raise ProviderFailed(name, f"{type(exc).__name__}: {exc}") from exc
+
+
+DISABLED = "disabled"  # the readiness reason of a built-in provider switched off in the settings
+
+
+class DisabledProvider(BaseProvider):
+    """A built-in provider switched off in the settings (`enabled = false`): never ready, never advertised."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # type: ignore[misc]  # instance attribute shadows the ClassVar on purpose
+
+    def available(self) -> Readiness:
+        return Readiness(False, DISABLED)
+
+    async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+        raise ProviderUnavailable(self.name, DISABLED)
+        yield  # pragma: no cover - makes this an async generator
+
+    def complete_sync(self, request: ProviderRequest) -> Completion:
+        raise ProviderUnavailable(self.name, DISABLED)
 
 
 def adapt(name: str, obj: Any) -> BaseProvider:
