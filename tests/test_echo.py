@@ -86,6 +86,12 @@ async def test_echo_concurrency_caps_parallel_service_and_queues_the_rest(autoju
     assert times == pytest.approx([0.1, 0.1, 0.2, 0.2])
 
 
+def test_echo_capacity_is_its_concurrency_and_0_is_unlimited():
+    assert EchoProvider(concurrency=2).capacity() == 2
+    assert EchoProvider(concurrency=0).capacity() is None  # unlimited is said as such, never as 0
+    assert EchoProvider.from_settings(load_settings(env={"ACCELMESH_ECHO_CONCURRENCY": "5"})).capacity() == 5
+
+
 def test_echo_concurrency_caps_threads_too():
     import threading
 

@@ -8,7 +8,8 @@ object in `PlainProvider`, so the router only ever talks to `BaseProvider`:
 - ``astream(request)`` yields text deltas (``str``) and ends with exactly one `Completion`;
 - ``complete_sync(request)`` answers without an event loop (the fast path of `generate_text`);
 - ``available()`` says whether the prerequisites are really there, and if not, why;
-- ``model_identity(model)`` names the model that will answer, for the request key.
+- ``model_identity(model)`` names the model that will answer, for the request key;
+- ``capacity()`` says how many requests it runs at once (None: no cap of its own), for the advert.
 """
 
 from __future__ import annotations
@@ -165,6 +166,12 @@ class BaseProvider:
     def accelerator(self) -> str | None:
         """The kind of device this provider computes on here (cuda, rocm, mps, cpu); None when it
         computes elsewhere (an API, a command-line tool's service). Read for `accelerator=`."""
+        return None
+
+    def capacity(self) -> int | None:
+        """How many requests this provider runs at once (at least 1), or None when it has no cap of
+        its own (an API, a command-line tool: unlimited here; the node's `max_concurrent` still
+        bounds it). Advertised per provider (`ProviderEntry.capacity`) for peers balancing load."""
         return None
 
     def model_identity(self, model: str | None) -> str:

@@ -93,6 +93,10 @@ class EchoProvider(BaseProvider):
     def accelerator(self) -> str:
         return "cpu"
 
+    def capacity(self) -> int | None:
+        """`concurrency`, or None when it is 0 (unlimited)."""
+        return self.concurrency or None
+
     def _draw(self) -> tuple[float, bool]:
         """Per attempt: the latency in seconds and whether this attempt fails."""
         lo, hi = self.latency_ms

@@ -345,6 +345,10 @@ class HFLocalProvider(BaseProvider):
             return "rocm" if getattr(torch.version, "hip", None) else "cuda"
         return device
 
+    def capacity(self) -> int:
+        """`concurrency`: generations at once on this provider's one device (every model on it shares them)."""
+        return self.concurrency
+
     def load(self, model: str | None = None, *, progress: bool = False) -> _Loaded:
         """Load (once) and return `model` on this provider's device. Blocking: call in a thread.
 

@@ -63,7 +63,8 @@ __all__ = [
 PROTOCOL_ID = "/accelmesh/advert/1.0.0"
 TOPIC = "accelmesh/adverts/1"
 _VERSION = re.compile(r"([0-9]{1,6})\.([0-9]{1,6})", re.ASCII)
-PROTOCOL_VERSION = "1.0"  # major.minor of accelmesh's wire protocols; a newer major is refused
+PROTOCOL_VERSION = "1.1"  # major.minor of accelmesh's wire protocols; a newer major is refused
+# Minor versions (SPEC.md "Versioning"): 1.1 added ProviderEntry.capacity.
 MAX_ADVERT_BYTES = 64 * 1024  # the real bound of an advert (the per-field bounds allow more): gossip stays cheap
 # Per-field bounds (strings count characters). A sender leaves out what does not fit rather than
 # cutting it, except device names: a cut model name would name another model, a cut GPU name is harmless.
@@ -80,7 +81,7 @@ MAX_ACCELERATOR_NAME_CHARS = 128  # a device name as the vendor tool prints it
 MAX_KEY_BYTES = 64  # a libp2p public-key protobuf (Ed25519: 36 bytes) or an Ed25519 signature (64 bytes)
 MAX_SOFTWARE_CHARS = 64  # "accelmesh/<version>"
 MAX_PROTOCOL_VERSION_CHARS = 16  # "major.minor"
-MAX_CAPACITY = 1 << 20  # requests served at once (a node's max_concurrent)
+MAX_CAPACITY = 1 << 20  # requests served at once (a node's max_concurrent, a provider's own cap)
 MAX_CORES = 1 << 20  # logical cores of one host's cpu
 MAX_QUEUED = 1 << 24  # requests waiting or running, as counted in `queue` and `load`
 MAX_DEVICE_INDEX = 1023  # a device's index among its kind
@@ -89,12 +90,18 @@ MAX_INT = 2**53  # sequence numbers, times in ms, bytes of memory: exact as a fl
 
 @dataclasses.dataclass(frozen=True)
 class ProviderEntry(Message):
-    """One provider a node offers."""
+    """One provider a node offers.
+
+    `capacity` (since 1.1): requests this provider runs at once. Absent (None) is unlimited: the
+    provider has no cap of its own, and the node's `Advert.capacity` still bounds it. An entry
+    from a 1.0 sender has none, which reads the same way.
+    """
 
     name: str = field(Str(max_len=MAX_PROVIDER_NAME_CHARS))
     tasks: tuple[str, ...] = field(List(Str(max_len=MAX_TASK_CHARS, choices=TASKS), max_items=len(TASKS)))
     models: tuple[str, ...] = field(List(Str(max_len=MAX_MODEL_NAME_CHARS), max_items=MAX_MODELS))
     ready: bool = field(Bool())
+    capacity: int | None = field(Int(1, MAX_CAPACITY), optional=True)  # None: unlimited (since 1.1)
 
 
 @dataclasses.dataclass(frozen=True)

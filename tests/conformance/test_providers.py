@@ -4,7 +4,8 @@ Each provider must: say whether it is ready, and why not in words that say how t
 answer synchronously and as a stream (text chunks in order, then exactly one Completion whose
 text is the chunks joined); stop promptly when cancelled; honour the router's deadline, on the
 async path and (except a plain seed-style object, which cannot be interrupted) on the sync path
-by raising `ProviderTimeout` (the router's `DeadlineExceeded` then carries it); and report failures as typed `ProviderError`s.
+by raising `ProviderTimeout` (the router's `DeadlineExceeded` then carries it); report failures as typed `ProviderError`s;
+and say how many requests it runs at once in a form the advert carries (None: unlimited).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ def test_ready_provider_says_so_with_a_reason(h: Harness, tmp_path):
     with h.ready(tmp_path) as case:
         readiness = case.provider.available()
         assert isinstance(readiness, Readiness) and readiness.ok and readiness.reason.strip()
+
+
+@by_name
+def test_capacity_is_unlimited_or_a_count_the_advert_can_carry(h: Harness, tmp_path):
+    from protocols.advert.messages import MAX_CAPACITY
+
+    with h.ready(tmp_path) as case:
+        capacity = case.provider.capacity()
+    assert capacity is None or (type(capacity) is int and 1 <= capacity <= MAX_CAPACITY), capacity
 
 
 @pytest.mark.parametrize("h", with_unready, ids=[h.name for h in with_unready])

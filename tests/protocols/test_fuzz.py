@@ -95,6 +95,9 @@ _SERVER_FRAMES = [
     encode_frame(encode(Error(code="busy", message="full", retryable=True, retry_after=1.0))),
 ]
 
+_ADVERTS = [encode(make_advert(created=NOW)),  # as a 1.0 node sends it
+            encode(make_advert(created=NOW, protocol="1.1", echo_capacity=4))]  # 1.1: a provider's capacity
+
 _SERVER_BODIES = [f for frame in _SERVER_FRAMES for f in frames(frame, 8 * 1024 * 1024)]
 _CLIENT_BODIES = [f for frame in _CLIENT_FRAMES for f in frames(frame, 8 * 1024 * 1024)]
 
@@ -111,7 +114,7 @@ DECODERS = {
     "canonical response": (decode_response, RESPONSE_CORPUS, False, CODEC),
     "framed message": (lambda data: [decode(f, Sample) for f in frames(data)], [encode_frame(encode(valid()))],
                        True, CODEC | FRAMING),
-    "advert (decode and verify)": (_advert_then_verify, [encode(make_advert(created=NOW))], False, CODEC),
+    "advert (decode and verify)": (_advert_then_verify, _ADVERTS, False, CODEC),
     "get-advert": (lambda data: decode(data, GetAdvert), [encode(GetAdvert())], False, CODEC),
     "inference, server side": (_server_side, _CLIENT_FRAMES, True, CODEC | FRAMING),
     "inference, client side": (_client_side, _SERVER_FRAMES, True, CODEC | FRAMING),

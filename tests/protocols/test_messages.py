@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.advert.messages import (
-    MAX_ADVERT_BYTES, Accelerator, Advert, GetAdvert, Load, ProviderEntry, decode_advert, encode_advert, sign_advert,
-    verified_advert, verify_advert,
+    MAX_ADVERT_BYTES, MAX_CAPACITY, Accelerator, Advert, GetAdvert, Load, ProviderEntry, decode_advert, encode_advert,
+    sign_advert, verified_advert, verify_advert,
 )
 from protocols.cache.messages import Found, Get, NotFound, check_found
 from protocols.canonical import response_bytes
@@ -35,11 +35,13 @@ NOW = 1_800_000_000_000
 alice, mallory = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x03" * 32)
 
 
-def make_advert(identity: Identity = alice, *, seq: int = 1, created: int = NOW, protocol: str = "1.0") -> Advert:
+def make_advert(identity: Identity = alice, *, seq: int = 1, created: int = NOW, protocol: str = "1.0",
+                echo_capacity: int | None = None) -> Advert:
+    """A signed advert; as a 1.0 sender writes it unless `echo_capacity` (1.1) is given."""
     return sign_advert(
         identity,
         addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{identity.peer_id}",),
-        providers=(ProviderEntry("echo", ("generate", "chat"), ("echo",), True),
+        providers=(ProviderEntry("echo", ("generate", "chat"), ("echo",), True, echo_capacity),
                    ProviderEntry("hf_local", ("generate",), ("accelmesh-tiny",), True)),
         accelerators=(Accelerator("cpu", "x86_64", 24 << 30, 20 << 30, cores=2),
                       Accelerator("cuda", "NVIDIA H100", 80 << 30, 79 << 30, index=0)),
@@ -54,7 +56,8 @@ text = st.text(max_size=40)
 peer = st.sampled_from([alice.peer_id, mallory.peer_id])
 providers = st.builds(ProviderEntry, name=st.text(max_size=64), tasks=st.lists(
     st.sampled_from(["generate", "chat", "embed"]), max_size=3).map(tuple),
-    models=st.lists(st.text(max_size=30), max_size=4).map(tuple), ready=st.booleans())
+    models=st.lists(st.text(max_size=30), max_size=4).map(tuple), ready=st.booleans(),
+    capacity=st.none() | st.integers(1, 1 << 20))
 accelerators = st.builds(Accelerator, kind=st.sampled_from(["cuda", "rocm", "mps", "cpu"]), name=text,
                          memory_total=st.integers(0, 2**53), memory_free=st.integers(0, 2**53),
                          index=st.integers(0, 1023), cores=st.none() | st.integers(0, 1024))
@@ -64,7 +67,7 @@ adverts = st.builds(
                                                                                  max_size=3).map(tuple),
     capacity=st.integers(0, 1 << 20), queue=st.integers(0, 1 << 24),
     load=st.builds(Load, in_flight=st.integers(0, 100), queued=st.integers(0, 100)),
-    software=text, protocol=st.sampled_from(["1.0", "1.7"]), seq=st.integers(0, 2**53),
+    software=text, protocol=st.sampled_from(["1.0", "1.1", "1.7"]), seq=st.integers(0, 2**53),
     created=st.integers(0, 2**53), expires=st.integers(0, 2**53), signature=st.binary(max_size=64))
 params = st.dictionaries(st.text(max_size=10), st.none() | st.integers(-5, 5) | st.floats(-1, 1) | text, max_size=4)
 
@@ -167,6 +170,68 @@ def test_advert_must_list_an_accelerator():
 
     with pytest.raises(MalformedMessage, match="at least one accelerator"):
         decode_advert(msgpack.packb(d, use_bin_type=True))
+
+
+# -- provider capacity (protocol 1.1) -----------------------------------------------------------
+
+
+def _with_echo_capacity(value) -> bytes:
+    """A 1.1 advert's bytes with the echo entry's capacity set to `value` (as mallory may send it)."""
+    import msgpack
+
+    d = make_advert(protocol="1.1", echo_capacity=4).to_dict()
+    d["providers"][0]["capacity"] = value
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def test_provider_capacity_round_trips_and_absent_means_unlimited():
+    advert = make_advert(protocol="1.1", echo_capacity=4)
+    assert verified_advert(encode_advert(advert), NOW) == advert
+    echo, hf = advert.providers
+    assert (echo.capacity, hf.capacity) == (4, None)
+    wire = advert.to_dict()["providers"]
+    assert wire[0]["capacity"] == 4 and "capacity" not in wire[1]  # unlimited is said by leaving it out
+
+
+def test_an_advert_from_a_1_0_sender_verifies_and_its_providers_read_as_unlimited():
+    import msgpack
+
+    data = encode_advert(make_advert(protocol="1.0"))  # what a 1.0 node signs and sends
+    assert [set(p) for p in msgpack.unpackb(data)["providers"]] == [{"name", "tasks", "models", "ready"}] * 2
+    advert = verified_advert(data, NOW)
+    assert [p.capacity for p in advert.providers] == [None, None]
+
+
+def test_a_provider_capacity_changed_after_signing_breaks_the_signature():
+    advert = make_advert(protocol="1.1", echo_capacity=4)
+    raised = dataclasses.replace(advert, providers=(dataclasses.replace(advert.providers[0], capacity=64),
+                                                    advert.providers[1]))
+    with pytest.raises(BadSignature, match="does not verify"):
+        verify_advert(raised, NOW)
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_CAPACITY + 1, 2**64 - 1, True, False, "4", 4.0, [4]],
+                         ids=repr)
+def test_mallorys_provider_capacity_outside_1_to_2_20_or_not_an_int_is_refused_naming_the_field(value):
+    with pytest.raises(MalformedMessage) as info:
+        decode_advert(_with_echo_capacity(value))
+    assert info.value.field == "capacity" and "providers[0]" in str(info.value)
+
+
+def test_provider_capacity_at_the_limit_is_read_and_one_more_is_refused_on_both_sides():
+    assert decode_advert(_with_echo_capacity(MAX_CAPACITY))[0].providers[0].capacity == MAX_CAPACITY
+    assert decode_advert(_with_echo_capacity(1))[0].providers[0].capacity == 1
+    for value in (0, MAX_CAPACITY + 1):
+        with pytest.raises(UnsendableMessage) as info:
+            encode_advert(make_advert(protocol="1.1", echo_capacity=value))
+        assert info.value.field == "capacity"
+
+
+def test_a_nil_provider_capacity_reads_as_absent_like_every_optional_field():
+    """SPEC.md "Encoding": nil is allowed for optional fields only, and means absent. The signature
+    covers the nil as received, so it cannot be added or removed on the way."""
+    advert = decode_advert(_with_echo_capacity(None))[0]
+    assert advert.providers[0].capacity is None
 
 
 # -- the inference state machine between two sides --------------------------------------------

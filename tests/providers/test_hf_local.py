@@ -209,6 +209,12 @@ def test_accelerator_is_the_device_kind(provider):
     assert HFLocalProvider(device="mps").accelerator() == "mps"
 
 
+def test_capacity_is_the_concurrency_setting_generations_at_once_on_its_device():
+    assert HFLocalProvider().capacity() == 1  # the default: one generation at a time
+    settings = load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_CONCURRENCY": "3"})
+    assert HFLocalProvider.from_settings(settings).capacity() == 3
+
+
 def test_sync_path_stops_at_the_deadline_with_provider_timeout():
     provider = HFLocalProvider(max_new_tokens=16)
     loaded = provider.load()

@@ -660,7 +660,13 @@ def advert_record(name: str, message: dict[str, Any], signed: bytes, signer: Key
     }
 
 
-GOOD_ADVERT, GOOD_ADVERT_SIGNED = signed_advert(ALICE, advert_fields(ALICE))
+GOOD_ADVERT, GOOD_ADVERT_SIGNED = signed_advert(ALICE, advert_fields(ALICE))  # protocol 1.0: no provider capacity
+# Protocol 1.1 added ProviderEntry.capacity: requests that provider runs at once, absent = unlimited.
+CAPACITY_ADVERT, CAPACITY_ADVERT_SIGNED = signed_advert(BOB, advert_fields(
+    BOB, addrs=[f"/ip4/10.0.0.2/tcp/4001/p2p/{BOB.peer_id}"], protocol="1.1",
+    providers=[{"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True, "capacity": 4},
+               {"name": "openai_compatible", "tasks": ["generate", "chat"], "models": ["gpt-4o-mini"],
+                "ready": True}]))
 
 
 def build_adverts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -673,6 +679,9 @@ def build_adverts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         (created - CLOCK_SKEW_MS, "ok"),
         (created - CLOCK_SKEW_MS - 1, "ExpiredRecord"),
     ], reproducible=True)]
+
+    out.append(advert_record("a 1.1 advert: one provider with a capacity, one unlimited (absent)", CAPACITY_ADVERT,
+                             CAPACITY_ADVERT_SIGNED, BOB, [(NOW, "ok")], reproducible=True))
 
     gpu = advert_fields(
         BOB,
@@ -754,6 +763,7 @@ def build_advert() -> dict[str, Any]:
         vector("get-advert, known adverts too", get_known, "client"),
         vector("advert (alice, signed)", GOOD_ADVERT, "server"),
         vector("advert: no addresses, no providers, cpu without cores", minimal, "server"),
+        vector("advert 1.1: provider capacity 4, and one unlimited (absent)", CAPACITY_ADVERT, "server"),
     ]
     no_defaults = {k: v for k, v in GOOD_ADVERT.items()}
     no_defaults["accelerators"] = [{k: v for k, v in a.items() if k != "index"} for a in GOOD_ADVERT["accelerators"]]
@@ -769,7 +779,14 @@ def build_advert() -> dict[str, Any]:
             {**GOOD_ADVERT["accelerators"][0], "cores": None}]},
             {**GOOD_ADVERT, "accelerators": [{k: v for k, v in GOOD_ADVERT["accelerators"][0].items()
                                               if k != "cores"}]}, "server"),
+        decode_only("provider capacity nil (optional: unlimited, as absent)", {**CAPACITY_ADVERT, "providers": [
+            CAPACITY_ADVERT["providers"][0], {**CAPACITY_ADVERT["providers"][1], "capacity": None}]},
+            CAPACITY_ADVERT, "server"),
     ]
+
+    def with_capacity(capacity: Any) -> dict[str, Any]:
+        return {**CAPACITY_ADVERT, "providers": [{**CAPACITY_ADVERT["providers"][0], "capacity": capacity}]}
+
     invalid_vectors = [
         invalid("no accelerators", {**GOOD_ADVERT, "accelerators": []}, "MalformedMessage", "server"),
         invalid("unknown accelerator kind", {**GOOD_ADVERT, "accelerators": [
@@ -777,6 +794,12 @@ def build_advert() -> dict[str, Any]:
         invalid("unknown task", {**GOOD_ADVERT, "providers": [
             {**GOOD_ADVERT["providers"][0], "tasks": ["translate"]}]}, "MalformedMessage", "server"),
         invalid("load missing", {k: v for k, v in GOOD_ADVERT.items() if k != "load"}, "MalformedMessage", "server"),
+        invalid("provider capacity 0 (unlimited is said by leaving it out)", with_capacity(0), "MalformedMessage",
+                "server"),
+        invalid("provider capacity negative", with_capacity(-1), "MalformedMessage", "server"),
+        invalid("provider capacity over 2**20", with_capacity(2**20 + 1), "MalformedMessage", "server"),
+        invalid("provider capacity is a boolean", with_capacity(True), "MalformedMessage", "server"),
+        invalid("provider capacity is a string", with_capacity("4"), "MalformedMessage", "server"),
         invalid("seq negative", {**GOOD_ADVERT, "seq": -1}, "MalformedMessage", "server"),
         invalid("seq over 2**53", {**GOOD_ADVERT, "seq": 2**53 + 1}, "MalformedMessage", "server"),
         invalid("public key as str", {**GOOD_ADVERT, "public_key": "x"}, "MalformedMessage", "server"),
