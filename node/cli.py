@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from node import __version__
+from node.config import LOAD_BALANCING_STRATEGIES
 from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES
 
 __all__ = ["main", "build_parser"]
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these peers may serve (repeatable; needs the mesh)")
     g.add_argument("--accelerator", metavar="KIND", choices=ACCELERATOR_KINDS,
                    help=f"only peers with this accelerator ({', '.join(ACCELERATOR_KINDS)}) may serve (needs the mesh)")
+    g.add_argument("--strategy", metavar="NAME", choices=LOAD_BALANCING_STRATEGIES,
+                   help="how the mesh picks the serving node for this request, instead of the configured "
+                        f"load_balancing ({', '.join(LOAD_BALANCING_STRATEGIES)}; docs/mesh.md)")
     g.add_argument("--json", action="store_true", help="print one JSON object (with --stream: JSON lines)")
     remote = g.add_argument_group("submit to a daemon elsewhere (instead of --data-dir)")
     remote.add_argument("--peer", metavar="MULTIADDR", help="the entry daemon, a full multiaddr with /p2p/")
@@ -189,6 +193,8 @@ def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
         kwargs["on_peers"] = tuple(args.on_peers)
     if args.accelerator:
         kwargs["accelerator"] = args.accelerator
+    if args.strategy:
+        kwargs["strategy"] = args.strategy
     if args.peer:
         if str(settings.sources.get("data_dir", "")).startswith("flag"):
             raise _UsageError("--data-dir and --peer are alternatives: --peer dials that daemon directly, "
@@ -415,14 +421,18 @@ def cmd_peers(args: argparse.Namespace, settings: Any) -> int:
     if args.json:
         _print_json(result)
         return EXIT_OK
-    rows = [("PEER", "PROVIDERS (ready)", "DEVICES", "LOAD", "LATENCY", "SEEN")]
+    rows = [("PEER", "PROVIDERS (ready)", "DEVICES", "LOAD", "HEALTH", "LATENCY", "RTT", "SEEN")]
     for peer in result["peers"]:
         ready = ",".join(p["name"] for p in peer["providers"] if p["ready"]) or "-"
         devices = ",".join(sorted({a["kind"] for a in peer["accelerators"]}))
         load = f"{peer['load']['in_flight']}/{peer.get('capacity', '?')}+{peer['load']['queued']}"
-        latency = "-" if peer["latency_ms"] is None else f"{peer['latency_ms']:.0f} ms"
+        health = peer.get("health") or "-"
+        if peer.get("cooldown_until"):
+            health += f" {max(0.0, peer['cooldown_until'] - time.time()):.0f} s"
+        latency = "-" if peer.get("latency_ms") is None else f"{peer['latency_ms']:.0f} ms"
+        rtt = "-" if peer.get("rtt_ms") is None else f"{peer['rtt_ms']:.0f} ms"
         seen = f"{max(0.0, time.time() - peer['last_seen']):.0f} s ago"
-        rows.append((peer["peer_id"][-12:], ready, devices, load, latency, seen))
+        rows.append((peer["peer_id"][-12:], ready, devices, load, health, latency, rtt, seen))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
+from node.mesh.health import HealthPolicy
 
 __all__ = [
     "Settings",
@@ -297,13 +298,29 @@ class AdvertSettings:
 
 @dataclass(frozen=True)
 class MeshSettings:
-    """The mesh's client side: keep-alive inference streams to other nodes (`node.mesh.pool.StreamPool`)."""
+    """The mesh's client side: keep-alive inference streams to other nodes (`node.mesh.pool.StreamPool`) and
+    the backend manager's health policy (`node.mesh.manager`)."""
 
     pool_max_idle_per_peer: int = setting(16, "idle keep-alive inference streams kept per peer", kind="int",
                                           minimum=0, daemon_only=True)
     pool_max_idle_seconds: float = setting(20.0, "seconds an idle keep-alive stream is kept before it is closed "
                                            "(below the server's idle_timeout)", kind="float", minimum=0.001,
                                            daemon_only=True)
+    # The backend manager's health policy (node.mesh.health.HealthPolicy holds the defaults and why).
+    health_window: float = setting(HealthPolicy.window, "seconds of request outcomes a peer's health is judged on",
+                                   kind="float", minimum=0.001, daemon_only=True)
+    health_min_requests: int = setting(HealthPolicy.min_requests, "fewer outcomes than this in the window never "
+                                       "cool a peer (one failure alone never does)", kind="int", minimum=2,
+                                       daemon_only=True)
+    health_threshold: float = setting(HealthPolicy.threshold, "failure ratio in the window that cools a peer",
+                                      kind="float", minimum=0.001, maximum=1.0, daemon_only=True)
+    cooldown: float = setting(HealthPolicy.base_cooldown, "seconds of a peer's first cooldown (doubled for each "
+                              "one in a row, reset by a success)", kind="float", minimum=0.001, daemon_only=True)
+    cooldown_max: float = setting(HealthPolicy.max_cooldown, "longest cooldown in seconds (at least `cooldown`)",
+                                  kind="float", minimum=0.001, daemon_only=True)
+    load_cap: float = setting(1.0, "cache_affinity: a peer running this many requests per slot of "
+                              "its capacity spills to the next one in hash order", kind="float", minimum=0.001,
+                              daemon_only=True)
 
 
 @dataclass(frozen=True)
@@ -469,7 +486,7 @@ class Settings:
     )
     load_balancing: str = setting(
         "round_robin",
-        "how the mesh picks a peer (until the backend manager lands, every strategy routes round robin)",
+        "how the mesh picks the node that serves a request (docs/mesh.md); a request's strategy= wins",
         kind="str",
         choices=LOAD_BALANCING_STRATEGIES,
         alias="IPFS_ACCELERATE_PY_LLM_LOAD_BALANCING",

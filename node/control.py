@@ -60,6 +60,7 @@ class ControlContext:
     admission: Callable[[], AdmissionStatistics]
     streams: Callable[[], GuardStatistics]
     peer_entries: Callable[[], Sequence[PeerEntry]]  # the peer table, sorted by peer id
+    peer_health: Callable[[str], Mapping[str, Any]]  # the backend manager's view of a peer (health, latency)
     advert: Callable[[], Advert | None]  # this node's current advert
     router: Callable[[], RouterStatistics]
     store: LocalStore  # the local store the cache commands work on
@@ -95,7 +96,8 @@ def info(context: ControlContext) -> dict[str, Any]:
 
 def peers(context: ControlContext) -> dict[str, Any]:
     """`accelmesh peers --json`: every peer in the table (never this node, never a client)."""
-    return {"peers": [entry.to_json() for entry in context.peer_entries()]}
+    return {"peers": [{**entry.to_json(), **context.peer_health(entry.advert.peer_id)}
+                      for entry in context.peer_entries()]}
 
 
 def stop(context: ControlContext) -> dict[str, Any]:

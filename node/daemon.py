@@ -117,6 +117,10 @@ class Daemon:
         self.adverts: AdvertService | None = None
         self.control: control.ControlContext | None = None  # what the control commands see
         self.mesh: Any = None
+        self.manager: Any = None  # node.mesh.manager.BackendManager: who serves each request the mesh carries
+        from node.mesh.manager import health_policy
+
+        self.health_policy = health_policy(settings.mesh)  # a bad [mesh] health setting fails here, named
         self.streams: StreamPool | None = None  # keep-alive inference streams to other nodes
         from node.accelerators import AcceleratorDetector
 
@@ -227,16 +231,20 @@ class Daemon:
         return deps, store
 
     def _mesh(self, front_door: FrontDoor, pool: StreamPool, table: PeerTable, adverts: AdvertService) -> Any:
-        """The mesh provider, pinned in the router's deps: it sees the peer table and this node's
-        advert read-only, and runs a request here through the front door's `run_local`."""
-        from node.mesh.provider import MeshProvider, candidates_from_adverts
+        """The mesh provider, pinned in the router's deps, and its backend manager (the deps'
+        `backend_manager`): the manager sees the peer table and this node's advert read-only; the
+        mesh runs a request here through the front door's `run_local`."""
+        from node.mesh.manager import BackendManager, candidates_from_adverts
+        from node.mesh.provider import MeshProvider
 
         def candidates() -> list[Any]:
             return candidates_from_adverts(self.peer_id, [e.advert for e in table.entries()], adverts.current)
 
-        mesh = MeshProvider(peer_id=self.peer_id, candidates=candidates, run_local=front_door.run_local, pool=pool)
+        self.manager = BackendManager(candidates, strategy=self.settings.load_balancing, policy=self.health_policy,
+                                      load_cap=self.settings.mesh.load_cap)
+        mesh = MeshProvider(peer_id=self.peer_id, manager=self.manager, run_local=front_door.run_local, pool=pool)
         self.deps.pin_provider("mesh", mesh)
-        self.deps.backend_manager = mesh  # RouterDeps.get_backend_manager(): who picks the serving node
+        self.deps.backend_manager = self.manager  # RouterDeps.get_backend_manager()
         return mesh
 
     def _advert_service(self, host: Any, table: PeerTable) -> AdvertService:
@@ -261,7 +269,7 @@ class Daemon:
             host, self.guard, table, build,
             interval=settings.adverts.interval, load_interval=settings.adverts.load_interval,
             load=load, load_changed=lambda: admission.changed, is_member=lambda peer: True,
-            offer_signature=build.offer_signature,
+            offer_signature=build.offer_signature, pinged=lambda peer, rtt: self.manager.pinged(peer, rtt),
         )
 
     def _control_context(self, host: Any, table: PeerTable, adverts: AdvertService) -> control.ControlContext:
@@ -271,6 +279,7 @@ class Daemon:
             addrs=self.addrs, state=lambda: self.state, uptime=lambda: time.time() - self.started_at,
             connections=lambda: len(host.get_network().connections), admission=self.admission.statistics,
             streams=self.guard.statistics, peer_entries=table.entries, advert=lambda: adverts.current,
+            peer_health=self.manager.peer_json,
             router=self.deps.statistics, store=self.store, request_stop=self.request_stop,
         )
 
@@ -327,6 +336,8 @@ class Daemon:
         while True:
             await trio.sleep(60)
             self.guard.forget_idle_peers()
+            if self.manager is not None and self.table is not None:
+                self.manager.forget([self.peer_id, *(e.advert.peer_id for e in self.table.entries())])
 
     # -- the control commands' answers, for tests and in-process callers (node.control) ----------
 

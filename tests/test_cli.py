@@ -109,6 +109,13 @@ def test_bad_setting_exits_2_for_every_command(accelmesh, subprocess_env):
         assert out.returncode == 2 and "load_balancing='fastest'" in out.stderr and "round_robin" in out.stderr
 
 
+def test_an_unknown_strategy_is_refused_naming_the_valid_ones(accelmesh):
+    out = accelmesh("generate", "x", "--provider", "echo", "--strategy", "fastest", check=False)
+    assert out.returncode == 2 and "fastest" in out.stderr and "power_of_two" in out.stderr
+    out = accelmesh("generate", "x", "--provider", "echo", "--strategy", "power_of_two", "--json")
+    assert json.loads(out.stdout)["text"] == "echo: x", "in-process: no mesh to balance, the strategy is harmless"
+
+
 def test_debug_shows_the_traceback(accelmesh):
     out = accelmesh("generate", "x", "--provider", "nope", "--debug", check=False)
     assert out.returncode != 0 and "Traceback" in out.stderr

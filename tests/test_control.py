@@ -14,8 +14,9 @@ from node.admission import Admission
 from node.cache.store import LocalStore
 from node.control import COMMANDS, ControlContext, answer, run_command, serve_control
 from node.deps import RouterStatistics
-from node.errors import DaemonError
+from node.errors import DaemonError, ProviderFailed
 from node.mesh.adverts import PeerTable, build_advert
+from node.mesh.manager import BackendManager
 from node.mesh.streams import StreamGuard, StreamLimits
 from protocols.advert.messages import ProviderEntry, encode_advert
 from protocols.codec import decode, encode
@@ -55,12 +56,13 @@ def context(store, stops) -> ControlContext:
     assert table.offer(encode_advert(advert_of(bob, "/ip4/127.0.0.1/tcp/4002")), 0.0) is not None
     admission = Admission(max_concurrent=4, max_queue=16)
     own = advert_of(alice, ALICE_ADDR)
+    manager = BackendManager(lambda: [], clock=lambda: 100.0, wall=lambda: 1_700_000_000.0)
     return ControlContext(
         peer_id=alice.peer_id, version="9.9.9", pid=4242, drain_grace=10.0, addrs=lambda: [ALICE_ADDR],
         state=lambda: "running", uptime=lambda: 12.34567, connections=lambda: 1,
         admission=lambda: dataclasses.replace(admission.statistics(), in_flight=1),
         streams=StreamGuard(StreamLimits()).statistics, peer_entries=table.entries, advert=lambda: own,
-        router=lambda: STATS, store=store, request_stop=lambda: stops.append("stop"),
+        router=lambda: STATS, store=store, request_stop=lambda: stops.append("stop"), peer_health=manager.peer_json,
     )
 
 
@@ -79,7 +81,8 @@ async def test_status_says_whether_the_daemon_is_up_and_how_busy_it_is(context):
 async def test_info_has_the_contract_shape_with_this_nodes_advert_fields(context):
     assert await run_command(context, "info", {}) == {
         "peer_id": alice.peer_id, "addrs": [ALICE_ADDR], "version": "9.9.9",
-        "providers": [{"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True}],
+        "providers": [{"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True,
+                       "capacity": None}],
         "accelerators": [{"kind": "cpu", "name": "x86_64", "memory_total": 16 << 30, "memory_free": 8 << 30,
                           "index": 0, "cores": 4}],
         "capacity": 4, "queue": 16, "load": {"in_flight": 1, "queued": 0}, "peers": 1,
@@ -97,9 +100,23 @@ async def test_peers_lists_the_peer_table_in_the_contract_shape(context):
     result = await run_command(context, "peers", {})
     assert set(result) == {"peers"}
     (entry,) = result["peers"]
-    assert set(entry) == {"peer_id", "addrs", "providers", "accelerators", "capacity", "queue", "load", "version",
-                          "last_seen", "latency_ms", "health", "cooldown_until"}
+    assert set(entry) >= {"peer_id", "addrs", "providers", "accelerators", "capacity", "queue", "load", "version",
+                          "last_seen", "latency_ms", "health", "cooldown_until", "rtt_ms", "ttfc_ms", "in_flight"}
     assert entry["peer_id"] == bob.peer_id and entry["version"] == "9.9.9"
+    assert (entry["health"], entry["cooldown_until"], entry["latency_ms"]) == ("ok", None, None), "nothing measured"
+
+
+async def test_peers_shows_what_the_backend_manager_measured(context):
+    manager = BackendManager(lambda: [], clock=lambda: 100.0, wall=lambda: 1_700_000_000.0)
+    with pytest.raises(ProviderFailed), manager.attempt(bob.peer_id, deadline=200.0) as attempt:
+        attempt.chunk()
+        raise ProviderFailed(bob.peer_id, "the stream was reset", retryable=True)
+    manager.pinged(bob.peer_id, None)
+    manager.pinged(bob.peer_id, None)  # two failed pings in a row: unreachable, cooled at once
+    (entry,) = (await run_command(dataclasses.replace(context, peer_health=manager.peer_json), "peers", {}))["peers"]
+    assert entry["health"] == "cooling" and entry["cooldown_until"] == 1_700_000_000.0 + 5.0
+    assert entry["latency_ms"] is None and entry["ttfc_ms"] == 0.0 and entry["rtt_ms"] is None
+    assert entry["failure_ratio"] == 0.0 and entry["cooldowns"] == 1, "the window starts afresh with a cooldown"
 
 
 async def test_stop_reports_what_the_drain_waits_for_and_stops_nothing_by_itself(context, stops):

@@ -373,4 +373,5 @@ async def test_a_daemon_s_deps_hand_out_its_backend_manager(tmp_path):
     with trio.fail_after(20):
         async with running_daemon(tmp_path) as daemon:
             manager = daemon.deps.get_backend_manager()
-            assert manager is not None and manager is daemon.deps.get_provider("mesh", daemon.settings)
+            assert manager is not None and manager is daemon.deps.get_provider("mesh", daemon.settings).manager
+            assert manager.strategy == daemon.settings.load_balancing and manager.statistics().planned == 0

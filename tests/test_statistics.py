@@ -102,7 +102,21 @@ def _mesh_provider(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
     async def run_local(request: Any, slot: Any) -> Any:  # never called here
         yield ""
 
-    return MeshProvider(peer_id="12D3KooWself", candidates=list, run_local=run_local, pool=_stream_pool(tmp_path, stack))
+    return MeshProvider(peer_id="12D3KooWself", manager=_manager(tmp_path, stack), run_local=run_local,
+                        pool=_stream_pool(tmp_path, stack))
+
+
+def _manager(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
+    from node.mesh.manager import BackendManager
+
+    return BackendManager(list, clock=lambda: 0.0)  # trio's clock needs a running loop
+
+
+def _backend(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
+    from node.mesh.health import HealthPolicy
+    from node.mesh.manager import Backend
+
+    return Backend("12D3KooWpeer", HealthPolicy())
 
 
 def _tiered_cache(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
@@ -175,6 +189,8 @@ FACTORIES: dict[str, Factory] = {
     "node.cache.tiered.TieredCache": _tiered_cache,
     "node.mesh.pool.StreamPool": _stream_pool,
     "node.mesh.provider.MeshProvider": _mesh_provider,
+    "node.mesh.manager.BackendManager": _manager,
+    "node.mesh.manager.Backend": _backend,
 }
 
 # Classes too heavy to build in a unit test, with the reason: only their annotation is checked.

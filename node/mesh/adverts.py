@@ -44,6 +44,7 @@ from protocols.advert.messages import (
     MAX_ADDR_CHARS,
     MAX_ADDRS,
     MAX_ADVERT_BYTES,
+    MAX_CAPACITY,
     MAX_MODEL_NAME_CHARS,
     MAX_MODELS,
     MAX_PROVIDER_NAME_CHARS,
@@ -98,7 +99,6 @@ class PeerEntry:
     data: bytes  # the signed bytes as received (relayed unchanged)
     last_seen: float  # our wall clock, seconds
     received: float  # our monotonic clock, seconds: when this advert (this seq) first arrived
-    latency_ms: float | None = None
     valid_until: float = math.inf  # our monotonic clock: received + ttl, capped by the advert's own expiry
 
     def to_json(self) -> dict[str, Any]:
@@ -113,10 +113,7 @@ class PeerEntry:
             "load": {"in_flight": a.load.in_flight, "queued": a.load.queued},
             "version": software_version(a.software),
             "last_seen": round(self.last_seen, 3),
-            "latency_ms": self.latency_ms,
-            "health": None,
-            "cooldown_until": None,
-        }
+        }  # `peers` adds the backend manager's view: health, cooldown_until, latency_ms, rtt_ms, ...
 
 
 def software_version(software: str) -> str:
@@ -126,8 +123,9 @@ def software_version(software: str) -> str:
 
 
 def provider_json(p: ProviderEntry) -> dict[str, Any]:
-    """One advertised provider as `info --json` and `peers --json` show it."""
-    return {"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready}
+    """One advertised provider as `info --json` and `peers --json` show it (`capacity` null: unlimited)."""
+    return {"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready,
+            "capacity": p.capacity}
 
 
 def accelerator_json(x: Accelerator) -> dict[str, Any]:
@@ -186,10 +184,9 @@ class PeerTable:
         except ProtocolError as exc:
             self.refused(exc)
             return None
-        latency = current.latency_ms if current else None
         wall = self._wall()
         left = (advert.expires + CLOCK_SKEW_MS) / 1000 - wall  # what verify_advert would still accept
-        self._peers[advert.peer_id] = PeerEntry(advert, data, wall, now, latency, now + min(self.ttl, left))
+        self._peers[advert.peer_id] = PeerEntry(advert, data, wall, now, now + min(self.ttl, left))
         self.accepted += 1
         self._touch()
         return advert
@@ -215,11 +212,6 @@ class PeerTable:
         if gone:
             self._touch()
         return gone
-
-    def set_latency(self, peer: str, latency_ms: float | None) -> None:
-        entry = self._peers.get(peer)
-        if entry is not None:
-            entry.latency_ms = latency_ms
 
     def _touch(self) -> None:
         self.changed.set()
@@ -302,16 +294,22 @@ def build_advert(
 
     What does not fit is left out, not cut: a cut model or provider name would name another one,
     a cut address would not dial. Only device names are cut (a shorter GPU name misleads no one).
+    A provider capacity the wire cannot carry is left out too (unlimited): above MAX_CAPACITY the
+    node's own `capacity` is the tighter bound anyway, and 0 or less is no cap (echo's `concurrency = 0`).
     `accelerators` are `node.accelerators.Accelerator`s (or anything with the same fields);
     `created` is Unix time in milliseconds and the advert expires `ttl` seconds later.
     """
     offered = [p for p in providers if _fits(p.name, MAX_PROVIDER_NAME_CHARS)][:MAX_PROVIDERS]
+
+    def carried(cap: int | None) -> int | None:  # a provider's capacity, if the wire can carry it
+        return cap if type(cap) is int and 1 <= cap <= MAX_CAPACITY else None
+
     return sign_advert(
         identity,
         addrs=tuple([a for a in addrs if _fits(a, MAX_ADDR_CHARS)][:MAX_ADDRS]),
         providers=tuple(ProviderEntry(p.name, tuple(p.tasks),
                                       tuple(m for m in p.models if _fits(m, MAX_MODEL_NAME_CHARS))[:MAX_MODELS],
-                                      p.ready)
+                                      p.ready, carried(p.capacity))
                         for p in offered),
         accelerators=tuple(Accelerator(a.kind, a.name[:MAX_ACCELERATOR_NAME_CHARS], a.memory_total, a.memory_free,
                                        a.index, a.cores)
@@ -332,7 +330,8 @@ def local_offer(names: Iterable[str], get_provider: Callable[[str], Any]) -> lis
 
     Blocking (readiness checks may run subprocesses). The mesh itself is not offered, nor a
     provider switched off in the settings (`enabled = false`); a provider that cannot be built
-    is offered as not ready, with no tasks or models.
+    is offered as not ready, with no tasks or models (and no capacity: unlimited). Each entry
+    carries the provider's `capacity()` (None: unlimited).
     """
     out = []
     for name in names:
@@ -343,7 +342,8 @@ def local_offer(names: Iterable[str], get_provider: Callable[[str], Any]) -> lis
             readiness = provider.available()
             if not readiness.ok and readiness.reason == DISABLED:
                 continue
-            out.append(ProviderEntry(name, tuple(provider.tasks), tuple(provider.models()), readiness.ok))
+            out.append(ProviderEntry(name, tuple(provider.tasks), tuple(provider.models()), readiness.ok,
+                                     provider.capacity()))
         except Exception as exc:  # a provider that cannot be built is advertised as not ready
             log.debug("provider %s: %s", name, exc)
             out.append(ProviderEntry(name, (), (), False))
@@ -397,12 +397,14 @@ class AdvertService:
         load_changed: Callable[[], trio.Event],
         is_member: Callable[[str], bool],
         offer_signature: Callable[[], Any] | None = None,
+        pinged: Callable[[str, float | None], None] | None = None,
     ) -> None:
         self.host, self.guard, self.table, self.build = host, guard, table, build
         self.interval, self.load = interval, load
         self.load_changed = load_changed
         self.is_member = is_member
         self.offer_signature = offer_signature  # what we serve (providers, models, readiness), to spot changes
+        self.pinged = pinged  # told each ping's round trip in ms (None: it failed): the backend manager's active health
         self.loads = LoadPublisher(load_interval)
         self.current: Advert | None = None
         self.current_bytes = b""
@@ -570,14 +572,16 @@ class AdvertService:
             for entry in self.table.entries():
                 peer = ID.from_base58(entry.advert.peer_id)
                 if not self.host.get_network().connections.get(peer):
-                    self.table.set_latency(entry.advert.peer_id, None)
-                    continue
+                    continue  # not connected: a request would dial it, and its outcome tells
+                rtt: float | None = None
                 try:
                     with trio.fail_after(5):
                         rtts = await ping.ping(peer, ping_amt=1)
-                    self.table.set_latency(entry.advert.peer_id, float(rtts[0]) if rtts else None)
-                except Exception:  # ping failures leave the latency unknown
-                    self.table.set_latency(entry.advert.peer_id, None)
+                    rtt = float(rtts[0]) if rtts else None
+                except Exception:  # a failed ping: the peer is there but does not answer
+                    rtt = None
+                if self.pinged is not None:
+                    self.pinged(entry.advert.peer_id, rtt)
 
     # -- the advert protocol -------------------------------------------------------------
 

@@ -11,7 +11,9 @@ reproducible. The result depends on the *set* of backends, not on the order they
 Strategies (their names are `node.config.LOAD_BALANCING_STRATEGIES`):
 
 - ``round_robin``: the backends by peer id, rotated by the caller's counter `turn`.
-- ``least_loaded``: lowest relative load first, ``(in_flight + advert_load) / capacity``;
+- ``least_loaded``: lowest relative load first, ``max(in_flight, advert_load) / capacity``
+  (the advert's count already holds our own requests that had started when it was signed, so
+  a sum would count them twice; ours is exact and fresh, the advert's also holds other nodes');
   unlimited capacity counts as `UNLIMITED_CAPACITY` (near-zero relative load; among unlimited
   backends the raw load decides). Ties go to the lower latency, then to a draw from `rng`.
 - ``power_of_two``: two distinct backends drawn from `rng`; the one with the lower score
@@ -53,7 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from node.config import LOAD_BALANCING_STRATEGIES
+from node.config import LOAD_BALANCING_STRATEGIES, MeshSettings
 from node.errors import InvalidRequest
 from protocols.canonical import request_bytes
 from protocols.errors import NotCanonical
@@ -67,7 +69,7 @@ __all__ = [
     "routing_key",
 ]
 
-DEFAULT_LOAD_CAP = 1.0  # cache_affinity spills a backend once it runs as many requests as it can at once
+DEFAULT_LOAD_CAP = MeshSettings.load_cap  # 1.0: cache_affinity spills a backend once it runs all it can at once
 UNLIMITED_CAPACITY = float(2**32)  # least_loaded's divisor for "unlimited": larger than any real capacity
 LATENCY_FLOOR = 1e-6  # seconds; a measured 0 s must not erase the load term or divide by zero
 _UNKNOWN_LATENCY = 1.0  # seconds; when no backend has a latency yet, every one gets this same value
@@ -79,7 +81,7 @@ class BackendView:
 
     peer_id: str
     in_flight: int = 0  # our own requests to it now (exact: updated on every start and finish)
-    advert_load: int = 0  # in flight + queued in its last advert (up to an advert interval old)
+    advert_load: int = 0  # in flight + queued in its last advert (up to an advert interval old; ours included)
     capacity: int | None = None  # what it can really run at once; None = unlimited
     latency: float | None = None  # EWMA seconds per request; None before its first answer
 
@@ -158,7 +160,7 @@ def _round_robin(backends: list[BackendView], rng: random.Random, turn: int, key
 def _least_loaded(backends: list[BackendView], rng: random.Random, turn: int, key: bytes | None,
                   load_cap: float) -> list[BackendView]:
     latency = _latencies(backends)
-    keyed = [((b.in_flight + b.advert_load) / (UNLIMITED_CAPACITY if b.capacity is None else b.capacity),
+    keyed = [(max(b.in_flight, b.advert_load) / (UNLIMITED_CAPACITY if b.capacity is None else b.capacity),
               lat, rng.random(), b) for b, lat in zip(backends, latency)]
     keyed.sort(key=lambda k: k[:3])
     return [k[3] for k in keyed]

@@ -254,6 +254,14 @@ class BackendHealth:
                 return "cooling"
         return "ok"
 
+    def trip(self, now: float) -> HealthState:
+        """Cool the backend at once, with the next backed-off cooldown: for evidence stronger than
+        one request's failure (the active pings found it unreachable). Already cooling: no change."""
+        self._last_now = max(self._last_now, now)
+        if not self._cooling(now):
+            self._cool(now)
+        return "cooling"
+
     def _append(self, now: float, ok: bool) -> None:
         if len(self._outcomes) >= self.policy.max_outcomes:
             _, oldest_ok = self._outcomes.popleft()

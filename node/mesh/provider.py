@@ -1,29 +1,32 @@
-"""The `mesh` provider: send a prompt to a cluster peer that serves it, and stream the answer back.
+"""The `mesh` provider: send a prompt to a cluster node that serves it, and stream the answer back.
 
-Registered as `mesh`, first in the fallback chain of every daemon. It picks among the nodes of
-the peer table, this node included, those with a ready provider for the task (and the model,
-when one is named), that satisfy the request's constraints (`on_peers`, `accelerator`), in
-round-robin order; it sends the request over `/accelmesh/infer/1.0.0` with `hops = 2`, so
+Registered as `mesh`, first in the fallback chain of every daemon. The backend manager
+(`node.mesh.manager.BackendManager`) plans each request: the nodes of the peer table, this node
+included, that can serve it under its constraints, in the order of its load-balancing strategy,
+cooling nodes last. The mesh sends the request over `/accelmesh/infer/1.0.0` with `hops = 2`, so
 the serving node answers with its local providers only and never forwards it again; and on a
 retryable failure before the first chunk it tries the next node (at most `MAX_ATTEMPTS`
-failures; a node that answers busy answers at once, so every eligible one may be asked). When
-every node asked was busy it raises `ClusterBusy` (the caller hears `busy` and the smallest
-`retry_after`). While another node serves, the request gives its admission slot on this node
-back (`request.slot.hand_off()`; the router takes it back before any local provider works on it).
+failures; a node that answers busy answers at once, so every eligible one may be asked). Every
+attempt is reported to the manager (in flight, timings, outcome), which is how it learns who is
+fast, who is loaded and who fails. When every node asked was busy it raises `ClusterBusy` (the
+caller hears `busy` and the smallest `retry_after`). While another node serves, the request
+gives its admission slot on this node back (`request.slot.hand_off()`; the router takes it back
+before any local provider works on it).
 
 The answer keeps the serving node's exact response bytes, checked against their CID, and its
 request key: the entry node cannot key the request itself, since it does not know which
 model (which weights) will answer until a node has answered.
 
 The mesh does not import the router and is never handed the daemon: it gets this node's peer
-id, a read-only view of who could serve (`candidates()`), a callable that runs a request on this
-node's local providers (`run_local`, the front door's), and the stream pool to other nodes.
+id, the backend manager (which reads a read-only view of who could serve), a callable that runs
+a request on this node's local providers (`run_local`, the front door's), and the stream pool
+to other nodes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -32,79 +35,17 @@ import trio
 
 from node.errors import AllProvidersFailed, Busy, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
 from node.mesh.errors import ClusterBusy
+from node.mesh.manager import Attempt, BackendManager, Candidate
 from node.providers.base import AdmissionSlot, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
 from node.requests import Result
 from node.wire import FORWARDED_HOPS, request_to_wire, result_from_wire
 from protocols.inference.messages import Request as WireRequest
 
-__all__ = [
-    "MeshProvider",
-    "MeshStatistics",
-    "DetachedMesh",
-    "Candidate",
-    "candidates_from_adverts",
-    "eligible",
-    "RoundRobin",
-    "MAX_ATTEMPTS",
-]
+__all__ = ["MeshProvider", "MeshStatistics", "DetachedMesh", "MAX_ATTEMPTS"]
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # failed nodes before the mesh gives up (the router then falls back); busy ones don't count
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A node that could serve: its peer id, its providers (name, tasks, models, ready) and accelerator kinds."""
-
-    peer_id: str
-    providers: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...]
-    accelerators: frozenset[str]
-    is_self: bool = False
-
-
-def candidates_from_adverts(peer_id: str, others: Iterable[Any], own: Any) -> list[Candidate]:
-    """The nodes that could serve: every peer whose advert we hold (`others`), and this node
-    (`own`, its current advert, or None before the first)."""
-
-    def candidate(advert: Any, is_self: bool) -> Candidate:
-        return Candidate(advert.peer_id, tuple((p.name, tuple(p.tasks), tuple(p.models), p.ready)
-                                               for p in advert.providers),
-                         frozenset(a.kind for a in advert.accelerators), is_self=is_self)
-
-    out = [candidate(advert, False) for advert in others]
-    if own is not None:
-        out.append(candidate(own, True) if own.peer_id == peer_id else candidate(own, False))
-    return out
-
-
-def eligible(candidates: Iterable[Candidate], task: str, model: str | None, on_peers: Sequence[str] = (),
-             accelerator: str | None = None) -> list[Candidate]:
-    """The candidates that can serve `task` (and `model`) under the constraints, sorted by peer id."""
-    out = []
-    for c in candidates:
-        if on_peers and c.peer_id not in on_peers:
-            continue
-        if accelerator and accelerator not in c.accelerators:
-            continue
-        if any(ready and task in tasks and (model is None or model in models)
-               for _, tasks, models, ready in c.providers):
-            out.append(c)
-    return sorted(out, key=lambda c: c.peer_id)
-
-
-class RoundRobin:
-    """Round robin over whichever candidates are eligible this time."""
-
-    def __init__(self) -> None:
-        self.turn = 0
-
-    def order(self, candidates: list[Candidate]) -> list[Candidate]:
-        if not candidates:
-            return []
-        start = self.turn % len(candidates)
-        self.turn += 1
-        return candidates[start:] + candidates[:start]
 
 
 RunLocal = Callable[[WireRequest, "AdmissionSlot | None"], AsyncIterator["str | Result"]]  # (request as forwarded, slot)
@@ -124,47 +65,46 @@ class MeshProvider(BaseProvider):
     name = "mesh"
     routes_remotely = True
 
-    def __init__(self, *, peer_id: str, candidates: Callable[[], list[Candidate]], run_local: RunLocal,
-                 pool: Any) -> None:
+    def __init__(self, *, peer_id: str, manager: BackendManager, run_local: RunLocal, pool: Any) -> None:
         self.peer_id = peer_id
-        self.candidates = candidates  # a read-only view of who could serve, this node included
+        self.manager = manager  # who serves each request, and what each node's answers taught us
         self.run_local = run_local  # this node's local providers (the front door's run_local)
         self.pool = pool  # keep-alive streams to other nodes (node.mesh.pool.StreamPool)
-        self.rotation = RoundRobin()
         self.served_by: dict[str, int] = {}  # requests answered, by peer id
 
     def available(self) -> Readiness:
-        nodes = [c for c in self.candidates() if any(p[3] for p in c.providers)]
+        nodes = [c for c in self.manager.candidates() if any(p.ready for p in c.providers)]
         if not nodes:
             return Readiness(False, "no node of the cluster has a ready provider yet")
         return Readiness(True, f"{len(nodes)} node(s) with a ready provider")
 
     def models(self) -> tuple[str, ...]:
-        return tuple(sorted({m for c in self.candidates() for _, _, models, ready in c.providers if ready
-                             for m in models}))
+        return tuple(sorted({m for c in self.manager.candidates() for p in c.providers if p.ready
+                             for m in p.models}))
 
     def model_identity(self, model: str | None) -> str:
         return f"mesh/{model}" if model else "mesh"
 
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
-        nodes = self.rotation.order(eligible(self.candidates(), request.task, request.model,
-                                             request.on_peers, request.accelerator))
+        nodes = self.manager.plan(request)
         if not nodes:
             what = f"model {request.model!r}" if request.model else f"task {request.task!r}"
             constraints = [f"on {', '.join(request.on_peers)}"] if request.on_peers else []
             constraints += [f"with a {request.accelerator} accelerator"] if request.accelerator else []
             raise ModelNotFound(self.name, f"no node of the cluster serves {what}"
                                            + (f" ({'; '.join(constraints)})" if constraints else ""))
+        deadline = self.manager.clock() + request.timeout
         failures, busy, failed = [], [], 0
         for node in nodes:
             if failed >= MAX_ATTEMPTS:
                 break
             emitted = False
             try:
-                async with aclosing(self._ask(node, request)) as items:
-                    async for item in items:
-                        emitted = emitted or isinstance(item, str)
-                        yield item
+                with self.manager.attempt(node.peer_id, deadline) as attempt:
+                    async with aclosing(self._ask(node, request, attempt)) as items:
+                        async for item in items:
+                            emitted = emitted or isinstance(item, str)
+                            yield item
                 return
             except Busy as exc:  # a full node (this one too) answers at once: every one may be asked
                 if emitted:
@@ -188,11 +128,12 @@ class MeshProvider(BaseProvider):
         hops make the serving node use its local providers only."""
         provider = None
         if request.model is not None:
-            provider = next((name for name, tasks, models, ready in node.providers
-                             if ready and request.task in tasks and request.model in models), None)
+            provider = next((p.name for p in node.providers
+                             if p.ready and request.task in p.tasks and request.model in p.models), None)
         return request_to_wire(request, provider=provider, hops=FORWARDED_HOPS)
 
-    async def _ask(self, node: Candidate, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+    async def _ask(self, node: Candidate, request: ProviderRequest,
+                   attempt: Attempt) -> AsyncIterator[str | Completion]:
         forwarded = self._forward(request, node)
         if node.is_self:
             items = self._local(forwarded, request.slot)  # the router holds the slot around the local provider
@@ -203,11 +144,13 @@ class MeshProvider(BaseProvider):
         async with aclosing(items) as answers:
             async for item in answers:
                 if isinstance(item, str):
+                    attempt.chunk()
                     yield item
                     continue
                 answer = RemoteAnswer(response=item.response, cid=item.cid, key=item.key, peer=item.peer,
                                       provider=item.provider, cache=item.cache, served_from=item.served_from)
                 self.served_by[answer.peer] = self.served_by.get(answer.peer, 0) + 1
+                attempt.answered()
                 yield Completion(
                     text=item.text, model=item.model, finish_reason=item.finish_reason,
                     prompt_tokens=item.usage.get("prompt_tokens"),
@@ -239,7 +182,8 @@ class MeshProvider(BaseProvider):
     def __repr__(self) -> str:
         s = self.statistics()
         served = {peer[-8:]: n for peer, n in s.served_by.items()}
-        return f"<MeshProvider peer={self.peer_id[-8:]} pool={self.pool!r} served_by={served}>"
+        return (f"<MeshProvider peer={self.peer_id[-8:]} manager={self.manager!r} pool={self.pool!r} "
+                f"served_by={served}>")
 
 
 class DetachedMesh(BaseProvider):

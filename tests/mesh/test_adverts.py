@@ -145,10 +145,10 @@ def test_peer_entry_json_has_the_contract_shape():
     t, clock = table()
     t.offer(advert_bytes(clock=clock), 0.0)
     entry = t.get(alice.peer_id).to_json()
-    assert set(entry) >= {"peer_id", "addrs", "providers", "accelerators", "load", "last_seen", "latency_ms",
-                          "health", "cooldown_until"}
-    assert entry["health"] is None and entry["cooldown_until"] is None
-    assert entry["providers"][0] == {"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True}
+    assert set(entry) >= {"peer_id", "addrs", "providers", "accelerators", "load", "last_seen"}
+    assert "health" not in entry, "the backend manager adds health and latency (node.control.peers)"
+    assert entry["providers"][0] == {"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True,
+                                     "capacity": None}  # a 1.0 advert: unlimited, said as null
 
 
 @pytest.mark.parametrize("n,bucket", [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (7, 3), (8, 4), (64, 7)])
@@ -195,6 +195,15 @@ def test_a_built_advert_is_signed_and_carries_what_it_was_given():
     assert (advert.load.in_flight, advert.load.queued) == (1, 2)
     assert advert.expires == created + 90_000 and advert.software == "accelmesh/0.1.0"
     assert advert.accelerators[0].cores == 2 and advert.providers[0].models == ("echo",)
+
+
+def test_provider_capacities_are_kept_and_those_the_wire_cannot_carry_are_left_out_as_unlimited():
+    from protocols.advert.messages import MAX_CAPACITY, ProviderEntry
+
+    caps = [1, 4, MAX_CAPACITY, None, MAX_CAPACITY + 1, 0, -1, True]
+    advert = build(providers=[ProviderEntry(f"p{i}", ("generate",), (), True, c) for i, c in enumerate(caps)])
+    assert [p.capacity for p in advert.providers] == [1, 4, MAX_CAPACITY, None, None, None, None, None]
+    assert advert.protocol == "1.1"
 
 
 def test_addresses_beyond_the_bounds_are_left_out():
@@ -270,6 +279,17 @@ def test_the_local_offer_lists_every_provider_but_the_mesh_and_one_that_fails_as
         ProviderEntry("echo", tuple(ScriptedProvider.tasks), ("echo-model",), True),
         ProviderEntry("broken", (), (), False),
     ]
+
+
+def test_the_local_offer_carries_each_providers_own_capacity():
+    from node.mesh.adverts import local_offer
+    from node.providers.echo import EchoProvider
+    from tests.fakes.providers import ScriptedProvider
+
+    providers = {"capped": EchoProvider(concurrency=3), "uncapped": EchoProvider(concurrency=0),
+                 "scripted": ScriptedProvider("scripted")}
+    offer = local_offer(list(providers), providers.__getitem__)
+    assert {p.name: p.capacity for p in offer} == {"capped": 3, "uncapped": None, "scripted": None}
 
 
 # -- accelerators -----------------------------------------------------------------------------------
@@ -569,7 +589,8 @@ async def test_info_and_peers_agree_with_the_contract_and_each_other(tmp_path):
     import node
 
     async with running_daemon(tmp_path, "n0", **FAST) as first, \
-            running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **FAST) as second:
+            running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], ACCELMESH_ECHO_CONCURRENCY="3",
+                           **FAST) as second:
         await wait_until(lambda: second.peer_id in first.table)
         with trio.fail_after(10):
             async with DaemonClient.connect(second.data_dir) as client:
@@ -580,7 +601,7 @@ async def test_info_and_peers_agree_with_the_contract_and_each_other(tmp_path):
         assert set(peers) == {"peers"}
         (entry,) = [p for p in peers["peers"] if p["peer_id"] == second.peer_id]
         assert set(entry) >= {"peer_id", "addrs", "providers", "accelerators", "load", "last_seen", "latency_ms",
-                              "health", "cooldown_until"}
+                              "health", "cooldown_until", "rtt_ms"}
         assert set(info) >= {"peer_id", "addrs", "version", "stats", "providers", "accelerators", "capacity",
                              "queue", "load"}
         # one meaning of `version` everywhere: the release, as daemon.json and status give it
@@ -591,24 +612,28 @@ async def test_info_and_peers_agree_with_the_contract_and_each_other(tmp_path):
         static = lambda accels: [{k: v for k, v in a.items() if k != "memory_free"} for a in accels]  # noqa: E731
         assert static(info["accelerators"]) == static(entry["accelerators"])
         for p in entry["providers"]:
-            assert set(p) == {"name", "tasks", "models", "ready"}
+            assert set(p) == {"name", "tasks", "models", "ready", "capacity"}
+        capacities = {p["name"]: p["capacity"] for p in entry["providers"]}  # as the peer sees n1's advert
+        assert capacities["echo"] == 3 and capacities["hf_local"] == 1  # echo.concurrency, hf_local's default
+        assert capacities["openai_compatible"] is None  # an API: no cap of its own, said as null
         assert info["stats"] == {"inferences": 0, "cache": dict.fromkeys(("memory", "local", "cluster", "miss",
                                                                           "bypass"), 0)}
 
 
-async def test_peers_show_a_measured_latency_after_a_ping(tmp_path):
-    env = {"ACCELMESH_ADVERTS_INTERVAL": "0.3"}  # the table pings its peers every interval
+async def test_peers_show_a_measured_round_trip_after_a_ping(tmp_path):
+    env = {"ACCELMESH_ADVERTS_INTERVAL": "0.3"}  # the advert service pings its peers every interval
     async with running_daemon(tmp_path, "n0", **env) as first, \
             running_daemon(tmp_path, "n1", ACCELMESH_BOOTSTRAP=first.addrs()[0], **env) as second:
         await wait_until(lambda: second.peer_id in first.table)
-        await wait_until(lambda: first.table.get(second.peer_id).latency_ms is not None)
+        await wait_until(lambda: first.manager.backend(second.peer_id).rtt_ms is not None)
         with trio.fail_after(10):
             async with DaemonClient.connect(first.data_dir) as client:
                 peers = (await client.command("peers"))["peers"]
         (entry,) = [p for p in peers if p["peer_id"] == second.peer_id]
-        latency = entry["latency_ms"]
-        assert isinstance(latency, (int, float)) and not isinstance(latency, bool)
-        assert 0 <= latency < 1000  # loopback: py-libp2p reports whole milliseconds, usually 0
+        rtt = entry["rtt_ms"]
+        assert isinstance(rtt, (int, float)) and not isinstance(rtt, bool)
+        assert 0 <= rtt < 1000  # loopback: py-libp2p reports whole milliseconds, usually 0
+        assert entry["health"] == "ok" and entry["latency_ms"] is None, "no request served yet: no request latency"
         json.dumps(entry)  # and it travels as a JSON number
 
 

@@ -106,10 +106,10 @@ def test_least_loaded_picks_the_lowest_load_relative_to_capacity():
     one_slot = BackendView("bob", in_flight=1, capacity=1)  # 1 / 1
     for seed in range(10):
         assert order("least_loaded", [one_slot, four_slots], rng=random.Random(seed))[0] is four_slots
-    backends = [BackendView("alice", in_flight=1, advert_load=3, capacity=2),  # 4 / 2
+    backends = [BackendView("alice", in_flight=1, advert_load=3, capacity=2),  # max(1, 3) / 2
                 BackendView("bob", in_flight=0, advert_load=1, capacity=1),  # 1 / 1
                 BackendView("carol", in_flight=0, advert_load=0, capacity=1),  # 0
-                BackendView("dave", in_flight=3, advert_load=3, capacity=None)]  # 6 / unlimited
+                BackendView("dave", in_flight=3, advert_load=3, capacity=None)]  # 3 / unlimited
     assert [b.peer_id for b in order("least_loaded", backends, rng=random.Random(0))] == \
         ["carol", "dave", "bob", "alice"]
 

@@ -334,3 +334,15 @@ def test_ewma_refuses_a_sample_that_would_poison_it():
         with pytest.raises(ValueError, match="finite"):
             ewma.update(bad)
     assert ewma.value == 10.0 and ewma.samples == 1
+
+
+def test_configuration_md_states_the_computed_false_cooldown_figures():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    policy = HealthPolicy()
+    for n in (20, 30, 50):
+        row = f"| {false_cooldown_probability(policy, 0.25, n):.2e} | {false_cooldown_bound(policy, 0.25, n):.2e} |"
+        assert row in doc, f"docs/configuration.md should state, for {n} outcomes: {row}"
+    worst = max(range(20, 200), key=lambda n: false_cooldown_bound(policy, 0.25, n))
+    assert worst == 20, "the documented worst case is the minimum number of outcomes"

@@ -8,13 +8,13 @@ import pytest
 import trio
 
 from node.client import PeerClient
-from node.mesh.provider import Candidate, RoundRobin, eligible
+from node.mesh.manager import BackendManager, Candidate, Offer, eligible
 from protocols.inference.messages import Request
 from tests.mesh.conftest import running_daemon
 
-ECHO = ("echo", ("generate",), ("echo",), True)
-GPT = ("openai_compatible", ("generate", "chat"), ("gpt",), True)
-NOT_READY = ("hf_local", ("generate",), ("tiny",), False)
+ECHO = Offer("echo", ("generate",), ("echo",), True)
+GPT = Offer("openai_compatible", ("generate", "chat"), ("gpt",), True)
+NOT_READY = Offer("hf_local", ("generate",), ("tiny",), False)
 
 
 def test_eligible_needs_a_ready_provider_for_the_task_and_model_and_honours_constraints():
@@ -32,13 +32,16 @@ def test_eligible_needs_a_ready_provider_for_the_task_and_model_and_honours_cons
 
 
 def test_round_robin_takes_turns_over_whoever_is_eligible_now():
+    from node.providers.base import ProviderRequest
+
     a, b, c = (Candidate(p, (ECHO,), frozenset()) for p in "ABC")
-    rr = RoundRobin()
-    firsts = [rr.order([a, b, c])[0].peer_id for _ in range(6)]
+    manager = BackendManager(lambda: [c, a, b], strategy="round_robin", clock=lambda: 0.0)
+    request = ProviderRequest(task="generate", prompt="hi", messages=None, model="echo")
+    firsts = [manager.plan(request)[0].peer_id for _ in range(6)]
     assert firsts == ["A", "B", "C", "A", "B", "C"]
-    assert [x.peer_id for x in rr.order([a, b, c])] == ["A", "B", "C"]  # the rest follow, as failover order
-    assert [x.peer_id for x in rr.order([a, b, c])] == ["B", "C", "A"]
-    assert rr.order([]) == []
+    assert [x.peer_id for x in manager.plan(request)] == ["A", "B", "C"]  # the rest follow, as failover order
+    assert [x.peer_id for x in manager.plan(request)] == ["B", "C", "A"]
+    assert manager.plan(ProviderRequest(task="embed", prompt="hi", messages=None, model=None)) == []
 
 
 QUIET = {"ACCELMESH_ADVERTS_INTERVAL": "60"}
@@ -163,7 +166,7 @@ async def test_when_every_node_this_one_included_is_full_the_caller_hears_busy_w
 
     pool = BusyPool(retry_after=2.0)
     nodes = [Candidate("B", (ECHO,), frozenset()), Candidate("SELF", (ECHO,), frozenset(), is_self=True)]
-    mesh = MeshProvider(peer_id="SELF", candidates=lambda: nodes, run_local=this_node_full, pool=pool)
+    mesh = MeshProvider(peer_id="SELF", manager=BackendManager(lambda: nodes), run_local=this_node_full, pool=pool)
     request = ProviderRequest(task="generate", prompt="hi", messages=None, model="echo")
     with trio.fail_after(5), pytest.raises(ClusterBusy) as info:
         async with aclosing(mesh.astream(request)) as items:
@@ -184,7 +187,8 @@ async def test_a_busy_node_is_passed_over_for_this_node_when_it_has_room():
 
     pool = BusyPool(retry_after=2.0)
     nodes = [Candidate("B", (ECHO,), frozenset()), Candidate("SELF", (ECHO,), frozenset(), is_self=True)]
-    mesh = MeshProvider(peer_id="SELF", candidates=lambda: nodes, run_local=this_node_serves, pool=pool)
+    mesh = MeshProvider(peer_id="SELF", manager=BackendManager(lambda: nodes), run_local=this_node_serves,
+                        pool=pool)
     request = ProviderRequest(task="generate", prompt="hi", messages=None, model="echo")
     with trio.fail_after(5):
         async with aclosing(mesh.astream(request)) as items:

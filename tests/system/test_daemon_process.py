@@ -184,6 +184,15 @@ def test_three_daemons_bootstrapped_from_the_first_list_each_other_within_5_s(st
             assert table.splitlines()[0].split()[:2] == ["PEER", "PROVIDERS"] and len(table.splitlines()) == 3
             info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", str(n1.data_dir), check=True).stdout)
             assert info["accelerators"][-1]["kind"] == "cpu" and info["capacity"] == 64
+            served = set()
+            for i in range(6):  # a strategy named per request, through the entry daemon's backend manager
+                out = accelmesh_cmd("generate", f"spread {i}", "--provider", "mesh", "--strategy", "least_loaded",
+                                    "--json", "--data-dir", str(first.data_dir), check=True)
+                served.add(json.loads(out.stdout)["peer"])
+            assert served and served <= ids, served
+            peers = json.loads(accelmesh_cmd("peers", "--json", "--data-dir", str(first.data_dir), check=True).stdout)
+            measured = [p for p in peers["peers"] if p["peer_id"] in served]
+            assert measured and all(p["health"] == "ok" and p["latency_ms"] is not None for p in measured)
 
 
 def test_a_busy_daemon_is_one_clear_line_not_a_traceback(start_daemon, accelmesh_cmd, subprocess_env):
