@@ -6,6 +6,8 @@ Errors defined here, under node.errors' tree:
     ProviderError
     ├── RateLimited
     │   └── ClusterBusy         every eligible node was busy: the caller hears `busy`
+    ├── ProviderFailed
+    │   └── PeerUnreachable     no stream could be opened to the peer (retryable: ask another)
     └── RemoteError             a peer answered with an Error not mapped to one of ours; `code`
 
     wire code            raised by raise_for         error_for answers it for
@@ -30,17 +32,24 @@ from node.errors import (
     InvalidRequest,
     ModelNotFound,
     ProviderError,
+    ProviderFailed,
     ProviderNotFound,
     ProviderUnavailable,
     RateLimited,
 )
 from protocols.inference.messages import MAX_ERROR_MESSAGE_CHARS, MAX_RETRY_AFTER, Error
 
-__all__ = ["ClusterBusy", "RemoteError", "error_for", "raise_for"]
+__all__ = ["ClusterBusy", "PeerUnreachable", "RemoteError", "error_for", "raise_for"]
 
 
 class ClusterBusy(RateLimited):
     """Every eligible node answered busy (the caller hears `busy`, with the smallest retry_after)."""
+
+
+class PeerUnreachable(ProviderFailed):
+    """No stream could be opened to the peer: no connection and the dial failed, or it refused the
+    protocol. Retryable (another node may serve); the backend manager cools a peer found
+    unreachable twice in a row at once, without waiting for its failure window to fill."""
 
 
 def error_for(exc: BaseException) -> Error:

@@ -8,8 +8,9 @@ its local providers. For each one the manager keeps what the policy needs, fed b
   former: a failure's duration says nothing about speed);
 - passive health (`node.mesh.health.BackendHealth`): failures of real requests in a sliding
   window, cooldowns with backoff;
+- unreachable: two attempts in a row that could not even open a stream to it cool it at once;
 - active health: the advert service pings connected peers each interval; two failed pings in a
-  row cool a peer at once (at low traffic the window never fills, so this is what finds a dead
+  row cool an idle peer at once (at low traffic the window never fills, so this is what finds a dead
   node), a ping's round trip is kept for `peers --json` (`rtt_ms`).
 
 What the advert says (load, capacity, providers, accelerators) is read, never copied: each
@@ -41,6 +42,7 @@ import trio
 
 from node.errors import Busy, ConfigError, InvalidRequest, ProviderError
 from node.mesh.balancer import DEFAULT_LOAD_CAP, BackendView, order, routing_key
+from node.mesh.errors import PeerUnreachable
 from node.mesh.health import BackendHealth, Ewma, HealthPolicy, HealthState, ranked
 from node.providers.base import ProviderRequest
 
@@ -203,7 +205,7 @@ class Backend:
     """The live state of one backend: in flight, latency, health."""
 
     __slots__ = ("_ping_failures", "failed", "health", "in_flight", "last_ok", "last_used", "latency", "peer_id",
-                 "rtt_ms", "started", "succeeded", "ttfc")
+                 "rtt_ms", "started", "succeeded", "ttfc", "unreachable")
 
     def __init__(self, peer_id: str, policy: HealthPolicy) -> None:
         self.peer_id = peer_id
@@ -216,6 +218,15 @@ class Backend:
         self.last_used = -math.inf  # the manager's clock: when an attempt last ended
         self.last_ok = -math.inf  # ... and when one last succeeded
         self._ping_failures = 0
+        self.unreachable = 0  # attempts in a row that could not even open a stream to it
+
+    def found_unreachable(self, now: float) -> None:
+        """No stream could be opened: `PING_FAILURES_TO_COOL` times in a row cool it at once (a
+        dead node is found in two requests, not after a window of them)."""
+        self.unreachable += 1
+        if self.unreachable >= PING_FAILURES_TO_COOL:
+            self.unreachable = 0
+            self.health.trip(now)
 
     def view(self, candidate: Candidate, capacity: int | None) -> BackendView:
         return BackendView(self.peer_id, in_flight=self.in_flight, advert_load=candidate.load, capacity=capacity,
@@ -283,10 +294,13 @@ class Attempt:
             self.backend.succeeded += 1
             self.backend.last_ok = now
             self.backend.latency.update(now - self._started)
+            self.backend.unreachable = 0
         elif outcome == "failed":
             self.backend.failed += 1
         if outcome != "neutral":
             self.backend.health.record(now, outcome == "ok")
+        if isinstance(exc, PeerUnreachable):
+            self.backend.found_unreachable(now)
 
 
 @dataclass(frozen=True)

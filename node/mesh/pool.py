@@ -12,6 +12,7 @@ import trio
 
 from node.config import MeshSettings
 from node.errors import ProviderFailed
+from node.mesh.errors import PeerUnreachable
 from node.mesh.requesting import request_inference
 from node.mesh.streams import FramedStream, StreamClosedEarly
 from protocols.errors import ProtocolError
@@ -61,8 +62,8 @@ class StreamPool:
         try:
             stream = await self.host.new_stream(ID.from_base58(peer_id), [self.protocol])
         except Exception as exc:  # libp2p: no connection, protocol refused, stream reset
-            raise ProviderFailed(f"peer {peer_id[-8:]}", f"cannot open a stream: {type(exc).__name__}: {exc}",
-                                 retryable=True) from exc
+            raise PeerUnreachable(f"peer {peer_id[-8:]}", f"cannot open a stream: {type(exc).__name__}: {exc}",
+                                  retryable=True) from exc
         self.opened += 1
         return FramedStream(stream, self.limits, MAX_INFER_FRAME, decoder=InferenceStream(Role.CLIENT, MAX_INFER_FRAME))
 

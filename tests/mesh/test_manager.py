@@ -278,6 +278,26 @@ def test_an_answer_counts_as_a_success_even_when_the_caller_stops_reading_after_
     assert (s.succeeded, s.failed, s.in_flight) == (1, 0, 0)
 
 
+def test_a_peer_no_stream_can_reach_twice_in_a_row_is_cooled_at_once():
+    from node.mesh.errors import PeerUnreachable
+
+    clock = Clock()
+    manager = BackendManager(lambda: [], clock=clock)
+
+    def unreachable() -> None:
+        with pytest.raises(PeerUnreachable), manager.attempt("B", deadline=1e9):
+            raise PeerUnreachable("peer B", "cannot open a stream: connection refused", retryable=True)
+
+    unreachable()
+    with manager.attempt("B", deadline=1e9) as attempt:
+        attempt.answered()  # reached after all: the count starts again
+    unreachable()
+    assert manager.backend("B").statistics().health == "ok", "a window of 3 outcomes cools nothing by itself"
+    unreachable()
+    s = manager.backend("B").statistics()
+    assert s.health == "cooling" and s.cooldown_until == clock.now + 5.0
+
+
 def test_forget_drops_the_state_of_peers_that_left_unless_a_request_is_on_them():
     manager = BackendManager(lambda: [], clock=Clock())
     manager.backend("gone")
