@@ -46,7 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "ACCELMESH_"
-LOAD_BALANCING_STRATEGIES = ("round_robin", "least_loaded", "power_of_two", "weighted", "cache_affinity")
+LOAD_BALANCING_STRATEGIES = ("round_robin", "least_loaded", "power_of_two", "weighted", "cache_affinity",
+                             "least_delay")
 DEFAULT_FALLBACK_ORDER = (
     "openrouter",
     "codex_cli",

@@ -22,6 +22,13 @@ Strategies (their names are `node.config.LOAD_BALANCING_STRATEGIES`):
   an interval old and is left to ``least_loaded``.
 - ``weighted``: a random backend with probability proportional to ``capacity / latency``, the
   rest in weighted order without replacement (exponential keys, Efraimidis-Spirakis).
+- ``least_delay``: the shortest expected delay first (join-the-shortest-expected-delay):
+  ``service * (1 + max(0, load + 1 - capacity) / capacity)`` with ``load = max(in_flight,
+  advert_load)``: a backend with a free slot costs its service time; a full one, its service
+  time stretched by the queue ahead (each of its `capacity` slots frees one waiting request per
+  service time). `service` is the EWMA of requests that found a free slot, so the queue is not
+  counted twice (`latency` until one is known). Unlimited capacity never queues. Ties: a draw from `rng`. It is what the oracle of
+  the balancing benchmark does with exact knowledge, here on our estimates.
 - ``cache_affinity``: rendezvous (highest random weight) hashing of the routing `key` with
   each peer id, highest first, so that a repeated request lands where its answer already is
   and a backend leaving moves only its own keys. A backend whose ``in_flight / capacity`` is at
@@ -30,7 +37,7 @@ Strategies (their names are `node.config.LOAD_BALANCING_STRATEGIES`):
 
 Unknown latency (a backend that has not answered yet):
 
-- ``least_loaded`` (tie-break) and ``power_of_two``: the median of the known latencies, so a
+- ``least_loaded`` (tie-break), ``power_of_two`` and ``least_delay``: the median of the known latencies, so a
   new backend is neither shunned nor flooded; when none is known, 1.0 for everyone, so the
   score is ``in_flight + 1`` alone (0 would erase the load term and make every backend tie).
 - ``weighted``: the mean of the known latencies, or 1.0 when none is known.
@@ -46,6 +53,7 @@ An unknown strategy is the caller's mistake: `InvalidRequest`, naming the valid 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -84,14 +92,16 @@ class BackendView:
     advert_load: int = 0  # in flight + queued in its last advert (up to an advert interval old; ours included)
     capacity: int | None = None  # what it can really run at once; None = unlimited
     latency: float | None = None  # EWMA seconds per request; None before its first answer
+    service: float | None = None  # EWMA seconds of requests that found a free slot (no queue); None: unknown
 
     def __post_init__(self) -> None:
         if self.in_flight < 0 or self.advert_load < 0:
             raise ValueError(f"backend {self.peer_id}: negative load ({self.in_flight}, {self.advert_load})")
         if self.capacity is not None and self.capacity < 1:
             raise ValueError(f"backend {self.peer_id}: capacity {self.capacity} (at least 1, or None for unlimited)")
-        if self.latency is not None and not (math.isfinite(self.latency) and self.latency >= 0.0):
-            raise ValueError(f"backend {self.peer_id}: latency {self.latency!r} (finite seconds, at least 0)")
+        for name, value in (("latency", self.latency), ("service", self.service)):
+            if value is not None and not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"backend {self.peer_id}: {name} {value!r} (finite seconds, at least 0)")
 
 
 def routing_key(
@@ -193,6 +203,20 @@ def _weighted(backends: list[BackendView], rng: random.Random, turn: int, key: b
     return [k[1] for k in keyed]
 
 
+def _least_delay(backends: list[BackendView], rng: random.Random, turn: int, key: bytes | None,
+                 load_cap: float) -> list[BackendView]:
+    latency = _latencies([dataclasses.replace(b, latency=b.service if b.service is not None else b.latency)
+                          for b in backends])
+    keyed = []
+    for b, lat in zip(backends, latency):
+        queued = 0.0
+        if b.capacity is not None:
+            queued = max(0, max(b.in_flight, b.advert_load) + 1 - b.capacity) / b.capacity
+        keyed.append((lat * (1.0 + queued), rng.random(), b))
+    keyed.sort(key=lambda k: k[:2])
+    return [k[2] for k in keyed]
+
+
 def _cache_affinity(backends: list[BackendView], rng: random.Random, turn: int, key: bytes | None,
                     load_cap: float) -> list[BackendView]:
     if key is None:
@@ -221,4 +245,5 @@ _STRATEGIES: dict[str, _Strategy] = {
     "power_of_two": _power_of_two,
     "weighted": _weighted,
     "cache_affinity": _cache_affinity,
+    "least_delay": _least_delay,
 }  # keyed by the names in node.config.LOAD_BALANCING_STRATEGIES (a test checks they agree)

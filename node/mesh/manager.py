@@ -205,7 +205,7 @@ class Backend:
     """The live state of one backend: in flight, latency, health."""
 
     __slots__ = ("_ping_failures", "failed", "health", "in_flight", "last_ok", "last_used", "latency", "peer_id",
-                 "rtt_ms", "started", "succeeded", "ttfc", "unreachable")
+                 "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable")
 
     def __init__(self, peer_id: str, policy: HealthPolicy) -> None:
         self.peer_id = peer_id
@@ -213,6 +213,7 @@ class Backend:
         self.started = self.succeeded = self.failed = 0
         self.latency = Ewma(EWMA_ALPHA)  # seconds
         self.ttfc = Ewma(EWMA_ALPHA)  # seconds
+        self.service = Ewma(EWMA_ALPHA)  # seconds, successes that found a free slot (by our count): no queue
         self.health = BackendHealth(policy)
         self.rtt_ms: float | None = None
         self.last_used = -math.inf  # the manager's clock: when an attempt last ended
@@ -230,7 +231,7 @@ class Backend:
 
     def view(self, candidate: Candidate, capacity: int | None) -> BackendView:
         return BackendView(self.peer_id, in_flight=self.in_flight, advert_load=candidate.load, capacity=capacity,
-                           latency=self.latency.value)
+                           latency=self.latency.value, service=self.service.value)
 
     def statistics(self, now: float | None = None) -> BackendStatistics:
         """A snapshot at `now` (the manager's clock; None: at the latest outcome recorded)."""
@@ -255,16 +256,18 @@ class Attempt:
     each chunk that arrives and `answered()` when the final answer has arrived (a caller that
     stops reading after that is no failure)."""
 
-    __slots__ = ("_first", "_manager", "_recorded", "_started", "backend", "deadline")
+    __slots__ = ("_first", "_free_slot", "_manager", "_recorded", "_started", "backend", "capacity", "deadline")
 
-    def __init__(self, manager: BackendManager, backend: Backend, deadline: float) -> None:
-        self._manager, self.backend, self.deadline = manager, backend, deadline
+    def __init__(self, manager: BackendManager, backend: Backend, deadline: float, capacity: int | None) -> None:
+        self._manager, self.backend, self.deadline, self.capacity = manager, backend, deadline, capacity
         self._started = 0.0
         self._first: float | None = None
         self._recorded = False
+        self._free_slot = True
 
     def __enter__(self) -> Attempt:
         self._started = self._manager.clock()
+        self._free_slot = self.capacity is None or self.backend.in_flight < self.capacity
         self.backend.in_flight += 1
         self.backend.started += 1
         return self
@@ -294,6 +297,8 @@ class Attempt:
             self.backend.succeeded += 1
             self.backend.last_ok = now
             self.backend.latency.update(now - self._started)
+            if self._free_slot:
+                self.backend.service.update(now - self._started)
             self.backend.unreachable = 0
         elif outcome == "failed":
             self.backend.failed += 1
@@ -376,10 +381,10 @@ class BackendManager:
         now = self.clock()
         return ranked((by_peer[v.peer_id] for v in chosen), now, lambda c: self.backend(c.peer_id).health)
 
-    def attempt(self, peer_id: str, deadline: float) -> Attempt:
-        """`with manager.attempt(peer, deadline) as a:` around one attempt on `peer`
-        (`deadline` on the manager's clock)."""
-        return Attempt(self, self.backend(peer_id), deadline)
+    def attempt(self, peer_id: str, deadline: float, capacity: int | None = None) -> Attempt:
+        """`with manager.attempt(peer, deadline) as a:` around one attempt on `peer` (`deadline` on
+        the manager's clock; `capacity`: what it runs at once for this request, `capacity_for`)."""
+        return Attempt(self, self.backend(peer_id), deadline, capacity)
 
     def backend(self, peer_id: str) -> Backend:
         backend = self._backends.get(peer_id)

@@ -35,7 +35,7 @@ import trio
 
 from node.errors import AllProvidersFailed, Busy, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
 from node.mesh.errors import ClusterBusy
-from node.mesh.manager import Attempt, BackendManager, Candidate
+from node.mesh.manager import Attempt, BackendManager, Candidate, capacity_for
 from node.providers.base import AdmissionSlot, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
 from node.requests import Result
 from node.wire import FORWARDED_HOPS, request_to_wire, result_from_wire
@@ -100,7 +100,8 @@ class MeshProvider(BaseProvider):
                 break
             emitted = False
             try:
-                with self.manager.attempt(node.peer_id, deadline) as attempt:
+                capacity = capacity_for(node, request.task, request.model)
+                with self.manager.attempt(node.peer_id, deadline, capacity) as attempt:
                     async with aclosing(self._ask(node, request, attempt)) as items:
                         async for item in items:
                             emitted = emitted or isinstance(item, str)

@@ -28,7 +28,7 @@ import trio
 
 import node
 from node.client import DaemonClient
-from node.config import LOAD_BALANCING_STRATEGIES
+from node.config import LOAD_BALANCING_STRATEGIES as ALL_STRATEGIES
 from node.datadir import DataDir
 from node.mesh.balancer import BackendView, order, routing_key
 from tests.benchmarks import balancing_sim as sim
@@ -36,6 +36,9 @@ from tests.benchmarks.run import Section, percentile, series
 
 TITLE = "Load balancing (issue 14)"
 N = int(os.environ.get("ACCELMESH_BENCH_BALANCING_N", "1000"))  # requests per point; the issue asks for 1,000
+# A subset for a quick look (comma-separated names; round_robin is always run: the targets compare with it).
+LOAD_BALANCING_STRATEGIES = tuple(s for s in ALL_STRATEGIES if s == "round_robin" or s in os.environ.get(
+    "ACCELMESH_BENCH_BALANCING_STRATEGIES", ",".join(ALL_STRATEGIES)).split(","))
 LOADS = (0.4, 0.8)  # offered load, as a share of the cluster's capacity
 SLOTS = 2  # echo.concurrency on every serving daemon
 BACKENDS = (sim.Backend("alice", 50, 150, SLOTS), sim.Backend("bob", 100, 300, SLOTS),
@@ -254,12 +257,13 @@ def targets(by: dict[tuple[float, str], Point], oracle_p99: dict[float, float]) 
     """The issue's targets, each with what was measured."""
     low, checks = LOADS[0], []
     rr = p99(by[(low, "round_robin")].latencies)
-    for s in ("power_of_two", "least_loaded"):
+    judged = [s for s in ("power_of_two", "least_loaded", "least_delay") if s in LOAD_BALANCING_STRATEGIES]
+    for s in judged:  # the issue names the first two; least_delay is ours, held to the same bars
         mine = p99(by[(low, s)].latencies)
         text = f"at {low:.0%}, {s} p99 at most half of round_robin's ({mine:,.0f} / {rr:,.0f} ms = {mine / rr:.2f})"
         checks.append((text, mine <= rr / 2))
     for load in LOADS:
-        for s in ("power_of_two", "least_loaded"):
+        for s in judged:
             ratio = p99(by[(load, s)].latencies) / oracle_p99[load]
             checks.append((f"at {load:.0%}, {s} p99 within 1.2x of the oracle's ({ratio:.2f}x)", ratio <= 1.2))
     cpu = max(p.entry_cpu for p in by.values())

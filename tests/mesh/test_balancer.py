@@ -124,6 +124,32 @@ def test_least_loaded_breaks_ties_by_latency_then_at_random():
     assert set(counts) == set(PEERS) and min(counts.values()) > 800, counts
 
 
+# least_delay
+
+
+def test_least_delay_prefers_a_fast_backend_while_it_has_a_free_slot_then_counts_its_queue():
+    fast = BackendView("alice", in_flight=1, capacity=2, latency=0.1)  # a free slot: 0.1 s
+    slow = BackendView("carol", in_flight=0, capacity=2, latency=0.4)
+    medium = BackendView("bob", in_flight=0, capacity=2, latency=0.2)
+    for seed in range(10):
+        assert [b.peer_id for b in order("least_delay", [slow, medium, fast], rng=random.Random(seed))] == \
+            ["alice", "bob", "carol"]
+    full = BackendView("alice", in_flight=4, capacity=2, latency=0.1)  # 0.1 * (1 + 3 / 2) = 0.25
+    assert [b.peer_id for b in order("least_delay", [full, medium, slow], rng=random.Random(0))] == \
+        ["bob", "alice", "carol"]
+    stale = BackendView("alice", in_flight=0, advert_load=4, capacity=2, latency=0.1)  # the advert says full
+    assert order("least_delay", [stale, medium], rng=random.Random(0))[0] is medium
+
+
+def test_least_delay_uses_the_unqueued_service_time_when_known():
+    queued = BackendView("alice", in_flight=2, capacity=2, latency=0.3, service=0.1)  # 0.1 * 1.5 = 0.15
+    idle = BackendView("bob", in_flight=0, capacity=2, latency=0.2)
+    assert order("least_delay", [queued, idle], rng=random.Random(0))[0] is queued, \
+        "its latency holds time queued behind our own requests: counting the queue again would shun it"
+    unlimited = BackendView("carol", in_flight=50, capacity=None, latency=0.12)
+    assert order("least_delay", [unlimited, idle], rng=random.Random(0))[0] is unlimited, "unlimited never queues"
+
+
 # power_of_two
 
 
