@@ -53,7 +53,6 @@ An unknown strategy is the caller's mistake: `InvalidRequest`, naming the valid 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import math
@@ -205,8 +204,7 @@ def _weighted(backends: list[BackendView], rng: random.Random, turn: int, key: b
 
 def _least_delay(backends: list[BackendView], rng: random.Random, turn: int, key: bytes | None,
                  load_cap: float) -> list[BackendView]:
-    latency = _latencies([dataclasses.replace(b, latency=b.service if b.service is not None else b.latency)
-                          for b in backends])
+    latency = _fill([b.service if b.service is not None else b.latency for b in backends])
     keyed = []
     for b, lat in zip(backends, latency):
         queued = 0.0
@@ -234,9 +232,14 @@ def _rendezvous(key: bytes, peer_id: str) -> int:
 
 def _latencies(backends: list[BackendView]) -> list[float]:
     """Each backend's latency for a score: unknown ones get the median known latency (1.0 if none)."""
-    known = [b.latency for b in backends if b.latency is not None]
+    return _fill([b.latency for b in backends])
+
+
+def _fill(seconds: list[float | None]) -> list[float]:
+    """`seconds` with each None as the median of the others (1.0 if none is known), none below the floor."""
+    known = [s for s in seconds if s is not None]
     unknown = statistics.median(known) if known else _UNKNOWN_LATENCY
-    return [max(LATENCY_FLOOR, unknown if b.latency is None else b.latency) for b in backends]
+    return [max(LATENCY_FLOOR, unknown if s is None else s) for s in seconds]
 
 
 _STRATEGIES: dict[str, _Strategy] = {
