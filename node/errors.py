@@ -14,6 +14,7 @@
     │   │   └── ClusterBusy         every eligible mesh node answered busy (node.mesh.errors)
     │   ├── ProviderTimeout         the provider did not answer within its time
     │   ├── ProviderFailed          anything else the provider reported (5xx, crash, bad output)
+    │   │   └── PeerUnreachable     no stream could be opened to a mesh peer (node.mesh.errors)
     │   └── RemoteError             a peer answered with a wire Error; `code` (node.mesh.errors)
     ├── AllProvidersFailed          every candidate in the fallback chain failed or was skipped
     ├── Busy                        every slot and the queue are full; `retry_after` seconds (429)
