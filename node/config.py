@@ -228,6 +228,9 @@ class EchoSettings:
     )
     seed: int = setting(0, "seed of the per-node RNG that draws latencies and failures", kind="int")
     concurrency: int = setting(0, "cap on generations served at once; 0 = unlimited", kind="int", minimum=0)
+    word_delay_ms: float = setting(
+        0.0, "pause between streamed words in milliseconds, for mid-stream fault tests", kind="float", minimum=0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,15 @@ class MeshSettings:
                               "one in a row, reset by a success)", kind="float", minimum=0.001, daemon_only=True)
     cooldown_max: float = setting(HealthPolicy.max_cooldown, "longest cooldown in seconds (at least `cooldown`)",
                                   kind="float", minimum=0.001, daemon_only=True)
+    max_attempts: int = setting(3, "nodes that may fail one request before the mesh gives up (busy ones do not "
+                                "count: a full cluster is waited for within the deadline)", kind="int", minimum=1,
+                                daemon_only=True)
+    liveness_floor: float = setting(2.0, "least seconds a node may take to send the first (or next) chunk before "
+                                    "the attempt is abandoned and retried elsewhere", kind="float", minimum=0.001,
+                                    daemon_only=True)
+    liveness_multiple: float = setting(4.0, "a node may take this many times its usual time to first chunk (at "
+                                       "least liveness_floor) before the attempt is abandoned", kind="float",
+                                       minimum=1.0, daemon_only=True)
     load_cap: float = setting(1.0, "cache_affinity: a peer running this many requests per slot of "
                               "its capacity spills to the next one in hash order", kind="float", minimum=0.001,
                               daemon_only=True)

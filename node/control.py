@@ -61,6 +61,7 @@ class ControlContext:
     streams: Callable[[], GuardStatistics]
     peer_entries: Callable[[], Sequence[PeerEntry]]  # the peer table, sorted by peer id
     peer_health: Callable[[str], Mapping[str, Any]]  # the backend manager's view of a peer (health, latency)
+    balancing: Callable[[], Any]  # the backend manager's statistics() (node.mesh.manager.ManagerStatistics)
     advert: Callable[[], Advert | None]  # this node's current advert
     router: Callable[[], RouterStatistics]
     store: LocalStore  # the local store the cache commands work on
@@ -91,6 +92,7 @@ def info(context: ControlContext) -> dict[str, Any]:
         "load": {"in_flight": admission.in_flight, "queued": admission.queued},
         "peers": len(context.peer_entries()),
         "stats": context.router().to_json(),
+        "mesh": context.balancing().to_json(),
     }
 
 

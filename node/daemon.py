@@ -240,9 +240,12 @@ class Daemon:
         def candidates() -> list[Any]:
             return candidates_from_adverts(self.peer_id, [e.advert for e in table.entries()], adverts.current)
 
+        m = self.settings.mesh
         self.manager = BackendManager(candidates, strategy=self.settings.load_balancing, policy=self.health_policy,
-                                      load_cap=self.settings.mesh.load_cap)
-        mesh = MeshProvider(peer_id=self.peer_id, manager=self.manager, run_local=front_door.run_local, pool=pool)
+                                      load_cap=m.load_cap, liveness_floor=m.liveness_floor,
+                                      liveness_multiple=m.liveness_multiple)
+        mesh = MeshProvider(peer_id=self.peer_id, manager=self.manager, run_local=front_door.run_local, pool=pool,
+                            max_attempts=m.max_attempts)
         self.deps.pin_provider("mesh", mesh)
         self.deps.backend_manager = self.manager  # RouterDeps.get_backend_manager()
         return mesh
@@ -279,7 +282,7 @@ class Daemon:
             addrs=self.addrs, state=lambda: self.state, uptime=lambda: time.time() - self.started_at,
             connections=lambda: len(host.get_network().connections), admission=self.admission.statistics,
             streams=self.guard.statistics, peer_entries=table.entries, advert=lambda: adverts.current,
-            peer_health=self.manager.peer_json,
+            peer_health=self.manager.peer_json, balancing=self.manager.statistics,
             router=self.deps.statistics, store=self.store, request_stop=self.request_stop,
         )
 

@@ -13,8 +13,10 @@
     │   ├── RateLimited             slow down; `retry_after` seconds when the provider said (429)
     │   │   └── ClusterBusy         every eligible mesh node answered busy (node.mesh.errors)
     │   ├── ProviderTimeout         the provider did not answer within its time
+    │   │   └── LivenessTimeout     a mesh peer sent no chunk within its liveness timeout (node.mesh.errors)
     │   ├── ProviderFailed          anything else the provider reported (5xx, crash, bad output)
-    │   │   └── PeerUnreachable     no stream could be opened to a mesh peer (node.mesh.errors)
+    │   │   ├── PeerUnreachable     no stream could be opened to a mesh peer (node.mesh.errors)
+    │   │   └── StreamInterrupted   an answer broke off mid-stream and could not be resumed (node.mesh.errors)
     │   └── RemoteError             a peer answered with a wire Error; `code` (node.mesh.errors)
     ├── AllProvidersFailed          every candidate in the fallback chain failed or was skipped
     ├── Busy                        every slot and the queue are full; `retry_after` seconds (429)

@@ -18,7 +18,7 @@ from typing import Any
 
 from node.config import LOAD_BALANCING_STRATEGIES
 from node.errors import InvalidRequest
-from node.providers.base import AdmissionSlot, ProviderRequest
+from node.providers.base import AdmissionSlot, ProviderRequest, is_sampled
 from protocols.canonical import canonicalize, request_bytes
 from protocols.cid import request_key
 from protocols.errors import NotCanonical
@@ -60,7 +60,7 @@ class Request:
     @property
     def sampled(self) -> bool:
         """Sampling without a seed: the answer may differ each time, so it is not cached."""
-        return float(self.params.get("temperature", 0.0)) > 0.0 and self.params.get("seed") is None
+        return is_sampled(self.params)
 
     def for_provider(self, timeout: float, *, slot: AdmissionSlot | None = None) -> ProviderRequest:
         """The request as a provider sees it, with `timeout` seconds left and the admission slot."""

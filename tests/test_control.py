@@ -63,6 +63,7 @@ def context(store, stops) -> ControlContext:
         admission=lambda: dataclasses.replace(admission.statistics(), in_flight=1),
         streams=StreamGuard(StreamLimits()).statistics, peer_entries=table.entries, advert=lambda: own,
         router=lambda: STATS, store=store, request_stop=lambda: stops.append("stop"), peer_health=manager.peer_json,
+        balancing=manager.statistics,
     )
 
 
@@ -87,6 +88,7 @@ async def test_info_has_the_contract_shape_with_this_nodes_advert_fields(context
                           "index": 0, "cores": 4}],
         "capacity": 4, "queue": 16, "load": {"in_flight": 1, "queued": 0}, "peers": 1,
         "stats": {"inferences": 3, "cache": {"memory": 1, "local": 0, "cluster": 0, "miss": 3, "bypass": 0}},
+        "mesh": {"strategy": "round_robin", "planned": 0, "by_strategy": {}, "cooling": 0, "backends": {}},
     }
     assert control.info(context) == await run_command(context, "info", {})
 

@@ -255,10 +255,11 @@ def test_echo_statistics_count_answers():
     from node.providers.base import ProviderRequest
     from node.providers.echo import EchoProvider, EchoStatistics
 
-    provider = EchoProvider(latency_ms=(1.0, 2.0), concurrency=3)
+    provider = EchoProvider(latency_ms=(1.0, 2.0), concurrency=3, word_delay_ms=2.5)
     provider.complete_sync(ProviderRequest(task="generate", prompt="hi", messages=None, model=None))
-    assert provider.statistics() == EchoStatistics(served=1, concurrency=3, latency_ms=(1.0, 2.0), failure_rate=0.0)
-    assert repr(provider) == "<EchoProvider served=1 concurrency=3 latency_ms=1-2 failure_rate=0>"
+    assert provider.statistics() == EchoStatistics(served=1, concurrency=3, latency_ms=(1.0, 2.0), failure_rate=0.0,
+                                                   word_delay_ms=2.5)
+    assert repr(provider) == "<EchoProvider served=1 concurrency=3 latency_ms=1-2 failure_rate=0 word_delay_ms=2.5>"
 
 
 def test_mesh_statistics_are_a_copy(tmp_path):

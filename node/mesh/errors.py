@@ -6,8 +6,12 @@ Errors defined here, under node.errors' tree:
     ProviderError
     ├── RateLimited
     │   └── ClusterBusy         every eligible node was busy: the caller hears `busy`
+    ├── ProviderTimeout
+    │   └── LivenessTimeout     a node sent no chunk within its liveness timeout (retryable)
     ├── ProviderFailed
-    │   └── PeerUnreachable     no stream could be opened to the peer (retryable: ask another)
+    │   ├── PeerUnreachable     no stream could be opened to the peer (retryable: ask another)
+    │   └── StreamInterrupted   the answer broke off after text reached the caller, and could not
+    │                           be resumed; `delivered` characters were delivered (not retryable)
     └── RemoteError             a peer answered with an Error not mapped to one of ours; `code`
 
     wire code            raised by raise_for         error_for answers it for
@@ -34,16 +38,34 @@ from node.errors import (
     ProviderError,
     ProviderFailed,
     ProviderNotFound,
+    ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
 )
 from protocols.inference.messages import MAX_ERROR_MESSAGE_CHARS, MAX_RETRY_AFTER, Error
 
-__all__ = ["ClusterBusy", "PeerUnreachable", "RemoteError", "error_for", "raise_for"]
+__all__ = ["ClusterBusy", "LivenessTimeout", "PeerUnreachable", "RemoteError", "StreamInterrupted", "error_for",
+           "raise_for"]
 
 
 class ClusterBusy(RateLimited):
     """Every eligible node answered busy (the caller hears `busy`, with the smallest retry_after)."""
+
+
+class LivenessTimeout(ProviderTimeout):
+    """A node sent no chunk (the first, or the next) within its liveness timeout: abandoned, counted
+    as a failure, and retried elsewhere (`BackendManager.liveness` states the rule)."""
+
+
+class StreamInterrupted(ProviderFailed):
+    """The answer broke off after `delivered` characters reached the caller and could not be resumed:
+    the request is sampled (another node would answer differently), or the replay elsewhere did not
+    begin with the text already delivered. Never retried by the router (the caller would see text
+    twice); the caller decides."""
+
+    def __init__(self, provider: str, message: str, *, delivered: int) -> None:
+        super().__init__(provider, f"{message} ({delivered} characters were delivered)", retryable=False)
+        self.delivered = delivered
 
 
 class PeerUnreachable(ProviderFailed):

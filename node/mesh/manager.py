@@ -42,7 +42,7 @@ import trio
 
 from node.errors import Busy, ConfigError, InvalidRequest, ProviderError
 from node.mesh.balancer import DEFAULT_LOAD_CAP, BackendView, order, routing_key
-from node.mesh.errors import PeerUnreachable
+from node.mesh.errors import LivenessTimeout, PeerUnreachable
 from node.mesh.health import BackendHealth, Ewma, HealthPolicy, HealthState, ranked
 from node.providers.base import ProviderRequest
 
@@ -70,6 +70,7 @@ Outcome = Literal["ok", "failed", "neutral"]
 EWMA_ALPHA = 0.2  # each request moves a backend's average a fifth of the way: ~10 requests of memory
 PING_FAILURES_TO_COOL = 2  # failed pings in a row that cool a peer (one lost ping is not a dead node)
 PING_IDLE_AFTER = 10.0  # seconds without a successful request after which pings judge a peer (adverts.interval)
+MAX_LIVENESS_DOUBLINGS = 6  # a backend cut again and again waits at most 64 times its liveness timeout
 
 
 def health_policy(mesh: Any) -> HealthPolicy:
@@ -194,6 +195,7 @@ class BackendStatistics:
             "cooldown_until": None if self.cooldown_until is None else round(self.cooldown_until + wall_offset, 3),
             "latency_ms": _ms(self.latency_ms), "ttfc_ms": _ms(self.ttfc_ms), "rtt_ms": self.rtt_ms,
             "in_flight": self.in_flight, "failure_ratio": round(self.failure_ratio, 4), "cooldowns": self.cooldowns,
+            "started": self.started, "succeeded": self.succeeded, "failed": self.failed,
         }
 
 
@@ -205,7 +207,7 @@ class Backend:
     """The live state of one backend: in flight, latency, health."""
 
     __slots__ = ("_ping_failures", "failed", "health", "in_flight", "last_ok", "last_used", "latency", "peer_id",
-                 "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable")
+                 "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable", "cuts")
 
     def __init__(self, peer_id: str, policy: HealthPolicy) -> None:
         self.peer_id = peer_id
@@ -220,6 +222,7 @@ class Backend:
         self.last_ok = -math.inf  # ... and when one last succeeded
         self._ping_failures = 0
         self.unreachable = 0  # attempts in a row that could not even open a stream to it
+        self.cuts = 0  # attempts in a row abandoned for liveness: each doubles its next timeout
 
     def found_unreachable(self, now: float) -> None:
         """No stream could be opened: `PING_FAILURES_TO_COOL` times in a row cool it at once (a
@@ -300,12 +303,15 @@ class Attempt:
             if self._free_slot:
                 self.backend.service.update(now - self._started)
             self.backend.unreachable = 0
+            self.backend.cuts = 0
         elif outcome == "failed":
             self.backend.failed += 1
         if outcome != "neutral":
             self.backend.health.record(now, outcome == "ok")
         if isinstance(exc, PeerUnreachable):
             self.backend.found_unreachable(now)
+        if isinstance(exc, LivenessTimeout):
+            self.backend.cuts += 1
 
 
 @dataclass(frozen=True)
@@ -317,10 +323,12 @@ class ManagerStatistics:
     by_strategy: Mapping[str, int]  # requests planned, per strategy used (a copy)
     backends: tuple[BackendStatistics, ...]  # by peer id
     cooling: int  # backends cooling now
+    wall_offset: float = 0.0  # Unix time minus the manager's clock, when the snapshot was taken
 
     def to_json(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "planned": self.planned, "by_strategy": dict(self.by_strategy),
-                "cooling": self.cooling, "backends": {b.peer_id: b.to_json() for b in self.backends}}
+                "cooling": self.cooling,
+                "backends": {b.peer_id: b.to_json(wall_offset=self.wall_offset) for b in self.backends}}
 
 
 class BackendManager:
@@ -340,6 +348,8 @@ class BackendManager:
         policy: HealthPolicy | None = None,
         load_cap: float = DEFAULT_LOAD_CAP,
         ping_idle_after: float = PING_IDLE_AFTER,
+        liveness_floor: float = 2.0,
+        liveness_multiple: float = 4.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] = time.time,
@@ -350,6 +360,7 @@ class BackendManager:
         self.policy = policy if policy is not None else HealthPolicy()
         self.load_cap = load_cap
         self.ping_idle_after = ping_idle_after
+        self.liveness_floor, self.liveness_multiple = liveness_floor, liveness_multiple
         self.rng = rng if rng is not None else random.Random()
         self.clock = clock
         self.wall = wall
@@ -392,6 +403,28 @@ class BackendManager:
             backend = self._backends[peer_id] = Backend(peer_id, self.policy)
         return backend
 
+    def liveness(self, peer_id: str) -> float | None:
+        """Seconds `peer_id` may take to send the first chunk, or the next one, before the attempt is
+        abandoned (`LivenessTimeout`); None: no limit but the request's deadline.
+
+        ``max(liveness_floor, liveness_multiple * its EWMA time to first chunk)``. A backend that has
+        not sent a chunk yet is measured by the slowest time to first chunk known of any backend
+        (none known: no limit, so a cluster that has measured nothing cuts nothing). Each attempt
+        in a row abandoned on it doubles its timeout (at most `MAX_LIVENESS_DOUBLINGS` times; a
+        success resets it), so a node that is merely slow, a first CPU generation, gets the time
+        it needs after a few cuts, while a silent one keeps costing a bounded wait per request
+        until it is cooled. The floor (2 s by default) keeps ordinary jitter from cutting anyone.
+        """
+        backend = self.backend(peer_id)
+        ttfc = backend.ttfc.value
+        if ttfc is None:
+            known = [b.ttfc.value for b in self._backends.values() if b.ttfc.value is not None]
+            if not known:
+                return None
+            ttfc = max(known)
+        return max(self.liveness_floor, self.liveness_multiple * ttfc) * 2.0 ** min(backend.cuts,
+                                                                                     MAX_LIVENESS_DOUBLINGS)
+
     # -- active health -----------------------------------------------------------------------
 
     def pinged(self, peer_id: str, rtt_ms: float | None) -> None:
@@ -424,14 +457,14 @@ class BackendManager:
         backend = self._backends.get(peer_id)
         if backend is None:
             return {"health": "ok", "cooldown_until": None, "latency_ms": None, "ttfc_ms": None, "rtt_ms": None,
-                    "in_flight": 0, "failure_ratio": 0.0, "cooldowns": 0}
+                    "in_flight": 0, "failure_ratio": 0.0, "cooldowns": 0, "started": 0, "succeeded": 0, "failed": 0}
         return backend.statistics(self.clock()).to_json(wall_offset=self.wall() - self.clock())
 
     def statistics(self) -> ManagerStatistics:
         now = self.clock()
         backends = tuple(self._backends[p].statistics(now) for p in sorted(self._backends))
         return ManagerStatistics(self.strategy, self.planned, dict(self.by_strategy), backends,
-                                 sum(b.health == "cooling" for b in backends))
+                                 sum(b.health == "cooling" for b in backends), self.wall() - now)
 
     def __repr__(self) -> str:
         s = self.statistics()

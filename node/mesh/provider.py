@@ -25,7 +25,9 @@ to other nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -33,8 +35,16 @@ from typing import Any
 
 import trio
 
-from node.errors import AllProvidersFailed, Busy, ModelNotFound, ProviderError, ProviderFailed, ProviderUnavailable
-from node.mesh.errors import ClusterBusy
+from node.errors import (
+    AllProvidersFailed,
+    Busy,
+    DeadlineExceeded,
+    ModelNotFound,
+    ProviderError,
+    ProviderFailed,
+    ProviderUnavailable,
+)
+from node.mesh.errors import ClusterBusy, LivenessTimeout, StreamInterrupted
 from node.mesh.manager import Attempt, BackendManager, Candidate, capacity_for
 from node.providers.base import AdmissionSlot, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
 from node.requests import Result
@@ -46,6 +56,29 @@ __all__ = ["MeshProvider", "MeshStatistics", "DetachedMesh", "MAX_ATTEMPTS"]
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # failed nodes before the mesh gives up (the router then falls back); busy ones don't count
+BACKOFF_BASE = 0.01  # seconds before the next node after a first failure (jittered 0.5-1.5x, doubling)
+BACKOFF_MAX = 0.5  # ... and at most this
+
+
+async def _resumed(items: AsyncIterator[str | Completion], delivered: str,
+                   peer: str) -> AsyncIterator[str | Completion]:
+    """A replay of an answer of which `delivered` already reached the caller: its text must begin with
+    `delivered` (else `StreamInterrupted`), and only what follows is passed on."""
+    replayed = ""
+    async with aclosing(items) as answers:
+        async for item in answers:
+            if not isinstance(item, str):
+                if not item.text.startswith(delivered):
+                    raise StreamInterrupted("mesh", f"the replay on {peer[-8:]} differs from what was delivered",
+                                            delivered=len(delivered))
+                yield item
+                continue
+            before, replayed = len(replayed), replayed + item
+            if not (replayed.startswith(delivered) or delivered.startswith(replayed)):
+                raise StreamInterrupted("mesh", f"the replay on {peer[-8:]} differs from what was delivered",
+                                        delivered=len(delivered))
+            if len(replayed) > len(delivered):
+                yield replayed[max(before, len(delivered)):]
 
 
 RunLocal = Callable[[WireRequest, "AdmissionSlot | None"], AsyncIterator["str | Result"]]  # (request as forwarded, slot)
@@ -65,8 +98,10 @@ class MeshProvider(BaseProvider):
     name = "mesh"
     routes_remotely = True
 
-    def __init__(self, *, peer_id: str, manager: BackendManager, run_local: RunLocal, pool: Any) -> None:
+    def __init__(self, *, peer_id: str, manager: BackendManager, run_local: RunLocal, pool: Any,
+                 max_attempts: int = MAX_ATTEMPTS) -> None:
         self.peer_id = peer_id
+        self.max_attempts = max_attempts  # nodes that may fail one request before the mesh gives up
         self.manager = manager  # who serves each request, and what each node's answers taught us
         self.run_local = run_local  # this node's local providers (the front door's run_local)
         self.pool = pool  # keep-alive streams to other nodes (node.mesh.pool.StreamPool)
@@ -86,42 +121,94 @@ class MeshProvider(BaseProvider):
         return f"mesh/{model}" if model else "mesh"
 
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
-        nodes = self.manager.plan(request)
-        if not nodes:
-            what = f"model {request.model!r}" if request.model else f"task {request.task!r}"
-            constraints = [f"on {', '.join(request.on_peers)}"] if request.on_peers else []
-            constraints += [f"with a {request.accelerator} accelerator"] if request.accelerator else []
-            raise ModelNotFound(self.name, f"no node of the cluster serves {what}"
-                                           + (f" ({'; '.join(constraints)})" if constraints else ""))
-        deadline = self.manager.clock() + request.timeout
-        failures, busy, failed = [], [], 0
-        for node in nodes:
-            if failed >= MAX_ATTEMPTS:
-                break
-            emitted = False
-            try:
-                capacity = capacity_for(node, request.task, request.model)
-                with self.manager.attempt(node.peer_id, deadline, capacity) as attempt:
-                    async with aclosing(self._ask(node, request, attempt)) as items:
+        """Serve `request` on the cluster: each node of the manager's plan in turn, retrying within
+        the deadline (docs/reliability.md says when and how)."""
+        clock = self.manager.clock
+        deadline = clock() + request.timeout
+        delivered = ""  # what the caller has seen: a replay elsewhere must begin with it
+        failures: list[str] = []
+        failed: set[str] = set()  # nodes that failed this request: not asked again
+        planned_any = False
+        while True:
+            nodes = [n for n in self.manager.plan(request) if n.peer_id not in failed]
+            planned_any = planned_any or bool(nodes) or bool(failed)
+            if not planned_any:
+                raise self._nobody_serves(request)
+            busy: list[float] = []
+            for node in nodes:
+                if len(failed) >= self.max_attempts:
+                    break
+                left = deadline - clock()
+                if left <= 0:
+                    raise DeadlineExceeded(request.timeout, "the mesh request")
+                try:
+                    async with aclosing(self._attempt(node, dataclasses.replace(request, timeout=left), deadline,
+                                                      delivered)) as items:
                         async for item in items:
-                            emitted = emitted or isinstance(item, str)
+                            if isinstance(item, str):
+                                delivered += item
                             yield item
-                return
-            except Busy as exc:  # a full node (this one too) answers at once: every one may be asked
-                if emitted:
-                    raise
-                failures.append(f"{node.peer_id[-8:]}: busy")
-                busy.append(exc.retry_after)
-                log.info("mesh: %s is busy; trying the next node", node.peer_id)
-            except ProviderError as exc:
-                if emitted or not exc.retryable:
-                    raise
-                failures.append(f"{node.peer_id[-8:]}: {exc.message}")
-                failed += 1
-                log.info("mesh: %s failed (%s); trying the next node", node.peer_id, exc)
-        if busy and not failed:
-            raise ClusterBusy(self.name, f"every eligible node is busy ({len(busy)} asked)", retry_after=min(busy))
+                    return
+                except Busy as exc:  # a full node (this one too) answers at once: every one may be asked
+                    busy.append(exc.retry_after)
+                    failures.append(f"{node.peer_id[-8:]}: busy")
+                    log.info("mesh: %s is busy; trying the next node", node.peer_id)
+                except ProviderError as exc:
+                    if not exc.retryable:
+                        raise
+                    if delivered and request.sampled:
+                        raise StreamInterrupted(self.name, f"{node.peer_id[-8:]} failed mid-answer ({exc.message}) "
+                                                "and a sampled answer cannot be resumed elsewhere",
+                                                delivered=len(delivered)) from exc
+                    failed.add(node.peer_id)
+                    failures.append(f"{node.peer_id[-8:]}: {exc.message}")
+                    log.info("mesh: %s failed (%s); trying the next node", node.peer_id, exc)
+                    await trio.sleep(min(max(0.0, deadline - clock()), self._backoff(len(failed))))
+            if len(failed) >= self.max_attempts or not busy:
+                break
+            wait = min(busy)  # every node left is full: wait for the soonest slot, if the deadline allows
+            if clock() + wait >= deadline:
+                raise ClusterBusy(self.name, f"every eligible node is busy ({len(busy)} asked) and the deadline "
+                                  f"comes before the soonest slot", retry_after=wait)
+            log.info("mesh: every eligible node is busy; retrying in %.2f s", wait)
+            await trio.sleep(wait)
+        if delivered:
+            raise StreamInterrupted(self.name, "every node tried failed mid-answer: " + "; ".join(failures),
+                                    delivered=len(delivered))
         raise ProviderFailed(self.name, "every node tried failed: " + "; ".join(failures), retryable=True)
+
+    def _nobody_serves(self, request: ProviderRequest) -> ModelNotFound:
+        what = f"model {request.model!r}" if request.model else f"task {request.task!r}"
+        constraints = [f"on {', '.join(request.on_peers)}"] if request.on_peers else []
+        constraints += [f"with a {request.accelerator} accelerator"] if request.accelerator else []
+        return ModelNotFound(self.name, f"no node of the cluster serves {what}"
+                                        + (f" ({'; '.join(constraints)})" if constraints else ""))
+
+    def _backoff(self, failures: int) -> float:
+        """Seconds to wait before the next node after `failures` failures: jittered, doubling, capped."""
+        return min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** (failures - 1)) * self.manager.rng.uniform(0.5, 1.5)
+
+    async def _attempt(self, node: Candidate, request: ProviderRequest, deadline: float,
+                       delivered: str) -> AsyncIterator[str | Completion]:
+        """One attempt on `node`, timed and reported to the manager, cut when no chunk comes within its
+        liveness timeout; with text already `delivered`, a replay that skips what the caller has seen."""
+        capacity = capacity_for(node, request.task, request.model)
+        with self.manager.attempt(node.peer_id, deadline, capacity) as attempt:
+            items = self._ask(node, request, attempt)
+            if delivered:
+                items = _resumed(items, delivered, node.peer_id)
+            async with aclosing(items) as answers:
+                while True:
+                    limit = self.manager.liveness(node.peer_id)
+                    try:
+                        with trio.fail_after(limit if limit is not None else math.inf):
+                            item = await answers.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except trio.TooSlowError:
+                        raise LivenessTimeout(f"peer {node.peer_id[-8:]}", f"no chunk within {limit:.2f} s "
+                                              "(its liveness timeout)") from None
+                    yield item
 
     def _forward(self, request: ProviderRequest, node: Candidate) -> WireRequest:
         """The request as the serving node gets it: with a model named, addressed to the provider

@@ -125,6 +125,11 @@ class ProviderRequest:
     slot: AdmissionSlot | None = field(default=None, compare=False, repr=False)
 
     @property
+    def sampled(self) -> bool:
+        """Sampling without a seed: the answer may differ each time (`is_sampled`)."""
+        return is_sampled(self.params)
+
+    @property
     def text(self) -> str:
         """The prompt, or chat messages joined as plain text for providers without chat."""
         if self.prompt is not None:
@@ -137,6 +142,12 @@ class ProviderRequest:
             if message.get("role") == "user":
                 return str(message.get("content", ""))
         return self.text
+
+
+def is_sampled(params: Mapping[str, Any]) -> bool:
+    """Sampling without a seed (temperature > 0, no seed): the answer may differ each time, so it is
+    not cached, and an answer broken off mid-stream cannot be resumed on another node."""
+    return float(params.get("temperature", 0.0)) > 0.0 and params.get("seed") is None
 
 
 def messages_to_text(messages: Sequence[Mapping[str, Any]]) -> str:

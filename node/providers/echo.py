@@ -2,9 +2,13 @@
 
 For chat it echoes the last user message. The answer streams word by word. Settings
 (``[echo]``): `latency_ms` (a number or ``MIN-MAX``, slept before the first chunk),
-`failure_rate` (drawn per attempt from a per-node RNG seeded by `seed`) and `concurrency`
-(a cap on generations served at once; the others queue; 0 = unlimited). The cap is kept
-separately for synchronous callers (threads) and for the daemon's event loop.
+`word_delay_ms` (slept between consecutive chunks, for mid-stream fault tests), `failure_rate`
+(drawn per attempt from a per-node RNG seeded by `seed`) and `concurrency` (a cap on generations
+served at once; the others queue; 0 = unlimited). The cap is kept separately for synchronous
+callers (threads) and for the daemon's event loop, and held for the whole answer.
+
+Both paths keep to the request's deadline (`ProviderRequest.timeout`, counted from the call): a
+pause that would pass it sleeps until the deadline and raises `ProviderTimeout` instead.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class EchoStatistics:
     concurrency: int  # cap on generations served at once; 0 = unlimited
     latency_ms: tuple[float, float]  # (min, max) milliseconds slept before the first chunk
     failure_rate: float  # probability that an attempt fails
+    word_delay_ms: float  # milliseconds slept between consecutive chunks
 
 
 class EchoProvider(BaseProvider):
@@ -64,10 +69,12 @@ class EchoProvider(BaseProvider):
         failure_rate: float = 0.0,
         seed: int = 0,
         concurrency: int = 0,
+        word_delay_ms: float = 0.0,
     ) -> None:
         self.latency_ms = latency_ms
         self.failure_rate = failure_rate
         self.concurrency = concurrency
+        self.word_delay_ms = word_delay_ms  # read per pause, so a test may change it mid-stream
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._thread_slots = threading.BoundedSemaphore(concurrency) if concurrency else None
@@ -78,7 +85,8 @@ class EchoProvider(BaseProvider):
     def from_settings(cls, settings: Settings) -> EchoProvider:
         echo: EchoSettings = settings.echo
         return cls(
-            latency_ms=echo.latency_ms, failure_rate=echo.failure_rate, seed=echo.seed, concurrency=echo.concurrency
+            latency_ms=echo.latency_ms, failure_rate=echo.failure_rate, seed=echo.seed, concurrency=echo.concurrency,
+            word_delay_ms=echo.word_delay_ms,
         )
 
     def available(self) -> Readiness:
@@ -105,6 +113,32 @@ class EchoProvider(BaseProvider):
             fails = self.failure_rate > 0 and self._rng.random() < self.failure_rate
         return latency / 1000.0, fails
 
+    def _word_delay(self, i: int, chunks: list[str]) -> tuple[float, str]:
+        """The pause before chunk `i` (> 0) in seconds, and what to call it if it passes the deadline."""
+        delay = self.word_delay_ms / 1000.0
+        return delay, f"word delay {delay:.3f} s before word {i + 1} of {len(chunks)}"
+
+    def _pause_sync(self, seconds: float, what: str, deadline: float) -> None:
+        """Sleep `seconds`, or until `deadline` (`time.monotonic()`) and raise `ProviderTimeout`."""
+        if not seconds:
+            return
+        left = deadline - time.monotonic()
+        if seconds > left:
+            time.sleep(max(left, 0.0))
+            raise ProviderTimeout(self.name, f"{what} exceeds the deadline")
+        time.sleep(seconds)
+
+    async def _pause(self, seconds: float, what: str, deadline: float) -> None:
+        """Sleep `seconds`, or until `deadline` (`trio.current_time()`) and raise `ProviderTimeout`."""
+        import trio
+
+        if not seconds:
+            return
+        if trio.current_time() + seconds > deadline:
+            await trio.sleep_until(deadline)
+            raise ProviderTimeout(self.name, f"{what} exceeds the deadline")
+        await trio.sleep(seconds)
+
     def _completion(self, request: ProviderRequest, chunks: list[str]) -> Completion:
         self.served += 1
         return Completion(
@@ -115,19 +149,19 @@ class EchoProvider(BaseProvider):
         )
 
     def complete_sync(self, request: ProviderRequest) -> Completion:
+        deadline = time.monotonic() + request.timeout
         latency, fails = self._draw()
         slots = self._thread_slots
         if slots is not None and not slots.acquire(timeout=request.timeout):
             raise ProviderTimeout(self.name, f"no free slot within {request.timeout:g} s")
         try:
-            if latency:
-                if latency > request.timeout:
-                    time.sleep(request.timeout)
-                    raise ProviderTimeout(self.name, f"latency {latency:.3f} s exceeds the deadline")
-                time.sleep(latency)
+            self._pause_sync(latency, f"latency {latency:.3f} s", deadline)
             if fails:
                 raise ProviderFailed(self.name, "injected failure (echo.failure_rate)", retryable=True)
-            return self._completion(request, split_words(echo_text(request)))
+            chunks = split_words(echo_text(request))
+            for i in range(1, len(chunks)):
+                self._pause_sync(*self._word_delay(i, chunks), deadline)
+            return self._completion(request, chunks)
         finally:
             if slots is not None:
                 slots.release()
@@ -135,6 +169,7 @@ class EchoProvider(BaseProvider):
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         import trio
 
+        deadline = trio.current_time() + request.timeout
         latency, fails = self._draw()
         if self.concurrency and self._trio_slots is None:
             self._trio_slots = trio.Semaphore(self.concurrency)
@@ -142,12 +177,13 @@ class EchoProvider(BaseProvider):
         if slots is not None:
             await slots.acquire()
         try:
-            if latency:
-                await trio.sleep(latency)
+            await self._pause(latency, f"latency {latency:.3f} s", deadline)
             if fails:
                 raise ProviderFailed(self.name, "injected failure (echo.failure_rate)", retryable=True)
             chunks = split_words(echo_text(request))
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
+                if i:
+                    await self._pause(*self._word_delay(i, chunks), deadline)
                 yield chunk
             yield self._completion(request, chunks)
         finally:
@@ -156,11 +192,11 @@ class EchoProvider(BaseProvider):
 
     def statistics(self) -> EchoStatistics:
         return EchoStatistics(served=self.served, concurrency=self.concurrency, latency_ms=self.latency_ms,
-                              failure_rate=self.failure_rate)
+                              failure_rate=self.failure_rate, word_delay_ms=self.word_delay_ms)
 
     def __repr__(self) -> str:
         s = self.statistics()
         lo, hi = s.latency_ms
         latency = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
         return (f"<EchoProvider served={s.served} concurrency={s.concurrency or 'unlimited'} "
-                f"latency_ms={latency} failure_rate={s.failure_rate:g}>")
+                f"latency_ms={latency} failure_rate={s.failure_rate:g} word_delay_ms={s.word_delay_ms:g}>")

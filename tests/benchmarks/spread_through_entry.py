@@ -3,6 +3,7 @@ different speeds, per strategy, then what `accelmesh peers --json` says of them.
 
     python -m tests.benchmarks.spread_through_entry             # 60 prompts, 6 at a time, per strategy
     python -m tests.benchmarks.spread_through_entry 300 30 2    # 300 prompts, 30 at a time; SIGKILL one after 2 s
+    SPREAD_LATENCY_MS=50-500 python -m tests.benchmarks.spread_through_entry 200 200 1   # issue 15's scenario
 
 The entry daemon serves nothing itself (ACCELMESH_ECHO_ENABLED=0); the serving daemons answer
 echo in 50, 100 and 200 ms. Every prompt names the three with `on_peers` (issue 14's scenario)
@@ -30,7 +31,9 @@ from node.config import LOAD_BALANCING_STRATEGIES
 from node.datadir import DataDir
 from tests.benchmarks.run import percentile
 
-SPEEDS = {"fast": 50, "medium": 100, "slow": 200}  # echo latency, ms
+SPEEDS = {"fast": "50", "medium": "100", "slow": "200"}  # echo latency, ms
+if os.environ.get("SPREAD_LATENCY_MS"):  # e.g. 50-500: the same for every serving daemon (issue 15's scenario)
+    SPEEDS = dict.fromkeys(SPEEDS, os.environ["SPREAD_LATENCY_MS"])
 
 
 def start(data: str, *args: str, **env: str) -> tuple[subprocess.Popen, dict]:
@@ -97,7 +100,7 @@ def main(n: int = 60, width: int = 6, kill_after: float | None = None) -> None:
         names, serving = {}, {}
         for name, ms in SPEEDS.items():
             proc, info = start(f"{root}/{name}", "--bootstrap", entry["multiaddrs"][0],
-                               ACCELMESH_ECHO_LATENCY_MS=str(ms))
+                               ACCELMESH_ECHO_LATENCY_MS=ms)
             procs.append(proc)
             names[info["peer_id"]] = name
             serving[name] = proc

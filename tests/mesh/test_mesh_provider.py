@@ -167,7 +167,8 @@ async def test_when_every_node_this_one_included_is_full_the_caller_hears_busy_w
     pool = BusyPool(retry_after=2.0)
     nodes = [Candidate("B", (ECHO,), frozenset()), Candidate("SELF", (ECHO,), frozenset(), is_self=True)]
     mesh = MeshProvider(peer_id="SELF", manager=BackendManager(lambda: nodes), run_local=this_node_full, pool=pool)
-    request = ProviderRequest(task="generate", prompt="hi", messages=None, model="echo")
+    # 0.3 s left: the soonest slot (0.5 s) comes after the deadline, so the mesh does not wait for it
+    request = ProviderRequest(task="generate", prompt="hi", messages=None, model="echo", timeout=0.3)
     with trio.fail_after(5), pytest.raises(ClusterBusy) as info:
         async with aclosing(mesh.astream(request)) as items:
             async for _ in items:

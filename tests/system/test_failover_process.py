@@ -1,0 +1,111 @@
+"""Failover with real daemon processes: a serving node SIGKILLed in the middle of a load, and one
+that goes silent. The entry daemon serves nothing itself; every request must still get exactly one
+correct answer."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from contextlib import ExitStack
+
+import pytest
+import trio
+
+import node
+
+pytestmark = pytest.mark.system
+
+FAST_TABLE = {"ACCELMESH_ADVERTS_INTERVAL": "0.5", "ACCELMESH_ADVERTS_TTL": "3"}  # a dead node leaves within ~4 s
+
+
+def peers(accelmesh_cmd, daemon) -> dict[str, dict]:
+    out = accelmesh_cmd("peers", "--json", "--data-dir", str(daemon.data_dir), check=True)
+    return {p["peer_id"]: p for p in json.loads(out.stdout)["peers"]}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
+async def load(client: node.Client, n: int, on_half=None) -> tuple[dict[str, int], list[str]]:
+    """`n` concurrent requests with unique prompts; `on_half()` runs once half of them were sent."""
+    answered: dict[str, int] = {}
+    errors: list[str] = []
+    sent = 0
+
+    async def one(prompt: str) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == n // 2 and on_half is not None:
+            on_half()
+        try:
+            text = await client.agenerate_text(prompt, provider="mesh", model_name="echo", timeout=60)
+        except Exception as exc:  # counted, and shown on failure
+            errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        assert text == f"echo: {prompt}", (text, prompt)
+        answered[prompt] = answered.get(prompt, 0) + 1
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, f"prompt {i} {uuid.uuid4().hex[:8]}")
+                await trio.sleep(0.005)  # 200 requests dispatched over about a second
+    return answered, errors
+
+
+def cluster(start_daemon, stack: ExitStack, serving_env: list[dict]):
+    entry = stack.enter_context(start_daemon("entry", env={"ACCELMESH_ECHO_ENABLED": "0", **FAST_TABLE}))
+    bootstrap = entry.info["multiaddrs"][0]
+    serving = [stack.enter_context(start_daemon(f"s{i}", "--bootstrap", bootstrap, env={**FAST_TABLE, **env}))
+               for i, env in enumerate(serving_env)]
+    return entry, serving
+
+
+def test_a_serving_node_killed_mid_load_loses_no_request(start_daemon, accelmesh_cmd):
+    echo = {"ACCELMESH_ECHO_LATENCY_MS": "50-500"}
+    with ExitStack() as stack:
+        entry, serving = cluster(start_daemon, stack, [echo, echo, echo])
+        ids = [s.info["peer_id"] for s in serving]
+        wait_for(lambda: set(ids) <= set(peers(accelmesh_cmd, entry)), 20, "the entry knows the three")
+        victim = serving[1]
+        client = node.connect(data_dir=entry.data_dir)
+        try:
+            answered, errors = trio.run(load, client, 200, lambda: victim.signal(signal.SIGKILL))
+        finally:
+            client.close()
+        assert errors == [] and len(answered) == 200 and set(answered.values()) == {1}, (len(answered), errors[:3])
+        info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", str(entry.data_dir), check=True).stdout)
+        assert info["mesh"]["backends"][ids[1]]["failed"] >= 1, "requests were on the victim when it died"
+        table = peers(accelmesh_cmd, entry)
+        assert ids[1] not in table or table[ids[1]]["health"] == "cooling", "the dead node is cooled..."
+        wait_for(lambda: ids[1] not in peers(accelmesh_cmd, entry), 15, "...then expired from the table")
+
+
+def test_a_node_that_goes_silent_costs_seconds_not_the_deadline(start_daemon, accelmesh_cmd):
+    quick = {"ACCELMESH_ECHO_LATENCY_MS": "50-100"}
+    with ExitStack() as stack:
+        entry, serving = cluster(start_daemon, stack, [quick, quick])
+        ids = [s.info["peer_id"] for s in serving]
+        wait_for(lambda: set(ids) <= set(peers(accelmesh_cmd, entry)), 20, "the entry knows both")
+        client = node.connect(data_dir=entry.data_dir)
+        try:
+            answered, errors = trio.run(load, client, 20)  # both answer: their times to first chunk are known
+            assert errors == [] and len(answered) == 20
+            serving[0].signal(signal.SIGSTOP)  # alive to the kernel (connections stay open), silent to us
+            started = time.monotonic()
+            answered, errors = trio.run(load, client, 20)
+            took = time.monotonic() - started
+        finally:
+            serving[0].signal(signal.SIGCONT)
+            client.close()
+        assert errors == [] and len(answered) == 20
+        info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", str(entry.data_dir), check=True).stdout)
+        assert info["mesh"]["backends"][ids[0]]["failed"] >= 1, "the silent node was asked, and cut"
+        assert took < 15.0, f"20 requests took {took:.1f} s with a silent node (deadline 60 s)"
