@@ -194,21 +194,28 @@ class MeshProvider(BaseProvider):
         liveness timeout; with text already `delivered`, a replay that skips what the caller has seen."""
         capacity = capacity_for(node, request.task, request.model)
         with self.manager.attempt(node.peer_id, deadline, capacity) as attempt:
-            items = self._ask(node, request, attempt)
+            items = self._live(self._ask(node, request, attempt), node.peer_id)
             if delivered:
                 items = _resumed(items, delivered, node.peer_id)
             async with aclosing(items) as answers:
-                while True:
-                    limit = self.manager.liveness(node.peer_id)
-                    try:
-                        with trio.fail_after(limit if limit is not None else math.inf):
-                            item = await answers.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    except trio.TooSlowError:
-                        raise LivenessTimeout(f"peer {node.peer_id[-8:]}", f"no chunk within {limit:.2f} s "
-                                              "(its liveness timeout)") from None
+                async for item in answers:
                     yield item
+
+    async def _live(self, items: AsyncIterator[str | Completion], peer: str) -> AsyncIterator[str | Completion]:
+        """`items` as they arrive, cut (`LivenessTimeout`) when the next one takes longer than the node's
+        liveness timeout (`BackendManager.liveness`): chunks a replay skips count as arriving."""
+        async with aclosing(items) as answers:
+            while True:
+                limit = self.manager.liveness(peer)
+                try:
+                    with trio.fail_after(limit if limit is not None else math.inf):
+                        item = await answers.__anext__()
+                except StopAsyncIteration:
+                    return
+                except trio.TooSlowError:
+                    raise LivenessTimeout(f"peer {peer[-8:]}", f"no chunk within {limit:.2f} s "
+                                          "(its liveness timeout)") from None
+                yield item
 
     def _forward(self, request: ProviderRequest, node: Candidate) -> WireRequest:
         """The request as the serving node gets it: with a model named, addressed to the provider

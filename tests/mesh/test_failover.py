@@ -62,9 +62,10 @@ class ScriptedPool:
                 yield chunk
             yield " something else"
             return
+        pause = step[1] if isinstance(step, tuple) and step[0] == "slow" else 0.01
         for chunk in chunks:
             yield chunk
-            await trio.sleep(0.01)
+            await trio.sleep(pause)
         yield result
 
 
@@ -146,6 +147,16 @@ async def test_an_answer_broken_off_mid_stream_is_resumed_on_another_node_seamle
     assert chunks[:2] == ["echo:", " one"] and final.remote.peer == "B"
     expected = await node.acomplete(PROMPT, provider="echo", cache="no-store")
     assert final.remote.cid == expected.cid, "the response CID is the whole answer's"
+
+
+async def test_chunks_a_replay_skips_count_as_arriving_for_liveness(autojump_clock):
+    pool = ScriptedPool({"A": ["ok", ("die_after", 3)], "B": ["ok", ("slow", 0.9)]})
+    provider = mesh(pool, nodes("A", "B"), liveness_floor=1.0, liveness_multiple=1.0)
+    with trio.fail_after(60):
+        for _ in range(2):
+            await collect(provider, request())  # both measured: the liveness limit is the 1 s floor
+        chunks, final = await collect(provider, request())  # A dies after 3 chunks; B replays 0.9 s apart
+    assert "".join(chunks) == final.text and final.remote.peer == "B", "2.7 s of skipped replay, never cut"
 
 
 async def test_a_replay_that_differs_from_what_was_delivered_is_a_typed_error_never_mixed_text(autojump_clock):

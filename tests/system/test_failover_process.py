@@ -109,3 +109,29 @@ def test_a_node_that_goes_silent_costs_seconds_not_the_deadline(start_daemon, ac
         info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", str(entry.data_dir), check=True).stdout)
         assert info["mesh"]["backends"][ids[0]]["failed"] >= 1, "the silent node was asked, and cut"
         assert took < 15.0, f"20 requests took {took:.1f} s with a silent node (deadline 60 s)"
+
+
+def test_a_streamed_answer_survives_the_death_of_its_serving_node_mid_stream(start_daemon, accelmesh_cmd):
+    slow_words = {"ACCELMESH_ECHO_WORD_DELAY_MS": "400"}  # 20 words: an 8 s stream (time to look and kill)
+    with ExitStack() as stack:
+        entry, serving = cluster(start_daemon, stack, [slow_words, slow_words])
+        ids = [s.info["peer_id"] for s in serving]
+        wait_for(lambda: set(ids) <= set(peers(accelmesh_cmd, entry)), 20, "the entry knows both")
+        prompt = " ".join(f"w{i}" for i in range(19))
+        client = node.connect(data_dir=entry.data_dir)
+        chunks, killed = [], None
+        try:
+            for chunk in client.stream_text(prompt, provider="mesh", model_name="echo", timeout=60):
+                chunks.append(chunk)
+                if len(chunks) == 5 and killed is None:  # mid-stream: find the node serving it, and kill it
+                    for daemon in serving:
+                        status = json.loads(accelmesh_cmd("status", "--json", "--data-dir", str(daemon.data_dir),
+                                                          check=True).stdout)
+                        if status["in_flight"]:
+                            killed = daemon
+                    assert killed is not None, "one of the two serves the stream"
+                    killed.signal(signal.SIGKILL)
+        finally:
+            client.close()
+        assert killed is not None and killed.proc.wait(10) == -signal.SIGKILL
+        assert "".join(chunks) == f"echo: {prompt}", "one continuous answer: nothing lost, nothing twice"
