@@ -4,6 +4,8 @@ different speeds, per strategy, then what `accelmesh peers --json` says of them.
     python -m tests.benchmarks.spread_through_entry             # 60 prompts, 6 at a time, per strategy
     python -m tests.benchmarks.spread_through_entry 300 30 2    # 300 prompts, 30 at a time; SIGKILL one after 2 s
     SPREAD_LATENCY_MS=50-500 python -m tests.benchmarks.spread_through_entry 200 200 1   # issue 15's scenario
+    SPREAD_LATENCY_MS=50-500 SPREAD_STRATEGIES=power_of_two python -m tests.benchmarks.spread_through_entry 200 200
+                                                                                          # ... its baseline
 
 The entry daemon serves nothing itself (ACCELMESH_ECHO_ENABLED=0); the serving daemons answer
 echo in 50, 100 and 200 ms. Every prompt names the three with `on_peers` (issue 14's scenario)
@@ -112,6 +114,8 @@ def main(n: int = 60, width: int = 6, kill_after: float | None = None) -> None:
             time.sleep(0.2)
         on = tuple(names)
         strategies = ["power_of_two"] if kill_after is not None else list(LOAD_BALANCING_STRATEGIES)
+        if os.environ.get("SPREAD_STRATEGIES"):  # e.g. power_of_two: the no-kill baseline of a kill run
+            strategies = os.environ["SPREAD_STRATEGIES"].split(",")
         for strategy in strategies:
             kill = serving["fast"] if kill_after is not None else None
             print(json.dumps(trio.run(load, client, names, on, strategy, n, width, kill, kill_after)), flush=True)
