@@ -206,8 +206,8 @@ def _ms(value: float | None) -> float | None:
 class Backend:
     """The live state of one backend: in flight, latency, health."""
 
-    __slots__ = ("_ping_failures", "failed", "health", "in_flight", "last_ok", "last_used", "latency", "peer_id",
-                 "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable", "cuts")
+    __slots__ = ("cuts", "failed", "health", "in_flight", "last_ok", "last_used", "latency", "peer_id",
+                 "ping_failures", "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable")
 
     def __init__(self, peer_id: str, policy: HealthPolicy) -> None:
         self.peer_id = peer_id
@@ -220,7 +220,7 @@ class Backend:
         self.rtt_ms: float | None = None
         self.last_used = -math.inf  # the manager's clock: when an attempt last ended
         self.last_ok = -math.inf  # ... and when one last succeeded
-        self._ping_failures = 0
+        self.ping_failures = 0  # pings in a row that failed (while idle)
         self.unreachable = 0  # attempts in a row that could not even open a stream to it
         self.cuts = 0  # attempts in a row abandoned for liveness: each doubles its next timeout
 
@@ -434,14 +434,14 @@ class BackendManager:
         backend = self.backend(peer_id)
         backend.rtt_ms = rtt_ms
         if rtt_ms is not None:
-            backend._ping_failures = 0
+            backend.ping_failures = 0
             return
         now = self.clock()
         if now - backend.last_ok < self.ping_idle_after:
             return
-        backend._ping_failures += 1
-        if backend._ping_failures >= PING_FAILURES_TO_COOL:
-            backend._ping_failures = 0
+        backend.ping_failures += 1
+        if backend.ping_failures >= PING_FAILURES_TO_COOL:
+            backend.ping_failures = 0
             backend.health.trip(now)
 
     def forget(self, keep: Iterable[str]) -> None:
