@@ -206,7 +206,7 @@ def _ms(value: float | None) -> float | None:
 class Backend:
     """The live state of one backend: in flight, latency, health."""
 
-    __slots__ = ("cuts", "failed", "health", "in_flight", "last_ok", "last_used", "latency", "peer_id",
+    __slots__ = ("cuts", "failed", "health", "in_flight", "last_ok", "latency", "peer_id",
                  "ping_failures", "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable")
 
     def __init__(self, peer_id: str, policy: HealthPolicy) -> None:
@@ -218,8 +218,7 @@ class Backend:
         self.service = Ewma(EWMA_ALPHA)  # seconds, successes that found a free slot (by our count): no queue
         self.health = BackendHealth(policy)
         self.rtt_ms: float | None = None
-        self.last_used = -math.inf  # the manager's clock: when an attempt last ended
-        self.last_ok = -math.inf  # ... and when one last succeeded
+        self.last_ok = -math.inf  # the manager's clock: when an attempt on it last succeeded
         self.ping_failures = 0  # pings in a row that failed (while idle)
         self.unreachable = 0  # attempts in a row that could not even open a stream to it
         self.cuts = 0  # attempts in a row abandoned for liveness: each doubles its next timeout
@@ -294,7 +293,6 @@ class Attempt:
             return
         self._recorded = True
         now = self._manager.clock()
-        self.backend.last_used = now
         outcome = outcome_of(exc, timed_out=exc is not None and now >= self.deadline)
         if outcome == "ok":
             self.backend.succeeded += 1
