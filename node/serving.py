@@ -14,6 +14,9 @@ trio's clock: time spent in the queue counts), and how far it has travelled (`ho
 another node forwarded is served by local providers only). The router holds the admission slot
 around work done by a local provider; the mesh hands it back while another node serves.
 
+A request id is idempotent here (node.idempotency): a repeat of a request, same caller, same id,
+same question, waits for the first one's Result or replays it, and never computes a second answer.
+
 In-process calls with no daemon (`node.generate_text`) go straight to the router: no admission.
 """
 
@@ -32,12 +35,13 @@ from node import router
 from node.admission import Admission, Slot
 from node.deps import RouterDeps
 from node.errors import DeadlineExceeded
+from node.idempotency import RecentRequests, RequestIdentity, fingerprint
 from node.requests import Request, Result
 from node.wire import FORWARDED_HOPS, request_from_wire, result_to_wire
 from protocols.inference.messages import Request as WireRequest
 from protocols.inference.messages import Result as WireResult
 
-__all__ = ["ENTRY_POINTS", "RequestContext", "FrontDoor"]
+__all__ = ["ENTRY_POINTS", "FrontDoor", "RequestContext"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,10 @@ class FrontDoor:
     """Admits and runs every request a daemon receives. It needs the node's admission, the
     router's deps and this node's peer id, and nothing else of the daemon."""
 
-    def __init__(self, *, admission: Admission, deps: RouterDeps, peer_id: str) -> None:
+    def __init__(self, *, admission: Admission, deps: RouterDeps, peer_id: str,
+                 recent: RecentRequests | None = None) -> None:
         self.admission, self.deps, self.peer_id = admission, deps, peer_id
+        self.recent = recent if recent is not None else RecentRequests()  # request ids made idempotent
 
     def context(self, message: WireRequest, *, caller: str, entry: str) -> RequestContext:
         """The context of a request that arrived now as a protocol message."""
@@ -76,13 +82,51 @@ class FrontDoor:
     async def run(self, ctx: RequestContext) -> AsyncIterator[str | Result]:
         """Admit `ctx` (a slot now, a place in the queue, or Busy), then answer it: text chunks,
         then one Result naming the peer that computed it. Time in the queue counts against the
-        deadline: a request still waiting when it passes ends with DeadlineExceeded."""
+        deadline: a request still waiting when it passes ends with DeadlineExceeded. A repeat of a
+        request running or recently finished here gets that one's answer instead (`_repeated`)."""
         log.debug("request %s from %s by %s", ctx.request.request_id, ctx.caller, ctx.entry,
                   extra={"request_id": ctx.request.request_id, "peer": ctx.caller, "entry": ctx.entry})
-        async with self._admitted(ctx) as slot:
-            async with aclosing(self._answer(ctx, slot)) as items:
+        identity = (ctx.caller, ctx.request.request_id, fingerprint(ctx.request, ctx.provider, ctx.local_only))
+        earlier = await self._repeated(ctx, identity)
+        if earlier is not None:  # node.idempotency: the caller gets that request's answer, not a second one
+            if earlier.text:
+                yield earlier.text
+            yield earlier
+            return
+        flight, result = self.recent.start(identity), None
+        try:
+            async with self._admitted(ctx) as slot, aclosing(self._answer(ctx, slot)) as items:
                 async for item in items:
+                    if isinstance(item, Result):
+                        result = item  # kept even if our caller stops listening once it has it
                     yield item
+        finally:
+            self.recent.finish(identity, flight, result, trio.current_time())
+
+    async def _repeated(self, ctx: RequestContext, identity: RequestIdentity) -> Result | None:
+        """The Result of the request `ctx` repeats: one finished recently, or one running now (waited
+        for within ctx's deadline, holding no slot). None: ctx runs, as the first of its identity."""
+        while True:
+            result = self.recent.replay(identity, trio.current_time())
+            if result is not None:
+                return result
+            flight = self.recent.running(identity)
+            if flight is None:
+                return None
+            with trio.move_on_at(ctx.deadline):
+                await flight.done.wait()
+            if not flight.done.is_set():
+                raise DeadlineExceeded(ctx.request.timeout)
+            if flight.result is not None:
+                self.recent.joined += 1
+                return flight.result
+            # It ended without a Result: its caller went away, or it failed. Either way this repeat
+            # runs the request itself (the loop: unless another repeat started it first) rather
+            # than raise the first one's error: an exception object belongs to the task that raised
+            # it (raising it here too would mix two tracebacks), the error classes share no
+            # constructor to copy one faithfully, and the failure may be one a second try gets past
+            # (busy, a peer lost, the first's shorter deadline). A failure that is the request's own
+            # (invalid, no such provider) fails again at once.
 
     @asynccontextmanager
     async def _admitted(self, ctx: RequestContext) -> AsyncIterator[Slot]:
@@ -95,7 +139,8 @@ class FrontDoor:
 
     async def run_local(self, message: WireRequest, slot: Slot | None) -> AsyncIterator[str | Result]:
         """The mesh choosing this node: `message` as it would be forwarded, served by this node's
-        local providers within the slot the request already holds (no second admission)."""
+        local providers within the slot the request already holds (no second admission). Request
+        ids are not checked again: `run` did, when it admitted the request this serves."""
         ctx = self.context(message, caller=self.peer_id, entry=SELF)
         async with aclosing(self._answer(ctx, slot)) as items:
             async for item in items:

@@ -145,6 +145,10 @@ def _build(name: str) -> Factory:
             from node.deps import RouterDeps
 
             return RouterDeps(settings=_settings())
+        if name == "node.idempotency.RecentRequests":
+            from node.idempotency import RecentRequests
+
+            return RecentRequests()
         if name == "node.mesh.adverts.PeerTable":
             from node.mesh.adverts import PeerTable
 
@@ -191,6 +195,7 @@ FACTORIES: dict[str, Factory] = {
     "node.mesh.provider.MeshProvider": _mesh_provider,
     "node.mesh.manager.BackendManager": _manager,
     "node.mesh.manager.Backend": _backend,
+    "node.idempotency.RecentRequests": _build("node.idempotency.RecentRequests"),
 }
 
 # Classes too heavy to build in a unit test, with the reason: only their annotation is checked.

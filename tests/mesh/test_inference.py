@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from contextlib import aclosing
 
 import pytest
@@ -31,7 +32,8 @@ async def until(predicate, timeout=10.0):
 
 
 def request(prompt="hello", *, model="echo", provider="mesh", **kw) -> Request:
-    return Request(id="r1", task="generate", prompt=prompt, model=model, provider=provider,
+    """A new request (its own id: the same id and question again is a repeat, node.idempotency)."""
+    return Request(id=kw.pop("id", uuid.uuid4().hex), task="generate", prompt=prompt, model=model, provider=provider,
                    timeout_ms=kw.pop("timeout_ms", 20_000), **kw)
 
 

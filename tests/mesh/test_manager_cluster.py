@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import uuid
 from contextlib import aclosing
 
 import trio
@@ -18,7 +19,7 @@ FAST_HEALTH = {"ACCELMESH_MESH_HEALTH_WINDOW": "5", "ACCELMESH_MESH_HEALTH_MIN_R
 
 
 async def ask(client: PeerClient, i: int, **fields) -> str:
-    request = Request(id=f"r{i}", task="generate", prompt=f"p{i}", model="echo", provider="mesh", timeout_ms=20_000,
+    request = Request(id=uuid.uuid4().hex, task="generate", prompt=f"p{i}", model="echo", provider="mesh", timeout_ms=20_000,
                       **fields)
     async with aclosing(client.generate(request)) as items:
         result = [item async for item in items][-1]
