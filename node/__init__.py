@@ -46,7 +46,7 @@ _EXPORTS = {
 _ERRORS = (
     "AccelmeshError", "ConfigError", "InvalidRequest", "CacheMiss", "DeadlineExceeded", "ProviderError",
     "ProviderNotFound", "ProviderUnavailable", "ProviderAuthError", "ModelNotFound", "RateLimited",
-    "ProviderTimeout", "ProviderFailed", "AllProvidersFailed", "Busy", "DaemonError",
+    "ProviderTimeout", "ProviderFailed", "AllProvidersFailed", "Busy", "Disagreement", "DaemonError",
 )
 _EXPORTS.update(dict.fromkeys(_ERRORS, "node.errors"))
 

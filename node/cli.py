@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", metavar="NAME", choices=LOAD_BALANCING_STRATEGIES,
                    help="how the mesh picks the serving node for this request, instead of the configured "
                         f"load_balancing ({', '.join(LOAD_BALANCING_STRATEGIES)}; docs/mesh.md)")
+    g.add_argument("--verify", metavar="K", type=int,
+                   help="answer only when K nodes return the same response CID (deterministic requests; needs "
+                        "the mesh; docs/reliability.md)")
     g.add_argument("--json", action="store_true", help="print one JSON object (with --stream: JSON lines)")
     remote = g.add_argument_group("submit to a daemon elsewhere (instead of --data-dir)")
     remote.add_argument("--peer", metavar="MULTIADDR", help="the entry daemon, a full multiaddr with /p2p/")
@@ -195,6 +198,8 @@ def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
         kwargs["accelerator"] = args.accelerator
     if args.strategy:
         kwargs["strategy"] = args.strategy
+    if args.verify is not None:
+        kwargs["verify"] = args.verify
     if args.peer:
         if str(settings.sources.get("data_dir", "")).startswith("flag"):
             raise _UsageError("--data-dir and --peer are alternatives: --peer dials that daemon directly, "
@@ -296,16 +301,20 @@ def _with_daemon(settings: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 def cmd_daemon(args: argparse.Namespace, settings: Any) -> int:
-    import signal
-
-    import trio
-
     from node.daemon import Daemon
     from node.logs import configure_logging
 
     if settings.sources.get("log_level", "default") == "default":
         configure_logging("info", settings.log_format)  # a daemon says what it is doing
-    daemon = Daemon(settings)
+    return serve_daemon(Daemon(settings))
+
+
+def serve_daemon(daemon: Any) -> int:
+    """Run `daemon` (a node.daemon.Daemon) until SIGINT or SIGTERM: the first drains in-flight work,
+    a second stops at once. Start-up errors are raised."""
+    import signal
+
+    import trio
 
     async def watch_signals() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

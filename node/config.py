@@ -331,6 +331,9 @@ class MeshSettings:
     liveness_multiple: float = setting(4.0, "a node may take this many times its usual time to first chunk (at "
                                        "least liveness_floor) before the attempt is abandoned", kind="float",
                                        minimum=1.0, daemon_only=True)
+    hedge_after: str = setting("off", "send a second copy of a request to another node when the first sends no chunk "
+                               "within this many seconds, or within its recent p95 time to first chunk (p95); the "
+                               "first answer wins, the other is cancelled (off: never)", kind="str", daemon_only=True)
     load_cap: float = setting(1.0, "cache_affinity: a peer running this many requests per slot of "
                               "its capacity spills to the next one in hash order", kind="float", minimum=0.001,
                               daemon_only=True)

@@ -118,9 +118,10 @@ class Daemon:
         self.control: control.ControlContext | None = None  # what the control commands see
         self.mesh: Any = None
         self.manager: Any = None  # node.mesh.manager.BackendManager: who serves each request the mesh carries
-        from node.mesh.manager import health_policy
+        from node.mesh.manager import health_policy, hedge_rule
 
         self.health_policy = health_policy(settings.mesh)  # a bad [mesh] health setting fails here, named
+        self.hedge_after = hedge_rule(settings.mesh.hedge_after)  # ... and a bad hedge_after
         self.streams: StreamPool | None = None  # keep-alive inference streams to other nodes
         from node.accelerators import AcceleratorDetector
 
@@ -245,7 +246,7 @@ class Daemon:
                                       load_cap=m.load_cap, liveness_floor=m.liveness_floor,
                                       liveness_multiple=m.liveness_multiple)
         mesh = MeshProvider(peer_id=self.peer_id, manager=self.manager, run_local=front_door.run_local, pool=pool,
-                            max_attempts=m.max_attempts)
+                            max_attempts=m.max_attempts, hedge_after=self.hedge_after)
         self.deps.pin_provider("mesh", mesh)
         self.deps.backend_manager = self.manager  # RouterDeps.get_backend_manager()
         return mesh

@@ -20,6 +20,7 @@
     │   └── RemoteError             a peer answered with a wire Error; `code` (node.mesh.errors)
     ├── AllProvidersFailed          every candidate in the fallback chain failed or was skipped
     ├── Busy                        every slot and the queue are full; `retry_after` seconds (429)
+    ├── Disagreement                `verify=k`: no k nodes returned the same response CID; `answers`
     ├── StoreError                  the local sqlite store cannot be used: newer schema, not a
     │                               database (defined in node.cache.store)
     └── DaemonError                 talking to a local daemon failed (none running, refused)
@@ -30,7 +31,7 @@ here or elsewhere, can succeed; `retry_after` is a hint in seconds or None.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "AccelmeshError",
@@ -48,6 +49,7 @@ __all__ = [
     "ProviderFailed",
     "AllProvidersFailed",
     "Busy",
+    "Disagreement",
     "DaemonError",
 ]
 
@@ -149,6 +151,19 @@ class Busy(AccelmeshError):
     def __init__(self, retry_after: float, message: str = "every slot and the queue are full") -> None:
         super().__init__(f"{message}; retry after {retry_after:.3g} s")
         self.retry_after, self.reason = retry_after, message
+
+
+class Disagreement(AccelmeshError):
+    """`verify=k`: the nodes asked did not return k equal response CIDs, and no node was left to ask.
+    `answers` maps each node that answered (peer id) to the response CID it returned. Not a
+    provider's failure: the router never falls back from it to a single unverified answer."""
+
+    def __init__(self, answers: Mapping[str, str], *, k: int | None = None, message: str | None = None) -> None:
+        self.k, self.answers = k, dict(answers)
+        if message is None:
+            listing = ", ".join(f"{peer[-8:]}: {cid[-12:]}" for peer, cid in sorted(self.answers.items())) or "none"
+            message = f"no {k} nodes agree on the answer ({len(self.answers)} answered: {listing})"
+        super().__init__(message)
 
 
 class DaemonError(AccelmeshError):

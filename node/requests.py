@@ -22,6 +22,7 @@ from node.providers.base import AdmissionSlot, ProviderRequest, is_sampled
 from protocols.canonical import canonicalize, request_bytes
 from protocols.cid import request_key
 from protocols.errors import NotCanonical
+from protocols.inference.messages import MAX_VERIFY
 from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES
 
 __all__ = ["RESERVED_KWARGS", "CACHE_MODES", "PARAM_DEFAULTS", "Request", "Result", "build_request", "request_key_for"]
@@ -56,6 +57,7 @@ class Request:
     on_peers: tuple[str, ...] = ()
     accelerator: str | None = None
     strategy: str | None = None
+    verify: int = 1  # nodes that must return the same response CID (1: one node's answer)
 
     @property
     def sampled(self) -> bool:
@@ -67,7 +69,8 @@ class Request:
         return ProviderRequest(
             task=self.task, prompt=self.prompt, messages=self.messages, model=self.model,
             params=dict(self.params), timeout=timeout, request_id=self.request_id, on_peers=self.on_peers,
-            accelerator=self.accelerator, strategy=self.strategy, cache_mode=self.cache_mode, slot=slot,
+            accelerator=self.accelerator, strategy=self.strategy, cache_mode=self.cache_mode, verify=self.verify,
+            slot=slot,
         )
 
 
@@ -87,6 +90,7 @@ class Result:
     usage: Mapping[str, int] = field(default_factory=dict)
     peer: str | None = None  # peer id that computed the answer (set when a daemon handled it)
     served_from: str | None = None  # peer that supplied a cluster hit
+    agreed: tuple[str, ...] = ()  # verify=k: the nodes (peer ids) that computed this same response CID
     response: bytes = field(default=b"", repr=False)  # the canonical response bytes (their CID is `cid`)
 
     def to_json(self) -> dict[str, Any]:
@@ -100,6 +104,7 @@ class Result:
             "request_id": self.request_id,
             "peer": self.peer,
             "served_from": self.served_from,
+            "agreed": list(self.agreed),
             "latency_ms": round(self.latency_ms, 3),
         }
 
@@ -188,8 +193,7 @@ def build_request(
     strategy, verify = reserved.get("strategy"), reserved.get("verify")
     if strategy is not None and strategy not in LOAD_BALANCING_STRATEGIES:
         raise InvalidRequest(f"strategy must be one of {', '.join(LOAD_BALANCING_STRATEGIES)}, got {strategy!r}")
-    if verify is not None:
-        _verify(verify)
+    verify = _verify(verify, params)
     accelerator = reserved.get("accelerator")
     if accelerator is not None and accelerator not in ACCELERATOR_KINDS:
         raise InvalidRequest(f"accelerator must be one of {', '.join(ACCELERATOR_KINDS)}, got {accelerator!r}")
@@ -205,19 +209,21 @@ def build_request(
         on_peers=tuple(on_peers),
         accelerator=accelerator,
         strategy=strategy,
+        verify=verify,
     )
 
 
-def _verify(k: Any) -> None:
-    """`verify=k` (INTERFACES.md): k nodes must agree on the response CID. One node always agrees with
-    itself; comparing the answers of several nodes is not built yet, so k > 1 is refused, not ignored."""
+def _verify(k: Any, params: Mapping[str, Any]) -> int:
+    """`verify=k` (INTERFACES.md): k distinct nodes must return the same response CID. Only a
+    deterministic request has one right answer to agree on, so a sampled one is refused."""
     if k is None:
-        return
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidRequest(f"verify must be a whole number of nodes, at least 1, got {k!r}")
-    if k > 1:
-        raise InvalidRequest(f"verify={k}: answers agreed on by several nodes are not available in this release "
-                             "(verify=1, one node's answer, is)")
+        return 1
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_VERIFY:
+        raise InvalidRequest(f"verify must be a whole number of nodes from 1 to {MAX_VERIFY}, got {k!r}")
+    if k > 1 and is_sampled(params):
+        raise InvalidRequest(f"verify={k} needs a deterministic request (no temperature, or a seed): sampled "
+                             "answers differ from node to node")
+    return k
 
 
 def request_key_for(request: Request, identity: str, strategy: str) -> str:

@@ -43,6 +43,7 @@ from node.errors import (
     Busy,
     CacheMiss,
     DeadlineExceeded,
+    Disagreement,
     InvalidRequest,
     ProviderError,
     ProviderFailed,
@@ -160,18 +161,21 @@ def _constrained(
 ) -> list[tuple[str, BaseProvider]]:
     """The candidates that can honour the request's constraints; the others join `skipped`, with why.
 
-    `on_peers` leaves only a provider that routes to other nodes (the mesh, which picks among
-    those peers). `accelerator` leaves the mesh and the providers computing on that kind of
+    `on_peers` and `verify` > 1 leave only a provider that routes to other nodes (the mesh, which
+    picks among those peers, or asks several and compares their answers). `accelerator` leaves the mesh and the providers computing on that kind of
     device here (hf_local on its device, echo on the CPU; an API or CLI tool computes elsewhere).
     """
-    if not (request.on_peers or request.accelerator):
+    if not (request.on_peers or request.accelerator or request.verify > 1):
         return candidates
     kept = []
     for name, provider in candidates:
         if provider.routes_remotely:
             kept.append((name, provider))
             continue
-        if request.on_peers:
+        if request.verify > 1:
+            reason = (f"cannot honour verify={request.verify}: only the mesh asks several nodes "
+                      "(submit through a daemon)")
+        elif request.on_peers:
             reason = "cannot honour on_peers: only the mesh chooses who serves (submit through a daemon)"
         else:
             here = provider.accelerator()
@@ -398,6 +402,7 @@ class _Attempt:
             cid=remote.cid, request_id=self.request.request_id,
             latency_ms=(time.monotonic() - self.started) * 1000.0, finish_reason=body["finish_reason"],
             usage=body["usage"], response=remote.response, peer=remote.peer, served_from=remote.served_from,
+            agreed=remote.agreed,
         )
         return result, remote.response
 
@@ -423,7 +428,7 @@ def _log() -> Any:
 
 # Errors that mean the same whichever provider raised them (the mesh relays a serving node's):
 # they end the request as they are, instead of becoming one provider's failure.
-_PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest, Busy)
+_PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest, Busy, Disagreement)
 
 
 def _provider_failed(name: str, exc: Exception) -> ProviderFailed:

@@ -51,6 +51,7 @@ def request_to_wire(request: Any, *, provider: str | None, hops: int, stream: bo
         cache=request.cache_mode, timeout_ms=wire_timeout_ms(request.timeout),
         on_peers=() if forwarded else tuple(request.on_peers), accelerator=request.accelerator,
         strategy=None if forwarded else request.strategy,
+        verify=None if forwarded or request.verify <= 1 else request.verify,
     )
 
 
@@ -70,6 +71,8 @@ def request_from_wire(message: WireRequest, *, default_model: str | None = None)
         reserved["accelerator"] = message.accelerator
     if message.strategy:
         reserved["strategy"] = message.strategy
+    if message.verify:
+        reserved["verify"] = message.verify
     return build_request(prompt, model_name=message.model, kwargs={**message.params, **reserved},
                          default_model=default_model)
 
@@ -79,7 +82,7 @@ def result_to_wire(result: Result, *, peer: str) -> WireResult:
     return WireResult(
         response=result.response, cid=result.cid, key=result.key, provider=result.provider,
         peer=result.peer or peer, cache=result.cache, timings={"total_ms": float(result.latency_ms)},
-        served_from=result.served_from,
+        served_from=result.served_from, agreed=tuple(result.agreed) or None,
     )
 
 
@@ -91,5 +94,5 @@ def result_from_wire(message: WireResult, *, request_id: str, latency_ms: float)
         text=body.get("text", ""), provider=message.provider, model=body["model"], cache=message.cache,
         key=message.key, cid=message.cid, request_id=request_id, latency_ms=latency_ms,
         finish_reason=body["finish_reason"], usage=body["usage"], peer=message.peer,
-        served_from=message.served_from, response=message.response,
+        served_from=message.served_from, agreed=tuple(message.agreed or ()), response=message.response,
     )

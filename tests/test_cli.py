@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-RESULT_KEYS = {"text", "provider", "model", "cache", "key", "cid", "request_id", "peer", "served_from", "latency_ms"}
+RESULT_KEYS = {"text", "provider", "model", "cache", "key", "cid", "request_id", "peer", "served_from", "agreed",
+               "latency_ms"}
 
 
 @pytest.fixture

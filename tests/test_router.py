@@ -195,8 +195,8 @@ def test_verify_must_be_a_whole_number_of_nodes(k):
         node.complete("p", provider="echo", verify=k)
 
 
-def test_verify_above_one_is_refused_until_answers_are_compared_across_nodes():
-    with pytest.raises(node.InvalidRequest, match="verify=3"):
+def test_verify_above_one_needs_the_mesh_and_a_named_local_provider_says_so():
+    with pytest.raises(node.ProviderUnavailable, match="verify=3: only the mesh asks several nodes"):
         node.complete("p", provider="echo", verify=3)
     assert node.complete("p", provider="echo", verify=1).text == "echo: p"  # one node agrees with itself
 

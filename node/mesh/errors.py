@@ -20,6 +20,7 @@ Errors defined here, under node.errors' tree:
     cache_miss           CacheMiss                   CacheMiss
     bad_request          InvalidRequest              InvalidRequest
     model_not_found      ModelNotFound (retryable)   ModelNotFound
+    disagreement         Disagreement (answers)      Disagreement (verify=k: no k nodes agreed)
     no_provider, provider_failed, internal, ...      RemoteError (code, retryable, retry_after)
 """
 
@@ -33,6 +34,7 @@ from node.errors import (
     Busy,
     CacheMiss,
     DeadlineExceeded,
+    Disagreement,
     InvalidRequest,
     ModelNotFound,
     ProviderError,
@@ -94,6 +96,8 @@ def _error_for(exc: BaseException) -> Error:
         return Error(code="deadline_exceeded", message=str(exc), retryable=False)
     if isinstance(exc, CacheMiss):
         return Error(code="cache_miss", message=str(exc))
+    if isinstance(exc, Disagreement):  # (only a Request with verify > 1 can end this way)
+        return Error(code="disagreement", message=str(exc), answers=dict(list(exc.answers.items())[:64]))
     if isinstance(exc, InvalidRequest):
         return Error(code="bad_request", message=str(exc))
     if isinstance(exc, ModelNotFound):
@@ -130,6 +134,8 @@ def raise_for(error: Error, peer: str) -> None:
         raise CacheMiss(error.message)
     if error.code == "bad_request":
         raise InvalidRequest(error.message)
+    if error.code == "disagreement":
+        raise Disagreement(error.answers or {}, message=error.message)
     if error.code == "model_not_found":  # retryable: the mesh tries the next node (the advert was stale)
         raise ModelNotFound(f"peer {peer[-8:]}", error.message, retryable=error.retryable)
     if error.code == "busy":  # a client hears it as it is; the mesh asks the next node

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -61,15 +62,22 @@ __all__ = [
     "Attempt",
     "EWMA_ALPHA",
     "health_policy",
+    "hedge_rule",
+    "HedgeRule",
+    "HEDGE_SAMPLES",
+    "HEDGE_MIN_SAMPLES",
     "PING_FAILURES_TO_COOL",
     "PING_IDLE_AFTER",
 ]
 
 Outcome = Literal["ok", "failed", "neutral"]
+HedgeRule = float | Literal["p95"] | None  # seconds, the backend's recent p95 time to first chunk, or off
 
 EWMA_ALPHA = 0.2  # each request moves a backend's average a fifth of the way: ~10 requests of memory
 PING_FAILURES_TO_COOL = 2  # failed pings in a row that cool a peer (one lost ping is not a dead node)
 PING_IDLE_AFTER = 10.0  # seconds without a successful request after which pings judge a peer (adverts.interval)
+HEDGE_SAMPLES = 64  # recent times to first chunk kept per backend for `hedge_after = "p95"`
+HEDGE_MIN_SAMPLES = 10  # fewer than this: no p95 yet, no hedge (a guess would hedge every request)
 MAX_LIVENESS_DOUBLINGS = 6  # a backend cut again and again waits at most 64 times its liveness timeout
 
 
@@ -85,6 +93,22 @@ def health_policy(mesh: Any) -> HealthPolicy:
                          ("max_cooldown", "cooldown_max"))
         raise ConfigError(f"mesh.{key}", getattr(mesh, key), str(exc).replace(f"HealthPolicy.{name} ", "")
                           .replace("base_cooldown", "mesh.cooldown")) from exc
+
+
+def hedge_rule(value: str) -> HedgeRule:
+    """`mesh.hedge_after` as a rule: "off" (None), "p95", or seconds > 0; a `ConfigError` otherwise."""
+    text = str(value).strip().lower()
+    if text in ("off", ""):
+        return None
+    if text == "p95":
+        return "p95"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError("mesh.hedge_after", value, "expected off, p95, or a number of seconds above 0")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -187,6 +211,7 @@ class BackendStatistics:
     cooldown_until: float | None  # monotonic seconds (the manager's clock); None when not cooling
     failure_ratio: float  # in the health window now
     cooldowns: int
+    disagreed: int = 0  # verify=k: answers that differed from one at least two other nodes agreed on
 
     def to_json(self, *, wall_offset: float = 0.0) -> dict[str, Any]:
         """`peers --json`'s view; `wall_offset` turns the manager's clock into Unix time."""
@@ -196,6 +221,7 @@ class BackendStatistics:
             "latency_ms": _ms(self.latency_ms), "ttfc_ms": _ms(self.ttfc_ms), "rtt_ms": self.rtt_ms,
             "in_flight": self.in_flight, "failure_ratio": round(self.failure_ratio, 4), "cooldowns": self.cooldowns,
             "started": self.started, "succeeded": self.succeeded, "failed": self.failed,
+            "disagreed": self.disagreed,
         }
 
 
@@ -206,15 +232,16 @@ def _ms(value: float | None) -> float | None:
 class Backend:
     """The live state of one backend: in flight, latency, health."""
 
-    __slots__ = ("cuts", "failed", "health", "in_flight", "last_ok", "latency", "peer_id",
-                 "ping_failures", "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable")
+    __slots__ = ("cuts", "disagreed", "failed", "health", "in_flight", "last_ok", "latency", "peer_id",
+                 "ping_failures", "recent_ttfc", "rtt_ms", "service", "started", "succeeded", "ttfc", "unreachable")
 
     def __init__(self, peer_id: str, policy: HealthPolicy) -> None:
         self.peer_id = peer_id
         self.in_flight = 0
-        self.started = self.succeeded = self.failed = 0
+        self.started = self.succeeded = self.failed = self.disagreed = 0
         self.latency = Ewma(EWMA_ALPHA)  # seconds
         self.ttfc = Ewma(EWMA_ALPHA)  # seconds
+        self.recent_ttfc: deque[float] = deque(maxlen=HEDGE_SAMPLES)  # seconds, the last few (hedging's p95)
         self.service = Ewma(EWMA_ALPHA)  # seconds, successes that found a free slot (by our count): no queue
         self.health = BackendHealth(policy)
         self.rtt_ms: float | None = None
@@ -242,7 +269,7 @@ class Backend:
         return BackendStatistics(
             self.peer_id, self.in_flight, self.started, self.succeeded, self.failed,
             None if latency is None else latency * 1000.0, None if ttfc is None else ttfc * 1000.0, self.rtt_ms,
-            h.state, h.cooldown_until, h.failures / h.outcomes if h.outcomes else 0.0, h.cooldowns,
+            h.state, h.cooldown_until, h.failures / h.outcomes if h.outcomes else 0.0, h.cooldowns, self.disagreed,
         )
 
     def __repr__(self) -> str:
@@ -278,6 +305,7 @@ class Attempt:
         if self._first is None:
             self._first = self._manager.clock()
             self.backend.ttfc.update(self._first - self._started)
+            self.backend.recent_ttfc.append(self._first - self._started)
 
     def answered(self) -> None:
         """The whole answer arrived: a success, whatever happens after."""
@@ -422,6 +450,25 @@ class BackendManager:
             ttfc = max(known)
         return max(self.liveness_floor, self.liveness_multiple * ttfc) * 2.0 ** min(backend.cuts,
                                                                                      MAX_LIVENESS_DOUBLINGS)
+
+    def hedge_delay(self, peer_id: str, rule: HedgeRule) -> float | None:
+        """Seconds to wait for `peer_id`'s first chunk before a second copy of the request goes to
+        another backend (`mesh.hedge_after`); None: no hedge. With "p95", the 95th percentile of its
+        last `HEDGE_SAMPLES` times to first chunk, once it has `HEDGE_MIN_SAMPLES` of them: about one
+        request in twenty is hedged, the slow tail, at the cost of about 5% more work."""
+        if rule is None or rule != "p95":
+            return rule
+        recent = sorted(self.backend(peer_id).recent_ttfc)
+        if len(recent) < HEDGE_MIN_SAMPLES:
+            return None
+        return recent[min(len(recent) - 1, math.ceil(0.95 * len(recent)) - 1)]
+
+    def disagreed(self, peer_id: str) -> None:
+        """`verify=k`: `peer_id` answered with a response CID other than one that at least two other
+        nodes agreed on. Counted as a failed outcome for its health (its attempt had succeeded)."""
+        backend = self.backend(peer_id)
+        backend.disagreed += 1
+        backend.health.record(self.clock(), False)
 
     # -- active health -----------------------------------------------------------------------
 

@@ -39,17 +39,19 @@ from node.errors import (
     AllProvidersFailed,
     Busy,
     DeadlineExceeded,
+    Disagreement,
     ModelNotFound,
     ProviderError,
     ProviderFailed,
     ProviderUnavailable,
 )
 from node.mesh.errors import ClusterBusy, LivenessTimeout, StreamInterrupted
-from node.mesh.manager import Attempt, BackendManager, Candidate, capacity_for
+from node.mesh.manager import Attempt, BackendManager, Candidate, HedgeRule, capacity_for
 from node.providers.base import AdmissionSlot, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
 from node.requests import Result
 from node.wire import FORWARDED_HOPS, request_to_wire, result_from_wire
 from protocols.inference.messages import Request as WireRequest
+from protocols.vocabulary import ACCELERATOR_KINDS
 
 __all__ = ["MeshProvider", "MeshStatistics", "DetachedMesh", "MAX_ATTEMPTS"]
 
@@ -81,6 +83,28 @@ async def _resumed(items: AsyncIterator[str | Completion], delivered: str,
                 yield replayed[max(before, len(delivered)):]
 
 
+def _compute(node: Candidate) -> str:
+    """The kind of device a node computes on: its best accelerator (cuda, rocm, mps, then cpu)."""
+    return next((kind for kind in ACCELERATOR_KINDS if kind in node.accelerators), "cpu")
+
+
+def _agreeing(answers: Mapping[str, tuple[tuple[str, str], Completion]]) -> list[str]:
+    """The largest set of nodes of one group that returned the same response CID (in the order asked)."""
+    votes: dict[tuple[tuple[str, str], str], list[str]] = {}
+    for peer, (group, completion) in answers.items():
+        assert completion.remote is not None
+        votes.setdefault((group, completion.remote.cid), []).append(peer)
+    return max(votes.values(), key=len, default=[])
+
+
+async def _put_back(first: str | Completion, rest: AsyncIterator[str | Completion]) -> AsyncIterator[str | Completion]:
+    """`first`, then the rest of the answer it came from."""
+    async with aclosing(rest) as items:
+        yield first
+        async for item in items:
+            yield item
+
+
 RunLocal = Callable[[WireRequest, "AdmissionSlot | None"], AsyncIterator["str | Result"]]  # (request as forwarded, slot)
 
 
@@ -99,9 +123,11 @@ class MeshProvider(BaseProvider):
     routes_remotely = True
 
     def __init__(self, *, peer_id: str, manager: BackendManager, run_local: RunLocal, pool: Any,
-                 max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_attempts: int = MAX_ATTEMPTS, hedge_after: HedgeRule = None) -> None:
         self.peer_id = peer_id
         self.max_attempts = max_attempts  # nodes that may fail one request before the mesh gives up
+        self.hedge_after = hedge_after  # when a second copy goes to another node (`mesh.hedge_after`; None: never)
+        self.hedged = 0  # requests that sent a second copy
         self.manager = manager  # who serves each request, and what each node's answers taught us
         self.run_local = run_local  # this node's local providers (the front door's run_local)
         self.pool = pool  # keep-alive streams to other nodes (node.mesh.pool.StreamPool)
@@ -122,7 +148,13 @@ class MeshProvider(BaseProvider):
 
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         """Serve `request` on the cluster: each node of the manager's plan in turn, retrying within
-        the deadline (docs/reliability.md says when and how)."""
+        the deadline (docs/reliability.md says when and how); with `verify` > 1, several nodes at once
+        until enough agree (`_agreed`)."""
+        if request.verify > 1:
+            completion = await self._agreed(request)
+            yield completion.text
+            yield completion
+            return
         clock = self.manager.clock
         deadline = clock() + request.timeout
         delivered = ""  # what the caller has seen: a replay elsewhere must begin with it
@@ -138,31 +170,38 @@ class MeshProvider(BaseProvider):
             for node in nodes:
                 if len(failed) >= self.max_attempts:
                     break
+                if node.peer_id in failed:  # (failed meanwhile as a hedge's spare)
+                    continue
                 left = deadline - clock()
                 if left <= 0:
                     raise DeadlineExceeded(request.timeout, "the mesh request")
+                serving, attempt = node, dataclasses.replace(request, timeout=left)
                 try:
-                    async with aclosing(self._attempt(node, dataclasses.replace(request, timeout=left), deadline,
-                                                      delivered)) as items:
-                        async for item in items:
+                    spare = None if delivered else self._spare(nodes, node, failed)
+                    if spare is None:
+                        items = self._attempt(node, attempt, deadline, delivered)
+                    else:
+                        serving, items = await self._race(node, spare, attempt, deadline, failed, failures)
+                    async with aclosing(items) as answers:
+                        async for item in answers:
                             if isinstance(item, str):
                                 delivered += item
                             yield item
                     return
                 except Busy as exc:  # a full node (this one too) answers at once: every one may be asked
                     busy.append(exc.retry_after)
-                    failures.append(f"{node.peer_id[-8:]}: busy")
-                    log.info("mesh: %s is busy; trying the next node", node.peer_id)
+                    failures.append(f"{serving.peer_id[-8:]}: busy")
+                    log.info("mesh: %s is busy; trying the next node", serving.peer_id)
                 except ProviderError as exc:
                     if not exc.retryable:
                         raise
                     if delivered and request.sampled:
-                        raise StreamInterrupted(self.name, f"{node.peer_id[-8:]} failed mid-answer ({exc.message}) "
-                                                "and a sampled answer cannot be resumed elsewhere",
+                        raise StreamInterrupted(self.name, f"{serving.peer_id[-8:]} failed mid-answer "
+                                                f"({exc.message}) and a sampled answer cannot be resumed elsewhere",
                                                 delivered=len(delivered)) from exc
-                    failed.add(node.peer_id)
-                    failures.append(f"{node.peer_id[-8:]}: {exc.message}")
-                    log.info("mesh: %s failed (%s); trying the next node", node.peer_id, exc)
+                    failed.add(serving.peer_id)
+                    failures.append(f"{serving.peer_id[-8:]}: {exc.message}")
+                    log.info("mesh: %s failed (%s); trying the next node", serving.peer_id, exc)
                     await trio.sleep(min(max(0.0, deadline - clock()), self._backoff(len(failed))))
             if len(failed) >= self.max_attempts or not busy:
                 break
@@ -176,6 +215,159 @@ class MeshProvider(BaseProvider):
             raise StreamInterrupted(self.name, "every node tried failed mid-answer: " + "; ".join(failures),
                                     delivered=len(delivered))
         raise ProviderFailed(self.name, "every node tried failed: " + "; ".join(failures), retryable=True)
+
+    def _spare(self, nodes: list[Candidate], node: Candidate, failed: set[str]) -> Candidate | None:
+        """The node a hedged copy of a request on `node` goes to: the next one of the plan that has not
+        failed it; None when hedging is off or no other node serves."""
+        if self.hedge_after is None:
+            return None
+        after = nodes[nodes.index(node) + 1:]
+        return next((n for n in after if n.peer_id not in failed and n.peer_id != node.peer_id), None)
+
+    async def _race(self, node: Candidate, spare: Candidate, request: ProviderRequest, deadline: float,
+                    failed: set[str], failures: list[str]) -> tuple[Candidate, AsyncIterator[str | Completion]]:
+        """Hedging: ask `node`; if its first chunk has not come within its hedge delay, ask `spare` too.
+        The first to send a chunk wins and is returned (with that chunk put back in front of the rest);
+        the other is cancelled, which resets its stream, so the node serving it stops and frees its slot.
+
+        A node that fails before its rival wins is marked failed here. When both fail, `node`'s error
+        is raised (the caller records it)."""
+        delay = self.manager.hedge_delay(node.peer_id, self.hedge_after)
+        first_try = self._attempt(node, request, deadline, "")
+        if delay is None:
+            return node, first_try
+        send, receive = trio.open_memory_channel[tuple[Candidate, Any, Any]](2)
+
+        async def first_item(candidate: Candidate, items: AsyncIterator[str | Completion]) -> None:
+            try:
+                item: Any = await items.__anext__()
+            except Exception as exc:  # (StopAsyncIteration too: an answer that ended without a result)
+                item = exc
+            send.send_nowait((candidate, items, item))
+
+        tries = [first_try]
+        winner: tuple[Candidate, Any, Any] | None = None
+        errors: list[tuple[Candidate, Exception]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_item, node, first_try)
+            racing = 1
+            while racing and winner is None:
+                with trio.move_on_after(delay if len(tries) == 1 else math.inf) as waited:
+                    candidate, items, item = await receive.receive()
+                if waited.cancelled_caught:  # no chunk from `node` within its delay: hedge
+                    log.info("mesh: no chunk from %s within %.2f s; asking %s too", node.peer_id, delay,
+                             spare.peer_id)
+                    self.hedged += 1
+                    tries.append(self._attempt(spare, request, deadline, ""))
+                    nursery.start_soon(first_item, spare, tries[-1])
+                    racing += 1
+                    continue
+                racing -= 1
+                if isinstance(item, Exception):
+                    errors.append((candidate, item))  # (`node` failing before any hedge: ordinary failover)
+                else:
+                    winner = (candidate, items, item)
+            nursery.cancel_scope.cancel()  # the loser, still waiting for its first chunk
+        for items in tries:
+            if winner is None or items is not winner[1]:
+                await items.aclose()  # (a loser that had its chunk too: closing resets its stream)
+        for candidate, exc in errors:
+            if isinstance(exc, ProviderError) and exc.retryable and (winner is not None or candidate is spare):
+                failed.add(candidate.peer_id)
+                failures.append(f"{candidate.peer_id[-8:]}: {exc.message}")
+        if winner is None:  # every try failed; `node`'s error is the caller's to record
+            raise next(exc for candidate, exc in errors if candidate is node)
+        candidate, items, item = winner
+        return candidate, _put_back(item, items)
+
+    async def _agreed(self, request: ProviderRequest) -> Completion:
+        """`verify=k`: ask k nodes of the plan at once and compare the response CIDs they return; while
+        no k agree, ask more (enough that k could agree), until they do or no node is left.
+
+        Answers are compared within a group: the same request key (so the same model identity and
+        weights) and the same kind of compute (a node's best accelerator: cuda, rocm, mps, then cpu),
+        since greedy decoding on a GPU and on a CPU may legitimately differ. A node whose answer
+        differs from one that at least two others in its group agree on is counted as failing
+        (`BackendManager.disagreed`); a lone disagreement accuses nobody, it only fails the request.
+        """
+        k, clock = request.verify, self.manager.clock
+        deadline = clock() + request.timeout
+        waiting = self.manager.plan(request)
+        if len(waiting) < k:
+            if not waiting:
+                raise self._nobody_serves(request)
+            raise ProviderFailed(self.name, f"verify={k} needs {k} nodes that serve this request; "
+                                 f"{len(waiting)} do", retryable=False)
+        answers: dict[str, tuple[tuple[str, str], Completion]] = {}  # node asked -> (group, its answer)
+        failures: list[str] = []
+        send, receive = trio.open_memory_channel[tuple[Candidate, "Completion | BaseException"]](len(waiting))
+
+        async def ask(node: Candidate) -> None:
+            try:
+                answer: Completion | BaseException = await self._whole(node, request, deadline)
+            except Exception as exc:  # that node's failure, whatever it is: the others may still agree
+                answer = exc
+            send.send_nowait((node, answer))
+
+        agreed: list[str] = []
+        with trio.move_on_at(deadline) as in_time:
+            async with trio.open_nursery() as nursery:
+                asking = 0
+                while True:
+                    agreed = _agreeing(answers)
+                    if len(agreed) >= k:
+                        break
+                    while asking < k - len(agreed) and waiting:
+                        nursery.start_soon(ask, waiting.pop(0))
+                        asking += 1
+                    if not asking:
+                        break
+                    node, answer = await receive.receive()
+                    asking -= 1
+                    if isinstance(answer, Completion):
+                        assert answer.remote is not None
+                        answers[node.peer_id] = ((answer.remote.key, _compute(node)), answer)
+                    else:
+                        failures.append(f"{node.peer_id[-8:]}: {answer}")
+                nursery.cancel_scope.cancel()  # agreed, or nobody left: the rest are not needed
+        if in_time.cancelled_caught:
+            raise DeadlineExceeded(request.timeout, f"verify={k} on the mesh")
+        self._accuse(answers)
+        if len(agreed) < k:
+            if not answers:
+                raise ProviderFailed(self.name, "every node asked failed: " + "; ".join(failures), retryable=True)
+            raise Disagreement({peer: completion.remote.cid for peer, (_, completion) in answers.items()
+                                if completion.remote is not None}, k=k)
+        completion = answers[agreed[0]][1]
+        assert completion.remote is not None
+        return dataclasses.replace(completion, remote=dataclasses.replace(completion.remote, agreed=tuple(agreed)))
+
+    def _accuse(self, answers: Mapping[str, tuple[tuple[str, str], Completion]]) -> None:
+        """Lower the health of each node whose answer differs from one at least two others of its group
+        agree on."""
+        by_group: dict[tuple[str, str], dict[str, list[str]]] = {}
+        for peer, (group, completion) in answers.items():
+            assert completion.remote is not None
+            by_group.setdefault(group, {}).setdefault(completion.remote.cid, []).append(peer)
+        for cids in by_group.values():
+            majority = max(cids.values(), key=len)
+            if len(majority) >= 2:
+                for peers in cids.values():
+                    if peers is not majority:
+                        for peer in peers:
+                            log.warning("mesh: %s answered other than %d agreeing nodes", peer, len(majority))
+                            self.manager.disagreed(peer)
+
+    async def _whole(self, node: Candidate, request: ProviderRequest, deadline: float) -> Completion:
+        """`node`'s whole answer, for comparison. A node other than this one gets no admission slot
+        to hand off: a verified request keeps its slot here while several nodes answer."""
+        request = dataclasses.replace(request, timeout=max(0.001, deadline - self.manager.clock()),
+                                      slot=request.slot if node.is_self else None)
+        async with aclosing(self._attempt(node, request, deadline, "")) as items:
+            async for item in items:
+                if isinstance(item, Completion):
+                    return item
+        raise ProviderFailed(f"peer {node.peer_id[-8:]}", "the answer ended without a result", retryable=True)
 
     def _nobody_serves(self, request: ProviderRequest) -> ModelNotFound:
         what = f"model {request.model!r}" if request.model else f"task {request.task!r}"

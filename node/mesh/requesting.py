@@ -33,6 +33,7 @@ async def request_inference(framed: FramedStream, request: Request) -> AsyncIter
                                  "over one of its limits, or shutting down; its log says which)", retryable=True)
         if isinstance(event, Result):
             event.verify()
+            _check_agreed(request, event, framed.peer)
             yield event
             return
         if isinstance(event, Error):
@@ -42,6 +43,16 @@ async def request_inference(framed: FramedStream, request: Request) -> AsyncIter
         if consumed >= top_up and machine.state.value == "active":
             await framed.write(machine.send(Credit(consumed)))
             consumed = 0
+
+
+def _check_agreed(request: Request, result: Result, peer: str) -> None:
+    """A Request with `verify = k` needs a Result that k distinct nodes agreed on: a node that ignored
+    the field (older than protocol 1.1) answers with one node's word, which must not pass as k."""
+    agreed = len(set(result.agreed or ()))
+    if request.verify and agreed < request.verify:
+        raise ProviderFailed(f"peer {peer[-8:]}", f"asked for verify={request.verify}, got an answer {agreed} "
+                             "node(s) agreed on (a daemon older than verify answers with one node's word)",
+                             retryable=False)
 
 
 def _check_sendable(request: Request) -> None:

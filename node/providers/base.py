@@ -84,6 +84,7 @@ class RemoteAnswer:
     provider: str  # the provider that answered there
     cache: str  # the tier the serving node found it in
     served_from: str | None = None
+    agreed: tuple[str, ...] = ()  # verify=k: the nodes that computed this same response CID
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class ProviderRequest:
     accelerator: str | None = None
     strategy: str | None = None
     cache_mode: str = "default"
+    verify: int = 1  # nodes that must return the same response CID (only the mesh can ask several)
     # In a daemon, the request's admission slot (node.admission.Slot); None in-process. The router
     # holds it (`slot.local()`) around a local provider's work; a provider that routes to another
     # node frees it with `slot.hand_off()` while that node serves. Not part of the request's identity.

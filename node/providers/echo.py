@@ -105,6 +105,10 @@ class EchoProvider(BaseProvider):
         """`concurrency`, or None when it is 0 (unlimited)."""
         return self.concurrency or None
 
+    def answer_text(self, request: ProviderRequest) -> str:
+        """The answer to `request` (a subclass may answer otherwise: tests/fakes/lying_daemon.py)."""
+        return echo_text(request)
+
     def _draw(self) -> tuple[float, bool]:
         """Per attempt: the latency in seconds and whether this attempt fails."""
         lo, hi = self.latency_ms
@@ -158,7 +162,7 @@ class EchoProvider(BaseProvider):
             self._pause_sync(latency, f"latency {latency:.3f} s", deadline)
             if fails:
                 raise ProviderFailed(self.name, "injected failure (echo.failure_rate)", retryable=True)
-            chunks = split_words(echo_text(request))
+            chunks = split_words(self.answer_text(request))
             for i in range(1, len(chunks)):
                 self._pause_sync(*self._word_delay(i, chunks), deadline)
             return self._completion(request, chunks)
@@ -180,7 +184,7 @@ class EchoProvider(BaseProvider):
             await self._pause(latency, f"latency {latency:.3f} s", deadline)
             if fails:
                 raise ProviderFailed(self.name, "injected failure (echo.failure_rate)", retryable=True)
-            chunks = split_words(echo_text(request))
+            chunks = split_words(self.answer_text(request))
             for i, chunk in enumerate(chunks):
                 if i:
                     await self._pause(*self._word_delay(i, chunks), deadline)

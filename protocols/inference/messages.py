@@ -28,6 +28,7 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "MAX_ERROR_MESSAGE_CHARS",
     "MAX_RETRY_AFTER",
+    "MAX_VERIFY",
     "TASKS",
     "CACHE_MODES",
     "CACHE_TIERS",
@@ -52,6 +53,7 @@ MAX_CHUNK_CHARS = 64 * 1024  # one streamed delta
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # the canonical response bytes (one cache block)
 MAX_ERROR_MESSAGE_CHARS = 4096  # an Error's message: one readable paragraph, not a log
 MAX_RETRY_AFTER = 86_400.0  # seconds: a busy hint longer than a day is no hint
+MAX_VERIFY = 16  # verify=k: at most this many nodes must agree
 ERROR_CODES = (
     "bad_request",  # the request itself is invalid (not retryable)
     "unauthorized",  # the caller may not use this node
@@ -62,6 +64,7 @@ ERROR_CODES = (
     "deadline_exceeded",  # the deadline passed before an answer
     "cache_miss",  # cache mode only-if-cached and nothing cached
     "internal",  # a bug on the serving node
+    "disagreement",  # verify=k: no k nodes agreed (sent only in answer to a Request with verify > 1)
 )
 
 
@@ -94,6 +97,7 @@ class Request(Message):
     on_peers: tuple[str, ...] = field(List(Str(max_len=MAX_PEER_ID_LENGTH), max_items=16), default=())
     accelerator: str | None = field(Str(max_len=8, choices=ACCELERATOR_KINDS), optional=True)
     window: int = field(Int(1, MAX_WINDOW), default=DEFAULT_WINDOW)  # initial chunk credit
+    verify: int | None = field(Int(2, MAX_VERIFY), optional=True)  # 1.1: k nodes must agree (absent: one answer)
 
     def __post_init__(self) -> None:
         if self.task == "chat":
@@ -137,6 +141,9 @@ class Result(Message):
     cache: str = field(Str(max_len=8, choices=CACHE_TIERS))  # where the serving node found it
     timings: dict[str, float] = field(Dict(Float(0.0, 1e9), max_items=16), default_factory=dict)  # ms
     served_from: str | None = field(Str(max_len=MAX_PEER_ID_LENGTH), optional=True)  # cluster-hit source
+    # 1.1: the nodes that computed this same response CID, when the Request had `verify`
+    agreed: tuple[str, ...] | None = field(List(Str(max_len=MAX_PEER_ID_LENGTH), max_items=MAX_VERIFY),
+                                           optional=True)
 
     def verify(self) -> dict[str, Any]:
         """Check the response bytes against the CID and decode them; CIDMismatch / MalformedMessage."""
@@ -154,6 +161,9 @@ class Error(Message):
     message: str = field(Str(max_len=MAX_ERROR_MESSAGE_CHARS))
     retryable: bool = field(Bool(), default=False)
     retry_after: float | None = field(Float(0.0, MAX_RETRY_AFTER), optional=True)  # seconds
+    # 1.1, code `disagreement`: each node that answered (peer id) and the response CID it returned
+    answers: dict[str, str] | None = field(Dict(Str(max_len=128), max_items=64, max_key_len=MAX_PEER_ID_LENGTH),
+                                           optional=True)
 
 
 CLIENT_MESSAGES: tuple[type[Message], ...] = (Request, Credit)

@@ -6,6 +6,7 @@ trio's `autojump_clock`, and the manager is the real one with a seeded rng."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from contextlib import aclosing
 
@@ -38,20 +39,40 @@ async def answer_for(prompt: str, peer: str):
 
 class ScriptedPool:
     """The stream pool's interface: each peer behaves as `script[peer]` says, one step per request:
-    "ok", ("busy", s), "silent", ("die_after", n chunks), ("lie_after", n)."""
+    "ok", ("busy", s), "silent", ("die_after", n chunks), ("lie_after", n), ("slow", s between chunks),
+    "forged" (the honest request key over another, self-consistent answer: a lying node), "other_model"
+    (a different request key: another model's honest answer), ("stall", s before the first chunk).
+    `abandoned` lists the peers whose answer the mesh stopped reading before its end (a reset stream)."""
 
     def __init__(self, script: dict[str, list], prompt: str = PROMPT) -> None:
-        self.script, self.prompt, self.asked = script, prompt, []
+        self.script, self.prompt, self.asked, self.abandoned = script, prompt, [], []
 
     async def request(self, peer_id, wire_request):
+        finished = False
+        try:
+            async for item in self._answer(peer_id):
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                self.abandoned.append(peer_id)
+
+    async def _answer(self, peer_id):
         self.asked.append(peer_id)
         steps = self.script[peer_id]
         step = steps.pop(0) if len(steps) > 1 else steps[0]
         chunks, result = await answer_for(self.prompt, peer_id)
+        if step == "forged":
+            chunks, forged = await answer_for(self.prompt + " (forged)", peer_id)
+            result = dataclasses.replace(forged, key=result.key)
+        if step == "other_model":
+            result = dataclasses.replace(result, key="another-model-key")
         if isinstance(step, tuple) and step[0] == "busy":
             raise Busy(step[1], f"{peer_id} is full")
         if step == "silent":
             await trio.sleep_forever()
+        if isinstance(step, tuple) and step[0] == "stall":
+            await trio.sleep(step[1])
         if isinstance(step, tuple) and step[0] == "die_after":
             for chunk in chunks[:step[1]]:
                 yield chunk
