@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 START_TIMEOUT = 60.0  # seconds for a daemon to write daemon.json (imports dominate on a slow CI core)
+ROOT = Path(__file__).resolve().parents[2]  # on the daemons' PYTHONPATH, so that they can import `tests.fakes`
+DAEMON = ("accelmesh", "daemon")  # start_daemon's default command (tests.fakes.lying_daemon.command: another)
 
 
 class DaemonProcess:
@@ -51,13 +53,15 @@ def start_daemon(subprocess_env, tmp_path):
     started: list[DaemonProcess] = []
 
     @contextmanager
-    def start(name: str, *args: str, wait: bool = True, env: dict | None = None) -> Iterator[DaemonProcess]:
+    def start(name: str, *args: str, wait: bool = True, env: dict | None = None,
+              command: tuple[str, ...] = DAEMON) -> Iterator[DaemonProcess]:
         data_dir = tmp_path / name
         log = tmp_path / f"{name}.log"
+        path = os.pathsep.join(filter(None, [str(ROOT), subprocess_env.get("PYTHONPATH")]))
         proc = subprocess.Popen(
-            ["accelmesh", "daemon", "--data-dir", str(data_dir), "--listen", "/ip4/127.0.0.1/tcp/0", *args],
-            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**subprocess_env, **(env or {})},
-            start_new_session=True,
+            [*command, "--data-dir", str(data_dir), "--listen", "/ip4/127.0.0.1/tcp/0", *args],
+            stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+            env={**subprocess_env, "PYTHONPATH": path, **(env or {})}, start_new_session=True,
         )
         daemon = DaemonProcess(data_dir, proc, log)
         started.append(daemon)
