@@ -93,3 +93,25 @@ async def test_the_strategy_a_request_names_is_the_one_used(tmp_path):
                 firsts = {await ask(client, 7, strategy="cache_affinity", cache="no-store") for _ in range(4)}
         assert len(firsts) == 1
         assert alice.manager.statistics().by_strategy["cache_affinity"] == 4
+
+
+async def test_a_hedged_request_is_answered_by_the_fast_node_and_the_slow_one_frees_its_slot_within_a_second(
+        tmp_path):
+    async with running_daemon(tmp_path, "alice", ACCELMESH_ECHO_ENABLED="0", ACCELMESH_MESH_HEDGE_AFTER="0.3",
+                              **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], ACCELMESH_ECHO_LATENCY_MS="5000",
+                           **QUIET) as bob, \
+            running_daemon(tmp_path, "carol", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as carol:
+        await wait_for_peers(alice, bob, carol)
+        mesh = alice.deps.get_provider("mesh", alice.settings)
+        async with PeerClient.connect(alice.addrs()[0]) as client:
+            with trio.fail_after(30):
+                for i in range(2):  # round robin: one of the two starts on bob, who takes 5 s
+                    started = trio.current_time()
+                    assert await ask(client, i) == carol.peer_id, "carol answers, first or as the hedge"
+                    assert trio.current_time() - started < 2.0, "not bob's 5 s"
+                    answered = trio.current_time()
+                    while bob.admission.in_flight:  # the hedge's loser: its stream reset, its slot freed
+                        await trio.sleep(0.01)
+                    assert trio.current_time() - answered < 1.0
+        assert mesh.hedged == 1 and alice.manager.backend(bob.peer_id).statistics().failed == 0

@@ -852,6 +852,11 @@ def build_inference() -> dict[str, Any]:
     busy = {"t": "error", "v": 1, "code": "busy", "message": "every slot and the queue are full",
             "retryable": True, "retry_after": 1.5}
     bad = {"t": "error", "v": 1, "code": "bad_request", "message": "temperature must be >= 0", "retryable": False}
+    req_verify = {**req_generate, "id": "r-4", "verify": 2}  # 1.1
+    result_agreed = {**result, "agreed": [ALICE.peer_id, BOB.peer_id]}  # 1.1
+    disagreement = {"t": "error", "v": 1, "code": "disagreement", "retryable": False,  # 1.1
+                    "message": "no 2 nodes agree on the answer",
+                    "answers": {ALICE.peer_id: HI_RESPONSE["cid"], BOB.peer_id: HI_REQUEST["key_cid"]}}
     vectors = [
         vector("request: generate, every default written", req_generate, "client"),
         vector("request: chat, every field", req_chat, "client"),
@@ -863,6 +868,9 @@ def build_inference() -> dict[str, Any]:
         vector("result (cluster hit supplied by bob)", result_cluster, "server", cid=HI_RESPONSE["cid"]),
         vector("error: busy, retryable", busy, "server"),
         vector("error: bad_request", bad, "server"),
+        vector("request: verify=2 (1.1)", req_verify, "client"),
+        vector("result agreed on by two nodes (1.1)", result_agreed, "server", cid=HI_RESPONSE["cid"]),
+        vector("error: disagreement with the answers (1.1)", disagreement, "server"),
     ]
     minimal_request = {"t": "request", "v": 1, "id": rid, "task": "generate", "timeout_ms": 120000, "prompt": "hi"}
     decode_only_vectors = [
