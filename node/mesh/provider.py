@@ -191,7 +191,8 @@ class MeshProvider(BaseProvider):
                 except Busy as exc:  # a full node (this one too) answers at once: every one may be asked
                     busy.append(exc.retry_after)
                     failures.append(f"{serving.peer_id[-8:]}: busy")
-                    log.info("mesh: %s is busy; trying the next node", serving.peer_id)
+                    log.info("mesh: request %s: %s is busy; trying the next node", request.request_id,
+                             serving.peer_id)
                 except ProviderError as exc:
                     if not exc.retryable:
                         raise
@@ -201,7 +202,8 @@ class MeshProvider(BaseProvider):
                                                 delivered=len(delivered)) from exc
                     failed.add(serving.peer_id)
                     failures.append(f"{serving.peer_id[-8:]}: {exc.message}")
-                    log.info("mesh: %s failed (%s); trying the next node", serving.peer_id, exc)
+                    log.info("mesh: request %s: %s failed (%s); trying the next node", request.request_id,
+                             serving.peer_id, exc)
                     await trio.sleep(min(max(0.0, deadline - clock()), self._backoff(len(failed))))
             if len(failed) >= self.max_attempts or not busy:
                 break
@@ -209,7 +211,7 @@ class MeshProvider(BaseProvider):
             if clock() + wait >= deadline:
                 raise ClusterBusy(self.name, f"every eligible node is busy ({len(busy)} asked) and the deadline "
                                   f"comes before the soonest slot", retry_after=wait)
-            log.info("mesh: every eligible node is busy; retrying in %.2f s", wait)
+            log.info("mesh: request %s: every eligible node is busy; retrying in %.2f s", request.request_id, wait)
             await trio.sleep(wait)
         if delivered:
             raise StreamInterrupted(self.name, "every node tried failed mid-answer: " + "; ".join(failures),
@@ -255,8 +257,8 @@ class MeshProvider(BaseProvider):
                 with trio.move_on_after(delay if len(tries) == 1 else math.inf) as waited:
                     candidate, items, item = await receive.receive()
                 if waited.cancelled_caught:  # no chunk from `node` within its delay: hedge
-                    log.info("mesh: no chunk from %s within %.2f s; asking %s too", node.peer_id, delay,
-                             spare.peer_id)
+                    log.info("mesh: request %s: no chunk from %s within %.2f s; asking %s too", request.request_id,
+                             node.peer_id, delay, spare.peer_id)
                     self.hedged += 1
                     tries.append(self._attempt(spare, request, deadline, ""))
                     nursery.start_soon(first_item, spare, tries[-1])

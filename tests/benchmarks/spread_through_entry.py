@@ -10,7 +10,10 @@ different speeds, per strategy, then what `accelmesh peers --json` says of them.
 The entry daemon serves nothing itself (ACCELMESH_ECHO_ENABLED=0); the serving daemons answer
 echo in 50, 100 and 200 ms. Every prompt names the three with `on_peers` (issue 14's scenario)
 and is unique (nothing hits a cache). Prints one JSON line per strategy (who served how many,
-outcomes, p50 and p99 in ms) and the entry daemon's `peers` fields. Not part of `make bench`.
+outcomes, p50 and p99 in ms) and the entry daemon's `peers` fields. With a kill, also the requests
+the kill affected (those the entry's log says it retried on another node: `mesh: request ID: ...
+failed`), their p50 and p99 beside the others', and how many answers any request got twice. Not
+part of `make bench`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,22 +58,28 @@ def start(data: str, *args: str, **env: str) -> tuple[subprocess.Popen, dict]:
 
 
 async def load(client: node.Client, names: dict[str, str], on: tuple[str, ...], strategy: str, n: int,
-               width: int, kill: subprocess.Popen | None, kill_after: float | None) -> dict:
+               width: int, kill: subprocess.Popen | None, kill_after: float | None,
+               entry_log: str | None = None) -> dict:
     served: collections.Counter = collections.Counter()
     outcomes: collections.Counter = collections.Counter()
-    latencies: list[float] = []
+    latencies: dict[str, float] = {}  # by request id
+    answers: collections.Counter = collections.Counter()  # by prompt
     limit = trio.Semaphore(width)
 
     async def one(i: int) -> None:
         async with limit:
-            started = time.monotonic()
+            started, prompt, rid = time.monotonic(), f"{strategy} {i} {uuid.uuid4().hex}", uuid.uuid4().hex
             try:
-                result = await client.acomplete(f"{strategy} {i} {uuid.uuid4().hex}", provider="mesh",
-                                                model_name="echo", on_peers=on, strategy=strategy)
+                result = await client.acomplete(prompt, provider="mesh", model_name="echo", on_peers=on,
+                                                strategy=strategy, request_id=rid)
             except Exception as exc:  # counted by type
                 outcomes[type(exc).__name__] += 1
                 return
-            latencies.append((time.monotonic() - started) * 1000)
+            if result.text != f"echo: {prompt}":
+                outcomes["wrong text"] += 1
+                return
+            latencies[rid] = (time.monotonic() - started) * 1000
+            answers[prompt] += 1
             served[names.get(result.peer or "", "?")] += 1
             outcomes["ok"] += 1
 
@@ -83,8 +93,19 @@ async def load(client: node.Client, names: dict[str, str], on: tuple[str, ...], 
             nursery.start_soon(killer)
         for i in range(n):
             nursery.start_soon(one, i)
-    return {"strategy": strategy, "served_by": dict(served), "outcomes": dict(outcomes),
-            "p50_ms": round(percentile(latencies, 0.5)), "p99_ms": round(percentile(latencies, 0.99))}
+    every = list(latencies.values())
+    figures = {"strategy": strategy, "served_by": dict(served), "outcomes": dict(outcomes),
+               "answered_twice": sum(1 for n in answers.values() if n > 1),
+               "p50_ms": round(percentile(every, 0.5)), "p99_ms": round(percentile(every, 0.99))}
+    if entry_log is not None:
+        retried = set(re.findall(r"mesh: request (\w+): \S+ failed", open(entry_log).read())) & set(latencies)
+        affected = [latencies[r] for r in retried]
+        others = [ms for r, ms in latencies.items() if r not in retried]
+        figures["affected"] = {"n": len(affected), "p50_ms": round(percentile(affected, 0.5)) if affected else None,
+                               "p99_ms": round(percentile(affected, 0.99)) if affected else None}
+        figures["unaffected"] = {"n": len(others), "p50_ms": round(percentile(others, 0.5)),
+                                 "p99_ms": round(percentile(others, 0.99))}
+    return figures
 
 
 async def peers(data: str) -> list[dict]:
@@ -118,7 +139,9 @@ def main(n: int = 60, width: int = 6, kill_after: float | None = None) -> None:
             strategies = os.environ["SPREAD_STRATEGIES"].split(",")
         for strategy in strategies:
             kill = serving["fast"] if kill_after is not None else None
-            print(json.dumps(trio.run(load, client, names, on, strategy, n, width, kill, kill_after)), flush=True)
+            log = f"{root}/entry.log" if kill is not None else None
+            print(json.dumps(trio.run(load, client, names, on, strategy, n, width, kill, kill_after, log)),
+                  flush=True)
         for peer in trio.run(peers, f"{root}/entry"):
             print(json.dumps({"peer": names[peer["peer_id"]], **{k: peer.get(k) for k in (
                 "health", "cooldown_until", "latency_ms", "ttfc_ms", "rtt_ms", "in_flight", "failure_ratio",
