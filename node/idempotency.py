@@ -13,9 +13,11 @@ copy, the caller must receive one answer, and the node should not compute it twi
                                    RECENT_BYTES kept at most, oldest forgotten first)
     anything else                  a run of its own
 
-A request repeats another when the same caller sends the same id with the same `fingerprint`
-(everything that determines the answer). The same id with another prompt is another request.
-Only Results are remembered: a failure is never replayed.
+A request repeats another when it has the same id and the same `fingerprint` (everything that
+determines the answer), whoever sends it: a client peer without a fixed identity reconnects with a
+new one, so the caller's peer id cannot be part of it. Request ids are random 128-bit values
+(uuid4) unless a caller chooses one, so no other caller lands on one by chance. The same id with
+another prompt is another request. Only Results are remembered: a failure is never replayed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ RECENT_SECONDS = 300.0  # a retry comes within seconds; five minutes covers a cl
 RECENT_RESULTS = 4096  # finished requests remembered at most: a few minutes of a busy node
 RECENT_BYTES = 64 * 1024 * 1024  # their text and response bytes at most (one response may be 4 MiB)
 
-RequestIdentity = tuple[str, str, str]  # (caller's peer id, request id, fingerprint)
+RequestIdentity = tuple[str, str]  # (request id, fingerprint)
 
 
 def fingerprint(request: Request, provider: str | None, local_only: bool) -> str:

@@ -194,6 +194,8 @@ def build_request(
     if strategy is not None and strategy not in LOAD_BALANCING_STRATEGIES:
         raise InvalidRequest(f"strategy must be one of {', '.join(LOAD_BALANCING_STRATEGIES)}, got {strategy!r}")
     verify = _verify(verify, params)
+    if verify > 1 and mode == "only-if-cached":
+        raise InvalidRequest(f"verify={verify} compares answers computed afresh: it cannot be only-if-cached")
     accelerator = reserved.get("accelerator")
     if accelerator is not None and accelerator not in ACCELERATOR_KINDS:
         raise InvalidRequest(f"accelerator must be one of {', '.join(ACCELERATOR_KINDS)}, got {accelerator!r}")

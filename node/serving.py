@@ -14,8 +14,7 @@ trio's clock: time spent in the queue counts), and how far it has travelled (`ho
 another node forwarded is served by local providers only). The router holds the admission slot
 around work done by a local provider; the mesh hands it back while another node serves.
 
-A request id is idempotent here (node.idempotency): a repeat of a request, same caller, same id,
-same question, waits for the first one's Result or replays it, and never computes a second answer.
+A request id is idempotent here (node.idempotency): a repeat of a request, same id, same question, waits for the first one's Result or replays it, and never computes a second answer.
 
 In-process calls with no daemon (`node.generate_text`) go straight to the router: no admission.
 """
@@ -86,7 +85,7 @@ class FrontDoor:
         request running or recently finished here gets that one's answer instead (`_repeated`)."""
         log.debug("request %s from %s by %s", ctx.request.request_id, ctx.caller, ctx.entry,
                   extra={"request_id": ctx.request.request_id, "peer": ctx.caller, "entry": ctx.entry})
-        identity = (ctx.caller, ctx.request.request_id, fingerprint(ctx.request, ctx.provider, ctx.local_only))
+        identity = (ctx.request.request_id, fingerprint(ctx.request, ctx.provider, ctx.local_only))
         earlier = await self._repeated(ctx, identity)
         if earlier is not None:  # node.idempotency: the caller gets that request's answer, not a second one
             if earlier.text:

@@ -88,13 +88,48 @@ def _compute(node: Candidate) -> str:
     return next((kind for kind in ACCELERATOR_KINDS if kind in node.accelerators), "cpu")
 
 
-def _agreeing(answers: Mapping[str, tuple[tuple[str, str], Completion]]) -> list[str]:
-    """The largest set of nodes of one group that returned the same response CID (in the order asked)."""
-    votes: dict[tuple[tuple[str, str], str], list[str]] = {}
-    for peer, (group, completion) in answers.items():
-        assert completion.remote is not None
-        votes.setdefault((group, completion.remote.cid), []).append(peer)
-    return max(votes.values(), key=len, default=[])
+@dataclass(frozen=True)
+class _Vote:
+    """One node's fresh answer to a verified request."""
+
+    node: str  # peer id of the node asked (it computed the answer: verified asks skip every cache)
+    group: tuple[str, str]  # (request key, kind of compute): only answers of one group are compared
+    completion: Completion
+
+    @property
+    def cid(self) -> str:
+        assert self.completion.remote is not None
+        return self.completion.remote.cid
+
+
+def _agreeing(votes: list[_Vote]) -> list[_Vote]:
+    """The largest set of votes of one group for one response CID (the earliest such set on a tie)."""
+    tally: dict[tuple[tuple[str, str], str], list[_Vote]] = {}
+    for vote in votes:
+        tally.setdefault((vote.group, vote.cid), []).append(vote)
+    return max(tally.values(), key=len, default=[])
+
+
+def _outvoted(votes: list[_Vote]) -> list[str]:
+    """The nodes whose answer differs from one at least two other nodes of their group agree on; none
+    in a group where two answers each have two or more (a tie of majorities proves nothing)."""
+    by_group: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for vote in votes:
+        by_group.setdefault(vote.group, {}).setdefault(vote.cid, []).append(vote.node)
+    out = []
+    for cids in by_group.values():
+        majorities = [cid for cid, nodes in cids.items() if len(nodes) >= 2]
+        if len(majorities) == 1:
+            out += [node for cid, nodes in cids.items() if cid != majorities[0] for node in nodes]
+    return out
+
+
+def _disputed(votes: list[_Vote]) -> bool:
+    """Whether two answers of one group differ."""
+    groups: dict[tuple[str, str], set[str]] = {}
+    for vote in votes:
+        groups.setdefault(vote.group, set()).add(vote.cid)
+    return any(len(cids) > 1 for cids in groups.values())
 
 
 async def _put_back(first: str | Completion, rest: AsyncIterator[str | Completion]) -> AsyncIterator[str | Completion]:
@@ -113,9 +148,10 @@ class MeshStatistics:
     """A snapshot of the mesh provider (`MeshProvider.statistics()`)."""
 
     served_by: Mapping[str, int]  # requests answered, by the peer id of the node that answered (a copy)
+    hedged: int = 0  # requests that sent a second copy (`mesh.hedge_after`)
 
     def to_json(self) -> dict[str, Any]:
-        return {"served_by": dict(self.served_by)}
+        return {"served_by": dict(self.served_by), "hedged": self.hedged}
 
 
 class MeshProvider(BaseProvider):
@@ -220,11 +256,12 @@ class MeshProvider(BaseProvider):
 
     def _spare(self, nodes: list[Candidate], node: Candidate, failed: set[str]) -> Candidate | None:
         """The node a hedged copy of a request on `node` goes to: the next one of the plan that has not
-        failed it; None when hedging is off or no other node serves."""
-        if self.hedge_after is None:
+        failed it; None when hedging is off or no other node serves. Hedges are between other nodes:
+        this node serving holds the request's admission slot, which a remote copy would hand off."""
+        if self.hedge_after is None or node.is_self:
             return None
         after = nodes[nodes.index(node) + 1:]
-        return next((n for n in after if n.peer_id not in failed and n.peer_id != node.peer_id), None)
+        return next((n for n in after if n.peer_id not in failed and not n.is_self), None)
 
     async def _race(self, node: Candidate, spare: Candidate, request: ProviderRequest, deadline: float,
                     failed: set[str], failures: list[str]) -> tuple[Candidate, AsyncIterator[str | Completion]]:
@@ -250,29 +287,34 @@ class MeshProvider(BaseProvider):
         tries = [first_try]
         winner: tuple[Candidate, Any, Any] | None = None
         errors: list[tuple[Candidate, Exception]] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(first_item, node, first_try)
-            racing = 1
-            while racing and winner is None:
-                with trio.move_on_after(delay if len(tries) == 1 else math.inf) as waited:
-                    candidate, items, item = await receive.receive()
-                if waited.cancelled_caught:  # no chunk from `node` within its delay: hedge
-                    log.info("mesh: request %s: no chunk from %s within %.2f s; asking %s too", request.request_id,
-                             node.peer_id, delay, spare.peer_id)
-                    self.hedged += 1
-                    tries.append(self._attempt(spare, request, deadline, ""))
-                    nursery.start_soon(first_item, spare, tries[-1])
-                    racing += 1
-                    continue
-                racing -= 1
-                if isinstance(item, Exception):
-                    errors.append((candidate, item))  # (`node` failing before any hedge: ordinary failover)
-                else:
-                    winner = (candidate, items, item)
-            nursery.cancel_scope.cancel()  # the loser, still waiting for its first chunk
-        for items in tries:
-            if winner is None or items is not winner[1]:
-                await items.aclose()  # (a loser that had its chunk too: closing resets its stream)
+        raced = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first_item, node, first_try)
+                racing = 1
+                while racing and winner is None:
+                    with trio.move_on_after(delay if len(tries) == 1 else math.inf) as waited:
+                        candidate, items, item = await receive.receive()
+                    if waited.cancelled_caught:  # no chunk from `node` within its delay: hedge
+                        log.info("mesh: request %s: no chunk from %s within %.2f s; asking %s too",
+                                 request.request_id, node.peer_id, delay, spare.peer_id)
+                        self.hedged += 1
+                        tries.append(self._attempt(spare, request, deadline, ""))
+                        nursery.start_soon(first_item, spare, tries[-1])
+                        racing += 1
+                        continue
+                    racing -= 1
+                    if isinstance(item, Exception):
+                        errors.append((candidate, item))  # (`node` failing before any hedge: ordinary failover)
+                    else:
+                        winner = (candidate, items, item)
+                nursery.cancel_scope.cancel()  # the loser, still waiting for its first chunk
+            raced = True
+        finally:  # every try but the winner is closed, also when the request is cancelled meanwhile
+            with trio.CancelScope(shield=True):
+                for items in tries:
+                    if not (raced and winner is not None and items is winner[1]):
+                        await items.aclose()  # a loser that had its chunk too: closing resets its stream
         for candidate, exc in errors:
             if isinstance(exc, ProviderError) and exc.retryable and (winner is not None or candidate is spare):
                 failed.add(candidate.peer_id)
@@ -286,11 +328,13 @@ class MeshProvider(BaseProvider):
         """`verify=k`: ask k nodes of the plan at once and compare the response CIDs they return; while
         no k agree, ask more (enough that k could agree), until they do or no node is left.
 
-        Answers are compared within a group: the same request key (so the same model identity and
-        weights) and the same kind of compute (a node's best accelerator: cuda, rocm, mps, then cpu),
-        since greedy decoding on a GPU and on a CPU may legitimately differ. A node whose answer
-        differs from one that at least two others in its group agree on is counted as failing
-        (`BackendManager.disagreed`); a lone disagreement accuses nobody, it only fails the request.
+        Every node asked computes afresh (cache mode `no-cache`, or `no-store` when the caller said so,
+        and an answer found in a cache is not a vote): a cached answer may have been computed by
+        another node. Answers are compared within a group: the same request key (so the same model
+        identity and weights) and the same kind of compute (a node's best accelerator: cuda, rocm,
+        mps, then cpu), since greedy decoding on a GPU and on a CPU may legitimately differ. A node
+        whose answer differs from one that at least two others of its group agree on is counted as
+        failing (`BackendManager.disagreed`); one against one accuses nobody, it fails the request.
         """
         k, clock = request.verify, self.manager.clock
         deadline = clock() + request.timeout
@@ -300,23 +344,24 @@ class MeshProvider(BaseProvider):
                 raise self._nobody_serves(request)
             raise ProviderFailed(self.name, f"verify={k} needs {k} nodes that serve this request; "
                                  f"{len(waiting)} do", retryable=False)
-        answers: dict[str, tuple[tuple[str, str], Completion]] = {}  # node asked -> (group, its answer)
+        fresh = dataclasses.replace(request, cache_mode="no-store" if request.cache_mode == "no-store" else "no-cache")
+        votes: list[_Vote] = []
         failures: list[str] = []
         send, receive = trio.open_memory_channel[tuple[Candidate, "Completion | BaseException"]](len(waiting))
 
         async def ask(node: Candidate) -> None:
             try:
-                answer: Completion | BaseException = await self._whole(node, request, deadline)
+                answer: Completion | BaseException = await self._whole(node, fresh, deadline)
             except Exception as exc:  # that node's failure, whatever it is: the others may still agree
                 answer = exc
             send.send_nowait((node, answer))
 
-        agreed: list[str] = []
-        with trio.move_on_at(deadline) as in_time:
+        agreed: list[_Vote] = []
+        with trio.move_on_at(deadline):
             async with trio.open_nursery() as nursery:
                 asking = 0
                 while True:
-                    agreed = _agreeing(answers)
+                    agreed = _agreeing(votes)
                     if len(agreed) >= k:
                         break
                     while asking < k - len(agreed) and waiting:
@@ -326,39 +371,29 @@ class MeshProvider(BaseProvider):
                         break
                     node, answer = await receive.receive()
                     asking -= 1
-                    if isinstance(answer, Completion):
-                        assert answer.remote is not None
-                        answers[node.peer_id] = ((answer.remote.key, _compute(node)), answer)
-                    else:
+                    if not isinstance(answer, Completion):
                         failures.append(f"{node.peer_id[-8:]}: {answer}")
+                    elif answer.remote is None or answer.remote.cache not in ("miss", "bypass"):
+                        failures.append(f"{node.peer_id[-8:]}: answered from a cache, not a vote")
+                    else:
+                        votes.append(_Vote(node.peer_id, (answer.remote.key, _compute(node)), answer))
                 nursery.cancel_scope.cancel()  # agreed, or nobody left: the rest are not needed
-        if in_time.cancelled_caught:
-            raise DeadlineExceeded(request.timeout, f"verify={k} on the mesh")
-        self._accuse(answers)
-        if len(agreed) < k:
-            if not answers:
-                raise ProviderFailed(self.name, "every node asked failed: " + "; ".join(failures), retryable=True)
-            raise Disagreement({peer: completion.remote.cid for peer, (_, completion) in answers.items()
-                                if completion.remote is not None}, k=k)
-        completion = answers[agreed[0]][1]
-        assert completion.remote is not None
-        return dataclasses.replace(completion, remote=dataclasses.replace(completion.remote, agreed=tuple(agreed)))
-
-    def _accuse(self, answers: Mapping[str, tuple[tuple[str, str], Completion]]) -> None:
-        """Lower the health of each node whose answer differs from one at least two others of its group
-        agree on."""
-        by_group: dict[tuple[str, str], dict[str, list[str]]] = {}
-        for peer, (group, completion) in answers.items():
+        for peer in _outvoted(votes):
+            log.warning("mesh: request %s: %s answered other than two or more agreeing nodes", request.request_id,
+                        peer)
+            self.manager.disagreed(peer)
+        if len(agreed) >= k:
+            completion = agreed[0].completion
             assert completion.remote is not None
-            by_group.setdefault(group, {}).setdefault(completion.remote.cid, []).append(peer)
-        for cids in by_group.values():
-            majority = max(cids.values(), key=len)
-            if len(majority) >= 2:
-                for peers in cids.values():
-                    if peers is not majority:
-                        for peer in peers:
-                            log.warning("mesh: %s answered other than %d agreeing nodes", peer, len(majority))
-                            self.manager.disagreed(peer)
+            return dataclasses.replace(completion, remote=dataclasses.replace(
+                completion.remote, agreed=tuple(vote.node for vote in agreed[:k])))
+        if clock() >= deadline:
+            raise DeadlineExceeded(request.timeout, f"verify={k} on the mesh")
+        if _disputed(votes):
+            raise Disagreement({vote.node: vote.cid for vote in votes}, k=k)
+        answered = f"{len(votes)} node(s) answered alike" if votes else "no node answered"
+        raise ProviderFailed(self.name, f"verify={k}: {answered}, and no other node was left to ask: "
+                             + "; ".join(failures), retryable=True)
 
     async def _whole(self, node: Candidate, request: ProviderRequest, deadline: float) -> Completion:
         """`node`'s whole answer, for comparison. A node other than this one gets no admission slot
@@ -466,7 +501,7 @@ class MeshProvider(BaseProvider):
                                            latency_ms=(trio.current_time() - started) * 1000.0)
 
     def statistics(self) -> MeshStatistics:
-        return MeshStatistics(served_by=dict(self.served_by))
+        return MeshStatistics(served_by=dict(self.served_by), hedged=self.hedged)
 
     def __repr__(self) -> str:
         s = self.statistics()

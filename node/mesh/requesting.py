@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from node.errors import InvalidRequest, ProviderFailed
+from node.errors import InvalidRequest, ProviderError, ProviderFailed
 from node.mesh.errors import raise_for
 from node.mesh.streams import FramedStream
 from protocols.errors import ProtocolError
@@ -50,9 +50,9 @@ def _check_agreed(request: Request, result: Result, peer: str) -> None:
     the field (older than protocol 1.1) answers with one node's word, which must not pass as k."""
     agreed = len(set(result.agreed or ()))
     if request.verify and agreed < request.verify:
-        raise ProviderFailed(f"peer {peer[-8:]}", f"asked for verify={request.verify}, got an answer {agreed} "
-                             "node(s) agreed on (a daemon older than verify answers with one node's word)",
-                             retryable=False)
+        raise ProviderError(f"peer {peer[-8:]}", f"asked for verify={request.verify}, got an answer {agreed} "
+                            "node(s) agreed on (a daemon older than verify answers with one node's word)",
+                            retryable=False)  # (not ProviderFailed: the stream is fine, and no retry may follow)
 
 
 def _check_sendable(request: Request) -> None:

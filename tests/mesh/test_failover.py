@@ -41,13 +41,15 @@ class ScriptedPool:
     """The stream pool's interface: each peer behaves as `script[peer]` says, one step per request:
     "ok", ("busy", s), "silent", ("die_after", n chunks), ("lie_after", n), ("slow", s between chunks),
     "forged" (the honest request key over another, self-consistent answer: a lying node), "other_model"
-    (a different request key: another model's honest answer), ("stall", s before the first chunk).
+    (a different request key: another model's honest answer), ("stall", s before the first chunk),
+    "cached" (the honest answer, found in the node's memory cache). `modes` lists the cache modes asked.
     `abandoned` lists the peers whose answer the mesh stopped reading before its end (a reset stream)."""
 
     def __init__(self, script: dict[str, list], prompt: str = PROMPT) -> None:
-        self.script, self.prompt, self.asked, self.abandoned = script, prompt, [], []
+        self.script, self.prompt, self.asked, self.abandoned, self.modes = script, prompt, [], [], []
 
     async def request(self, peer_id, wire_request):
+        self.modes.append(wire_request.cache)
         finished = False
         try:
             async for item in self._answer(peer_id):
@@ -65,6 +67,8 @@ class ScriptedPool:
         if step == "forged":
             chunks, forged = await answer_for(self.prompt + " (forged)", peer_id)
             result = dataclasses.replace(forged, key=result.key)
+        if step == "cached":
+            result = dataclasses.replace(result, cache="memory")
         if step == "other_model":
             result = dataclasses.replace(result, key="another-model-key")
         if isinstance(step, tuple) and step[0] == "busy":

@@ -32,6 +32,7 @@ async def test_two_of_three_agree_when_one_lies_and_the_liar_is_counted_as_faili
     assert "".join(chunks) == final.text == honest.text and final.remote.cid == honest.cid
     assert set(final.remote.agreed) == {"B", "C"}
     assert sorted(pool.asked) == ["A", "B", "C"], "A and B first; they disagree, so C is asked"
+    assert set(pool.modes) == {"no-cache"}, "every node computes afresh"
     assert provider.manager.backend("A").statistics().disagreed == 1
     assert provider.manager.backend("A").health.statistics().failures == 1, "its health is lowered"
     assert provider.manager.backend("B").statistics().disagreed == 0
@@ -66,6 +67,23 @@ async def test_a_failing_node_is_replaced_and_another_models_answer_is_no_disagr
     assert provider.manager.backend("B").statistics().disagreed == 0, "a different key is another model, not a lie"
 
 
+async def test_too_few_answers_is_a_retryable_failure_not_a_disagreement(autojump_clock):
+    pool = ScriptedPool({"A": ["ok"], "B": [("die_after", 0)], "C": ["cached"]})
+    provider = mesh(pool, nodes("A", "B", "C"))
+    with trio.fail_after(30), pytest.raises(ProviderFailed, match="1 node.s. answered alike") as info:
+        await collect(provider, verified(2))
+    assert info.value.retryable and "answered from a cache, not a vote" in str(info.value)
+
+
+async def test_a_tie_of_two_majorities_is_a_disagreement_that_accuses_nobody(autojump_clock):
+    pool = ScriptedPool({"A": ["ok"], "B": ["forged"], "C": ["ok"], "D": ["forged"]})
+    provider = mesh(pool, nodes(*"ABCD"))
+    with trio.fail_after(30), pytest.raises(Disagreement) as info:
+        await collect(provider, verified(3))
+    assert len(info.value.answers) == 4 and len(set(info.value.answers.values())) == 2
+    assert all(provider.manager.backend(p).statistics().disagreed == 0 for p in "ABCD")
+
+
 async def test_fewer_nodes_than_k_is_refused_at_once(autojump_clock):
     provider = mesh(ScriptedPool({"A": ["ok"]}), nodes("A"))
     with trio.fail_after(5), pytest.raises(ProviderFailed, match="verify=2 needs 2 nodes") as info:
@@ -91,6 +109,8 @@ def test_verify_is_refused_for_sampled_requests_and_out_of_range():
         with pytest.raises(InvalidRequest, match="verify must be"):
             node.generate_text("hi", provider="echo", verify=bad)
     assert node.generate_text("hi", provider="echo", temperature=0.7, seed=1, verify=1) == "echo: hi"
+    with pytest.raises(InvalidRequest, match="only-if-cached"):
+        node.generate_text("hi", cache="only-if-cached", verify=2)
 
 
 def test_without_a_mesh_verify_is_refused_with_the_reason():
