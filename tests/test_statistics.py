@@ -272,5 +272,5 @@ def test_mesh_statistics_are_a_copy(tmp_path):
     provider.served_by["12D3KooWpeer"] = 2
     s = provider.statistics()
     provider.served_by["12D3KooWpeer"] = 3
-    assert s.served_by == {"12D3KooWpeer": 2} and s.to_json() == {"served_by": {"12D3KooWpeer": 2}}
+    assert s.served_by == {"12D3KooWpeer": 2} and s.to_json() == {"served_by": {"12D3KooWpeer": 2}, "hedged": 0}
     assert "served_by={'KooWpeer': 3}" in repr(provider)
