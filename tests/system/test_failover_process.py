@@ -111,6 +111,7 @@ def test_a_node_that_goes_silent_costs_seconds_not_the_deadline(start_daemon, ac
         info = json.loads(accelmesh_cmd("info", "--json", "--data-dir", str(entry.data_dir), check=True).stdout)
         assert info["mesh"]["backends"][ids[0]]["failed"] >= 1, "the silent node was asked, and cut"
         assert took < 15.0, f"20 requests took {took:.1f} s with a silent node (deadline 60 s)"
+        print(f"20 concurrent requests with one of two nodes silent: {took:.2f} s (deadline 60 s)")
 
 
 def test_a_streamed_answer_survives_the_death_of_its_serving_node_mid_stream(start_daemon, accelmesh_cmd):
