@@ -44,6 +44,7 @@ __all__ = [
     "Nested",
     "Any_",
     "field",
+    "FieldsDisagree",
     "Message",
     "encode",
     "decode",
@@ -528,6 +529,16 @@ def field(
 # Messages
 
 
+class FieldsDisagree(ValueError):
+    """A message's own cross-field check (its `__post_init__`) failed, blaming `field`.
+
+    Built here it is a `ValueError` (our bug); decoded, it becomes `MalformedMessage` naming the field."""
+
+    def __init__(self, reason: str, *, field: str) -> None:
+        super().__init__(reason)
+        self.field = field
+
+
 _FIELD_ORDER: dict[type, tuple[dataclasses.Field[Any], ...]] = {}
 _WirePlan = tuple[tuple[str, int, Any, Any, Callable[[Any, str, str, int], Any], bool], ...]
 _WIRE_PLAN: dict[type, _WirePlan] = {}
@@ -639,7 +650,8 @@ class Message:
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:  # a message's own __post_init__ cross-field checks
-            raise MalformedMessage(str(exc), message_type=owner) from exc
+            raise MalformedMessage(str(exc), field=exc.field if isinstance(exc, FieldsDisagree) else None,
+                                   message_type=owner) from exc
 
     def to_dict(self) -> dict[str, Any]:
         """The wire map, every key in sorted order."""

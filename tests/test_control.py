@@ -31,7 +31,7 @@ STATS = RouterStatistics(inferences=3, cache={"memory": 1, "local": 0, "cluster"
 
 
 def advert_of(identity: Identity, addr: str):
-    echo = ProviderEntry("echo", ("generate", "chat"), ("echo",), True)
+    echo = ProviderEntry("echo", ("generate", "chat"), ("echo",), True, None, ("echo",), "echo")
     return build_advert(identity, addrs=[addr], providers=[echo],
                         accelerators=[Device("cpu", "x86_64", 16 << 30, 8 << 30, cores=4)], capacity=4, queue=16,
                         load=(1, 0), ttl=90.0, seq=1, software="accelmesh/9.9.9", created=int(time.time() * 1000))
@@ -83,7 +83,7 @@ async def test_info_has_the_contract_shape_with_this_nodes_advert_fields(context
     assert await run_command(context, "info", {}) == {
         "peer_id": alice.peer_id, "addrs": [ALICE_ADDR], "version": "9.9.9",
         "providers": [{"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True,
-                       "capacity": None}],
+                       "capacity": None, "identities": {"echo": "echo"}, "default_model": "echo"}],
         "accelerators": [{"kind": "cpu", "name": "x86_64", "memory_total": 16 << 30, "memory_free": 8 << 30,
                           "index": 0, "cores": 4}],
         "capacity": 4, "queue": 16, "load": {"in_flight": 1, "queued": 0}, "peers": 1,

@@ -45,6 +45,7 @@ from protocols.advert.messages import (
     MAX_ADDRS,
     MAX_ADVERT_BYTES,
     MAX_CAPACITY,
+    MAX_MODEL_IDENTITY_CHARS,
     MAX_MODEL_NAME_CHARS,
     MAX_MODELS,
     MAX_PROVIDER_NAME_CHARS,
@@ -76,7 +77,7 @@ from protocols.records import CLOCK_SKEW_MS, Identity
 
 __all__ = ["PeerEntry", "PeerTable", "PeerTableStatistics", "LoadPublisher", "AdvertService", "AdvertBuilder",
            "REJECTIONS", "MAX_GOSSIP_RPC_BYTES", "build_advert", "local_offer", "software_version", "provider_json",
-           "accelerator_json"]
+           "known_identities", "accelerator_json"]
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,16 @@ def software_version(software: str) -> str:
 
 
 def provider_json(p: ProviderEntry) -> dict[str, Any]:
-    """One advertised provider as `info --json` and `peers --json` show it (`capacity` null: unlimited)."""
+    """One advertised provider as `info --json` and `peers --json` show it: `capacity` null is
+    unlimited; `identities` maps each model whose identity is known to it (empty: none known, or a
+    sender older than 1.2); `default_model` null: not said."""
     return {"name": p.name, "tasks": list(p.tasks), "models": list(p.models), "ready": p.ready,
-            "capacity": p.capacity}
+            "capacity": p.capacity, "identities": dict(known_identities(p)), "default_model": p.default_model}
+
+
+def known_identities(p: ProviderEntry) -> list[tuple[str, str]]:
+    """(model, identity) for each advertised model whose identity is known, in the advert's order."""
+    return [(m, i) for m, i in zip(p.models, p.identities or ()) if i]
 
 
 def accelerator_json(x: Accelerator) -> dict[str, Any]:
@@ -296,6 +304,9 @@ def build_advert(
     a cut address would not dial. Only device names are cut (a shorter GPU name misleads no one).
     A provider capacity the wire cannot carry is left out too (unlimited): above MAX_CAPACITY the
     node's own `capacity` is the tighter bound anyway, and 0 or less is no cap (echo's `concurrency = 0`).
+    A model left out takes its identity with it; an identity that does not fit is sent as "" (not
+    known: a cut identity would key requests for another model); a default model that does not fit
+    is left out (not said).
     `accelerators` are `node.accelerators.Accelerator`s (or anything with the same fields);
     `created` is Unix time in milliseconds and the advert expires `ttl` seconds later.
     """
@@ -304,13 +315,18 @@ def build_advert(
     def carried(cap: int | None) -> int | None:  # a provider's capacity, if the wire can carry it
         return cap if type(cap) is int and 1 <= cap <= MAX_CAPACITY else None
 
+    def entry(p: ProviderEntry) -> ProviderEntry:
+        named = zip(p.models, p.identities if p.identities is not None else [""] * len(p.models))
+        models = [(m, i if _fits(i, MAX_MODEL_IDENTITY_CHARS) else "") for m, i in named
+                  if _fits(m, MAX_MODEL_NAME_CHARS)][:MAX_MODELS]
+        default = p.default_model if p.default_model and _fits(p.default_model, MAX_MODEL_NAME_CHARS) else None
+        return ProviderEntry(p.name, tuple(p.tasks), tuple(m for m, _ in models), p.ready, carried(p.capacity),
+                             tuple(i for _, i in models), default)
+
     return sign_advert(
         identity,
         addrs=tuple([a for a in addrs if _fits(a, MAX_ADDR_CHARS)][:MAX_ADDRS]),
-        providers=tuple(ProviderEntry(p.name, tuple(p.tasks),
-                                      tuple(m for m in p.models if _fits(m, MAX_MODEL_NAME_CHARS))[:MAX_MODELS],
-                                      p.ready, carried(p.capacity))
-                        for p in offered),
+        providers=tuple(entry(p) for p in offered),
         accelerators=tuple(Accelerator(a.kind, a.name[:MAX_ACCELERATOR_NAME_CHARS], a.memory_total, a.memory_free,
                                        a.index, a.cores)
                            for a in list(accelerators)[:MAX_ACCELERATORS]),
@@ -331,7 +347,8 @@ def local_offer(names: Iterable[str], get_provider: Callable[[str], Any]) -> lis
     Blocking (readiness checks may run subprocesses). The mesh itself is not offered, nor a
     provider switched off in the settings (`enabled = false`); a provider that cannot be built
     is offered as not ready, with no tasks or models (and no capacity: unlimited). Each entry
-    carries the provider's `capacity()` (None: unlimited).
+    carries the provider's `capacity()` (None: unlimited), the identity of each model as far as it
+    is known without loading anything (`advertised_identity`; "" where not), and its `default_model()`.
     """
     out = []
     for name in names:
@@ -342,12 +359,24 @@ def local_offer(names: Iterable[str], get_provider: Callable[[str], Any]) -> lis
             readiness = provider.available()
             if not readiness.ok and readiness.reason == DISABLED:
                 continue
-            out.append(ProviderEntry(name, tuple(provider.tasks), tuple(provider.models()), readiness.ok,
-                                     provider.capacity()))
+            models = tuple(provider.models())
+            out.append(ProviderEntry(name, tuple(provider.tasks), models, readiness.ok, provider.capacity(),
+                                     tuple(_advertised_identity(provider, m) for m in models),
+                                     provider.default_model() or None))
         except Exception as exc:  # a provider that cannot be built is advertised as not ready
             log.debug("provider %s: %s", name, exc)
             out.append(ProviderEntry(name, (), (), False))
     return out
+
+
+def _advertised_identity(provider: Any, model: str) -> str:
+    """The identity the advert carries for `model`: "" when it is not known (or telling it fails)."""
+    try:
+        identity = provider.advertised_identity(model)
+    except Exception as exc:  # an identity that cannot be told is not known; the provider is still offered
+        log.debug("provider %s: no identity for %r: %s", getattr(provider, "name", "?"), model, exc)
+        return ""
+    return identity if isinstance(identity, str) else ""
 
 
 @dataclass(frozen=True)
@@ -372,9 +401,11 @@ class AdvertBuilder:
                             load=self.load(), ttl=self.ttl, seq=seq, software=self.software,
                             created=int(self.wall() * 1000))
 
-    def offer_signature(self) -> list[tuple[str, bool, tuple[str, ...]]]:
-        """What this node serves (providers, readiness, models): a change is published at once."""
-        return [(p.name, p.ready, tuple(p.models)) for p in self.offer()]
+    def offer_signature(self) -> list[tuple[str, bool, tuple[str, ...], tuple[str, ...], str | None]]:
+        """What this node serves (providers, readiness, models, their identities, the default model):
+        a change is published at once, so an identity that becomes known (a model loaded) reaches
+        peers within seconds, not at the next periodic advert."""
+        return [(p.name, p.ready, tuple(p.models), tuple(p.identities or ()), p.default_model) for p in self.offer()]
 
 
 # ---------------------------------------------------------------------------------------

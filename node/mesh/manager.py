@@ -35,8 +35,8 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from types import TracebackType
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
 import trio
@@ -53,6 +53,7 @@ __all__ = [
     "candidates_from_adverts",
     "eligible",
     "capacity_for",
+    "identities_for",
     "outcome_of",
     "Outcome",
     "Backend",
@@ -113,13 +114,25 @@ def hedge_rule(value: str) -> HedgeRule:
 
 @dataclass(frozen=True)
 class Offer:
-    """One provider a backend advertises."""
+    """One provider a backend advertises.
+
+    `identities`: model -> the identity the request key covers (ARCHITECTURE.md section 4), only
+    for the models whose identity the advert says (protocol 1.2; an older node says none).
+    `default_model`: what it answers a request that names no model with (None: not said)."""
 
     name: str
     tasks: tuple[str, ...]
     models: tuple[str, ...]
     ready: bool
     capacity: int | None = None  # requests it runs at once; None = unlimited (the node's capacity bounds it)
+    identities: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    default_model: str | None = None
+
+    def identity(self, model: str | None) -> str | None:
+        """The identity that answers a request naming `model` (None: its default model) here; None
+        when the advert does not say it."""
+        model = model if model is not None else self.default_model
+        return None if model is None else self.identities.get(model)
 
 
 @dataclass(frozen=True)
@@ -138,11 +151,16 @@ def candidates_from_adverts(peer_id: str, others: Iterable[Any], own: Any) -> li
     """The nodes that could serve: every peer whose advert we hold (`others`), and this node
     (`own`, its current advert, or None before the first)."""
 
+    def offer(p: Any) -> Offer:
+        identities = getattr(p, "identities", None) or ()  # None: a 1.0 or 1.1 sender
+        return Offer(p.name, tuple(p.tasks), tuple(p.models), p.ready, getattr(p, "capacity", None),
+                     MappingProxyType({m: i for m, i in zip(p.models, identities) if i}),
+                     getattr(p, "default_model", None))
+
     def candidate(advert: Any, is_self: bool) -> Candidate:
         return Candidate(
             advert.peer_id,
-            tuple(Offer(p.name, tuple(p.tasks), tuple(p.models), p.ready, getattr(p, "capacity", None))
-                  for p in advert.providers),
+            tuple(offer(p) for p in advert.providers),
             frozenset(a.kind for a in advert.accelerators), is_self=is_self,
             capacity=advert.capacity or None, load=advert.load.in_flight + advert.load.queued,
         )
@@ -175,6 +193,28 @@ def capacity_for(candidate: Candidate, task: str, model: str | None) -> int | No
     if provider is None:
         return candidate.capacity
     return provider if candidate.capacity is None else min(provider, candidate.capacity)
+
+
+def identities_for(candidates: Iterable[Candidate], task: str, model: str | None) -> set[str] | None:
+    """The distinct model identities that could answer a request for `task` naming `model` (None:
+    each serving provider's default model), over every ready provider of `candidates` that serves
+    it; None when the advert of any of them does not say its identity (then the request cannot be
+    keyed before it is sent: no lookup). Empty when no candidate serves it.
+
+    Pass `eligible(...)` to apply a request's `on_peers` and `accelerator` first. Every serving
+    provider counts, not only the one a node would be asked through (with a model named, the mesh
+    addresses the first that lists it; without one, the node's chain picks): a superset, so one
+    identity here means one key covers every answer the request can get."""
+    out: set[str] = set()
+    for candidate in candidates:
+        for offer in candidate.providers:
+            if not _serves(offer, task, model):
+                continue
+            identity = offer.identity(model)
+            if identity is None:
+                return None
+            out.add(identity)
+    return out
 
 
 def outcome_of(exc: BaseException | None, *, timed_out: bool = False) -> Outcome:

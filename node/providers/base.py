@@ -9,7 +9,9 @@ object in `PlainProvider`, so the router only ever talks to `BaseProvider`:
 - ``complete_sync(request)`` answers without an event loop (the fast path of `generate_text`);
 - ``available()`` says whether the prerequisites are really there, and if not, why;
 - ``model_identity(model)`` names the model that will answer, for the request key;
-- ``capacity()`` says how many requests it runs at once (None: no cap of its own), for the advert.
+- ``capacity()`` says how many requests it runs at once (None: no cap of its own), for the advert;
+- ``advertised_identity(model)`` is ``model_identity(model)`` when that is already known (cheap, no
+  weights read), else None, for the advert (peers key a request with it before they send it).
 """
 
 from __future__ import annotations
@@ -191,6 +193,14 @@ class BaseProvider:
         """What goes into the request key for the model that will answer."""
         model = model or self.default_model()
         return f"{self.name}/{model}" if model else self.name
+
+    def advertised_identity(self, model: str | None) -> str | None:
+        """`model_identity(model)` if it is known without loading or reading weights, else None.
+
+        Read each time this node's advert is built (`ProviderEntry.identities`), so it must stay
+        cheap: a provider whose identity needs its weights (hf_local) overrides it to answer only
+        what it already knows. The default is `model_identity`, a name for every other provider."""
+        return self.model_identity(model)
 
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         raise NotImplementedError  # pragma: no cover - every provider overrides it

@@ -327,6 +327,13 @@ class HFLocalProvider(BaseProvider):
             self._identities[model] = identity
         return identity
 
+    def advertised_identity(self, model: str | None) -> str | None:
+        """The identity of `model` (or the default) once it is known: after the model was loaded or
+        keyed a request here; None before. Never reads or digests weights (the advert asks often)."""
+        model = model or self.default
+        identity = self._identities.get(model)
+        return identity if identity is not None and not identity.endswith("@sha256:unavailable") else None
+
     # -- loading -----------------------------------------------------------------------
 
     def device(self) -> str:
@@ -385,7 +392,8 @@ class HFLocalProvider(BaseProvider):
             slots = self._device_slots.setdefault(device, threading.BoundedSemaphore(self.concurrency))
             loaded = _Loaded(model, device, tokenizer, lm, slots)
             self._loaded[key] = loaded
-            return loaded
+        self.model_identity(model)  # known from now on, so the advert carries it (advertised_identity)
+        return loaded
 
     def preload(self, models: tuple[str, ...] | None = None, *, progress: bool = True) -> list[str]:
         """Load every configured model now (the daemon calls this in a thread at start)."""

@@ -11,7 +11,19 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from protocols.codec import Bool, Bytes, Int, List, Message, Nested, Str, decode_with_fields, encode, field
+from protocols.codec import (
+    Bool,
+    Bytes,
+    FieldsDisagree,
+    Int,
+    List,
+    Message,
+    Nested,
+    Str,
+    decode_with_fields,
+    encode,
+    field,
+)
 from protocols.errors import BadSignature, FrameTooLarge, MalformedMessage, StaleRecord, UnsupportedVersion
 from protocols.records import (
     DOMAIN_ADVERT,
@@ -34,6 +46,7 @@ __all__ = [
     "MAX_TASK_CHARS",
     "MAX_MODELS",
     "MAX_MODEL_NAME_CHARS",
+    "MAX_MODEL_IDENTITY_CHARS",
     "MAX_ACCELERATORS",
     "MAX_ACCELERATOR_KIND_CHARS",
     "MAX_ACCELERATOR_NAME_CHARS",
@@ -63,8 +76,9 @@ __all__ = [
 PROTOCOL_ID = "/accelmesh/advert/1.0.0"
 TOPIC = "accelmesh/adverts/1"
 _VERSION = re.compile(r"([0-9]{1,6})\.([0-9]{1,6})", re.ASCII)
-PROTOCOL_VERSION = "1.1"  # major.minor of accelmesh's wire protocols; a newer major is refused
-# Minor versions (SPEC.md "Versioning"): 1.1 added ProviderEntry.capacity.
+PROTOCOL_VERSION = "1.2"  # major.minor of accelmesh's wire protocols; a newer major is refused
+# Minor versions (SPEC.md "Versioning"): 1.1 added ProviderEntry.capacity; 1.2 added
+# ProviderEntry.identities and ProviderEntry.default_model.
 MAX_ADVERT_BYTES = 64 * 1024  # the real bound of an advert (the per-field bounds allow more): gossip stays cheap
 # Per-field bounds (strings count characters). A sender leaves out what does not fit rather than
 # cutting it, except device names: a cut model name would name another model, a cut GPU name is harmless.
@@ -75,6 +89,9 @@ MAX_PROVIDER_NAME_CHARS = 64  # a provider's registry name (`echo`, `hf_local`, 
 MAX_TASK_CHARS = 16  # one of TASKS, with room for a later one
 MAX_MODELS = 64  # models one provider lists; a catalogue beyond that is asked for by name
 MAX_MODEL_NAME_CHARS = 256  # a model id: `org/name`, a local path, a revision
+# A model identity (what the request key covers): a provider name, a model name, and what pins it
+# (`@sha256:` and a weights digest, an API's base URL): `hf_local/org/name@sha256:<32 hex>`.
+MAX_MODEL_IDENTITY_CHARS = 512
 MAX_ACCELERATORS = 64  # devices on one host: one entry per GPU and one for the cpu; beyond any real host
 MAX_ACCELERATOR_KIND_CHARS = 8  # one of ACCELERATOR_KINDS
 MAX_ACCELERATOR_NAME_CHARS = 128  # a device name as the vendor tool prints it
@@ -95,6 +112,14 @@ class ProviderEntry(Message):
     `capacity` (since 1.1): requests this provider runs at once. Absent (None) is unlimited: the
     provider has no cap of its own, and the node's `Advert.capacity` still bounds it. An entry
     from a 1.0 sender has none, which reads the same way.
+
+    `identities` (since 1.2): the model identity of each of `models`, at the same index (what the
+    request key covers, ARCHITECTURE.md section 4), so a peer can key a request before it sends it;
+    "" where the identity is not known yet (local weights not loaded). It has exactly as many
+    items as `models`: otherwise the entry is refused (`FieldsDisagree`, a `ValueError`, when built
+    here; `MalformedMessage` naming `identities` when decoded). Absent (None): no identity is
+    known, as from a 1.0 or 1.1 sender.
+    `default_model` (since 1.2): the model it uses for a request that names none; absent: not said.
     """
 
     name: str = field(Str(max_len=MAX_PROVIDER_NAME_CHARS))
@@ -102,6 +127,23 @@ class ProviderEntry(Message):
     models: tuple[str, ...] = field(List(Str(max_len=MAX_MODEL_NAME_CHARS), max_items=MAX_MODELS))
     ready: bool = field(Bool())
     capacity: int | None = field(Int(1, MAX_CAPACITY), optional=True)  # None: unlimited (since 1.1)
+    identities: tuple[str, ...] | None = field(  # parallel to models, "" = not known (since 1.2)
+        List(Str(max_len=MAX_MODEL_IDENTITY_CHARS), max_items=MAX_MODELS), optional=True)
+    default_model: str | None = field(Str(max_len=MAX_MODEL_NAME_CHARS), optional=True)  # since 1.2
+
+    def __post_init__(self) -> None:
+        if self.identities is not None and len(self.identities) != len(self.models):
+            raise FieldsDisagree(f"{len(self.identities)} items but models has {len(self.models)}: each "
+                                 "identity names the model at the same index", field="identities")
+
+    def identity_of(self, model: str) -> str | None:
+        """The advertised identity of `model`; None when it is not listed or its identity is not known."""
+        if self.identities is None:
+            return None
+        for name, identity in zip(self.models, self.identities):
+            if name == model:
+                return identity or None
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

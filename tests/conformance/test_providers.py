@@ -5,7 +5,8 @@ answer synchronously and as a stream (text chunks in order, then exactly one Com
 text is the chunks joined); stop promptly when cancelled; honour the router's deadline, on the
 async path and (except a plain seed-style object, which cannot be interrupted) on the sync path
 by raising `ProviderTimeout` (the router's `DeadlineExceeded` then carries it); report failures as typed `ProviderError`s;
-and say how many requests it runs at once in a form the advert carries (None: unlimited).
+say how many requests it runs at once in a form the advert carries (None: unlimited); and advertise
+for each model either nothing (not known yet) or exactly the identity that keys its requests.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def test_capacity_is_unlimited_or_a_count_the_advert_can_carry(h: Harness, tmp_p
     with h.ready(tmp_path) as case:
         capacity = case.provider.capacity()
     assert capacity is None or (type(capacity) is int and 1 <= capacity <= MAX_CAPACITY), capacity
+
+
+@by_name
+def test_an_advertised_identity_is_unknown_or_the_one_that_keys_the_request_and_known_once_keyed(h: Harness,
+                                                                                               tmp_path):
+    with h.ready(tmp_path) as case:
+        provider = case.provider
+        for model in provider.models():
+            before = provider.advertised_identity(model)
+            keyed = provider.model_identity(model)
+            assert before in (None, keyed), (model, before, keyed)
+            assert provider.advertised_identity(model) == keyed, "known from the first request key on"
 
 
 @pytest.mark.parametrize("h", with_unready, ids=[h.name for h in with_unready])

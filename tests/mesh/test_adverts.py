@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from contextlib import aclosing
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -14,7 +15,7 @@ from libp2p.peer.id import ID
 from node.accelerators import Accelerator, detect, detect_cpu, parse_nvidia_smi, parse_rocm_smi
 from node.client import DaemonClient
 from node.mesh.adverts import LoadPublisher, PeerTable, load_bucket
-from protocols.advert.messages import TOPIC, decode_advert, encode_advert, verify_advert
+from protocols.advert.messages import TOPIC, decode_advert, encode_advert, verified_advert, verify_advert
 from protocols.codec import encode
 from protocols.inference.messages import Request
 from protocols.records import Identity
@@ -148,7 +149,8 @@ def test_peer_entry_json_has_the_contract_shape():
     assert set(entry) >= {"peer_id", "addrs", "providers", "accelerators", "load", "last_seen"}
     assert "health" not in entry, "the backend manager adds health and latency (node.control.peers)"
     assert entry["providers"][0] == {"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True,
-                                     "capacity": None}  # a 1.0 advert: unlimited, said as null
+                                     "capacity": None,  # a 1.0 advert: unlimited, said as null
+                                     "identities": {}, "default_model": None}  # and no identity known, no default
 
 
 @pytest.mark.parametrize("n,bucket", [(0, 0), (1, 1), (2, 2), (3, 2), (4, 3), (7, 3), (8, 4), (64, 7)])
@@ -203,7 +205,7 @@ def test_provider_capacities_are_kept_and_those_the_wire_cannot_carry_are_left_o
     caps = [1, 4, MAX_CAPACITY, None, MAX_CAPACITY + 1, 0, -1, True]
     advert = build(providers=[ProviderEntry(f"p{i}", ("generate",), (), True, c) for i, c in enumerate(caps)])
     assert [p.capacity for p in advert.providers] == [1, 4, MAX_CAPACITY, None, None, None, None, None]
-    assert advert.protocol == "1.1"
+    assert advert.protocol == "1.2"
 
 
 def test_addresses_beyond_the_bounds_are_left_out():
@@ -258,11 +260,11 @@ def test_the_builder_reads_its_sources_each_time_an_advert_is_signed():
                             wall=lambda: 1_800_000_000.0)
     first = builder(1)
     assert (first.seq, first.created, first.expires) == (1, 1_800_000_000_000, 1_800_000_030_000)
-    assert builder.offer_signature() == [("echo", False, ("echo",))]
+    assert builder.offer_signature() == [("echo", False, ("echo",), (), None)]
     offer[0], load[0] = ProviderEntry("echo", ("generate",), ("echo",), True), (3, 1)
     second = builder(2)
     assert second.providers[0].ready and (second.load.in_flight, second.load.queued) == (3, 1)
-    assert builder.offer_signature() == [("echo", True, ("echo",))]
+    assert builder.offer_signature() == [("echo", True, ("echo",), (), None)]
 
 
 def test_the_local_offer_lists_every_provider_but_the_mesh_and_one_that_fails_as_not_ready():
@@ -276,7 +278,8 @@ def test_the_local_offer_lists_every_provider_but_the_mesh_and_one_that_fails_as
         return ScriptedProvider(name)
 
     assert local_offer(["echo", "mesh", "broken"], get_provider) == [
-        ProviderEntry("echo", tuple(ScriptedProvider.tasks), ("echo-model",), True),
+        ProviderEntry("echo", tuple(ScriptedProvider.tasks), ("echo-model",), True, None, ("echo/echo-model",),
+                      "echo-model"),
         ProviderEntry("broken", (), (), False),
     ]
 
@@ -290,6 +293,90 @@ def test_the_local_offer_carries_each_providers_own_capacity():
                  "scripted": ScriptedProvider("scripted")}
     offer = local_offer(list(providers), providers.__getitem__)
     assert {p.name: p.capacity for p in offer} == {"capped": 3, "uncapped": None, "scripted": None}
+
+
+def test_the_local_offer_says_each_models_identity_only_when_known_without_loading_anything():
+    from node.mesh.adverts import local_offer
+    from node.providers.echo import EchoProvider
+    from node.providers.hf_local import HFLocalProvider
+    from tests.fakes.providers import ScriptedProvider
+
+    class Mute(ScriptedProvider):
+        def advertised_identity(self, model):
+            raise RuntimeError("cannot tell")
+
+    hf = HFLocalProvider()
+    providers = {"echo": EchoProvider(), "hf_local": hf, "mute": Mute("mute")}
+    offer = {p.name: p for p in local_offer(list(providers), providers.__getitem__)}
+    assert (offer["echo"].identities, offer["echo"].default_model) == (("echo",), "echo")
+    assert (offer["hf_local"].models, offer["hf_local"].identities) == (("accelmesh-tiny",), ("",))
+    assert offer["hf_local"].default_model == "accelmesh-tiny" and hf._loaded == {}, "no weights loaded or read"
+    assert (offer["mute"].ready, offer["mute"].identities) == (True, ("",)), "offered, its identity not known"
+    known = hf.model_identity(None)  # what keying a request (or loading the model) learns
+    assert known.startswith("hf_local/accelmesh-tiny@sha256:")
+    assert local_offer(["hf_local"], providers.__getitem__)[0].identities == (known,)
+
+
+def test_an_identity_becoming_known_changes_the_offer_signature_so_it_is_published_at_once():
+    from node.mesh.adverts import AdvertBuilder
+    from protocols.advert.messages import ProviderEntry
+
+    offer = [ProviderEntry("hf_local", ("generate",), ("tiny",), True, 1, ("",), "tiny")]
+    builder = AdvertBuilder(alice, addrs=lambda: [], offer=lambda: list(offer),
+                            accelerators=lambda: [Accelerator("cpu", "x", 1, 1, cores=1)], load=lambda: (0, 0),
+                            capacity=2, queue=8, ttl=30.0, software="accelmesh/0.1.0", wall=lambda: 1_800_000_000.0)
+    before = builder.offer_signature()
+    offer[0] = dataclasses.replace(offer[0], identities=("hf_local/tiny@sha256:" + "ab" * 16,))
+    assert builder.offer_signature() != before
+    assert builder(2).providers[0].identities == ("hf_local/tiny@sha256:" + "ab" * 16,)
+
+
+def test_identities_follow_their_models_and_those_the_wire_cannot_carry_are_sent_as_unknown():
+    from protocols.advert.messages import MAX_MODEL_IDENTITY_CHARS, MAX_MODEL_NAME_CHARS, MAX_MODELS, ProviderEntry
+
+    long_name, at, over = "m" * (MAX_MODEL_NAME_CHARS + 1), "i" * MAX_MODEL_IDENTITY_CHARS, \
+        "i" * (MAX_MODEL_IDENTITY_CHARS + 1)
+    models = ("a", long_name, "b", "c", *(f"m{i}" for i in range(MAX_MODELS)))
+    identities = ("id-a", "id-long", at, over, *(f"id-m{i}" for i in range(MAX_MODELS)))
+    (entry,) = build(providers=[ProviderEntry("hf", ("generate",), models, True, None, identities,
+                                              long_name)]).providers
+    assert entry.models == ("a", "b", "c", *(f"m{i}" for i in range(MAX_MODELS - 3)))
+    assert entry.identities == ("id-a", at, "", *(f"id-m{i}" for i in range(MAX_MODELS - 3))), \
+        "the left-out model takes its identity along; one too long is not known, never cut"
+    assert entry.default_model is None, "a default model the wire cannot carry is not said"
+    (older,) = build(providers=[ProviderEntry("echo", ("generate",), ("echo", "x"), True)]).providers
+    assert (older.identities, older.default_model) == (("", ""), None), "a 1.2 sender always says them"
+
+
+def _mismatched_advert(identity: Identity, clock: Clock) -> bytes:
+    """A correctly signed advert whose echo entry lists one model and two identities: only a
+    hand-built map can say that (ProviderEntry refuses to be built so)."""
+    import msgpack
+
+    from protocols.records import DOMAIN_ADVERT
+
+    fields = make_advert(identity, created=int(clock.wall * 1000), protocol="1.2", echo_identities=("echo",),
+                         echo_default_model="echo").to_dict()
+    fields["providers"][0]["identities"] = ["echo", "echo/other"]
+    del fields["signature"]
+    fields["signature"] = identity.sign(DOMAIN_ADVERT, fields)
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def test_mallorys_advert_with_more_identities_than_models_is_refused_by_the_table_and_the_gossip_validator():
+    from node.mesh.adverts import AdvertService
+
+    t, clock = table()
+    data = _mismatched_advert(mallory, clock)
+    assert t.offer(data, 0.0) is None and mallory.peer_id not in t
+    assert t.rejected["malformed"] == 1
+    service = AdvertService(None, None, t, lambda seq: None, interval=60, load_interval=5, load=lambda: (0, 0),
+                            load_changed=trio.Event, is_member=lambda peer: True)
+
+    assert service._validate_gossip(None, SimpleNamespace(data=data)) is False, "gossipsub does not relay it"
+    assert t.rejected["malformed"] == 2
+    good = advert_bytes(mallory, clock=clock, protocol="1.2", echo_identities=("echo",), echo_default_model="echo")
+    assert t.offer(good, 1.0).providers[0].identities == ("echo",)  # the same advert with one identity per model
 
 
 # -- accelerators -----------------------------------------------------------------------------------
@@ -612,10 +699,12 @@ async def test_info_and_peers_agree_with_the_contract_and_each_other(tmp_path):
         static = lambda accels: [{k: v for k, v in a.items() if k != "memory_free"} for a in accels]  # noqa: E731
         assert static(info["accelerators"]) == static(entry["accelerators"])
         for p in entry["providers"]:
-            assert set(p) == {"name", "tasks", "models", "ready", "capacity"}
+            assert set(p) == {"name", "tasks", "models", "ready", "capacity", "identities", "default_model"}
         capacities = {p["name"]: p["capacity"] for p in entry["providers"]}  # as the peer sees n1's advert
         assert capacities["echo"] == 3 and capacities["hf_local"] == 1  # echo.concurrency, hf_local's default
         assert capacities["openai_compatible"] is None  # an API: no cap of its own, said as null
+        echo = next(p for p in entry["providers"] if p["name"] == "echo")
+        assert (echo["identities"], echo["default_model"]) == ({"echo": "echo"}, "echo")
         assert info["stats"] == {"inferences": 0, "cache": dict.fromkeys(("memory", "local", "cluster", "miss",
                                                                           "bypass"), 0)}
 
@@ -703,3 +792,17 @@ async def test_names_beyond_the_adverts_bounds_are_left_out_not_cut(tmp_path):
         providers = {p.name: p for p in alice.adverts.current.providers}
         assert providers["many_names"].models == ("fits", "é" * 256)
         assert "p" * 65 not in providers and "echo" in providers
+
+
+async def test_a_real_daemons_advert_says_echos_identity_and_default_model_and_no_unloaded_weights(tmp_path):
+    async with running_daemon(tmp_path, "alice", ACCELMESH_ADVERTS_INTERVAL="60") as alice:
+        with trio.fail_after(10):
+            while alice.adverts is None or alice.adverts.current is None:
+                await trio.sleep(0.02)
+        advert = verified_advert(alice.adverts.current_bytes, int(time.time() * 1000))
+        assert advert.protocol == "1.2"
+        providers = {p.name: p for p in advert.providers}
+        echo = providers["echo"]
+        assert (echo.models, echo.identities, echo.default_model) == (("echo",), ("echo",), "echo")
+        hf = providers["hf_local"]  # nothing has loaded its model: its identity (a weights digest) is not known
+        assert hf.default_model in hf.models and set(hf.identities) == {""}

@@ -348,3 +348,73 @@ def test_health_settings_make_the_policy_and_a_bad_combination_names_the_key():
     assert health_policy(mesh) == HealthPolicy(window=10.0, base_cooldown=2.0)
     with pytest.raises(ConfigError, match=r"mesh\.cooldown_max.*mesh\.cooldown"):
         health_policy(load_settings(env={"ACCELMESH_MESH_COOLDOWN": "10", "ACCELMESH_MESH_COOLDOWN_MAX": "5"}).mesh)
+
+
+# -- model identities: keying a request before it is sent (advert protocol 1.2) -------------------
+
+TINY = "hf_local/accelmesh-tiny@sha256:4723dd5460e07a9bf0bf5755a486411d"
+ECHO_12 = Offer("echo", ("generate", "chat"), ("echo",), True, identities={"echo": "echo"}, default_model="echo")
+HF = Offer("hf_local", ("generate", "chat"), ("accelmesh-tiny", "org/big"), True, capacity=1,
+           identities={"accelmesh-tiny": TINY}, default_model="accelmesh-tiny")  # org/big: not loaded yet
+
+
+def test_candidates_from_a_1_2_advert_carry_the_known_identities_and_the_default_model():
+    from protocols.advert.messages import Accelerator, Load, ProviderEntry, sign_advert
+    from protocols.records import Identity
+
+    me, old = Identity.generate(), Identity.generate()
+
+    def advert(identity: Identity, protocol: str, *providers: ProviderEntry):
+        return sign_advert(identity, addrs=(), providers=providers, accelerators=(Accelerator("cpu", "x", 0, 0),),
+                           capacity=4, queue=8, load=Load(0, 0), software="accelmesh/0", protocol=protocol, seq=1,
+                           created=0, expires=1)
+
+    new = advert(me, "1.2", ProviderEntry("hf_local", ("generate",), ("accelmesh-tiny", "org/big"), True, 1,
+                                          (TINY, ""), "accelmesh-tiny"))
+    older = advert(old, "1.1", ProviderEntry("echo", ("generate",), ("echo",), True, 4))
+    (peer, own) = candidates_from_adverts(me.peer_id, [older], new)
+    assert (dict(own.providers[0].identities), own.providers[0].default_model) == ({"accelmesh-tiny": TINY},
+                                                                                  "accelmesh-tiny")
+    assert (dict(peer.providers[0].identities), peer.providers[0].default_model) == ({}, None)
+
+
+def test_identities_for_a_named_model_are_those_of_the_ready_providers_serving_it():
+    from node.mesh.manager import identities_for
+
+    nodes = [node("A", ECHO_12), node("B", ECHO_12, HF), node("C", HF)]
+    assert identities_for(nodes, "generate", "echo") == {"echo"}
+    assert identities_for(nodes, "chat", "accelmesh-tiny") == {TINY}
+    other = Offer("hf_local", ("generate",), ("accelmesh-tiny",), True,
+                  identities={"accelmesh-tiny": "hf_local/accelmesh-tiny@sha256:" + "0" * 32})
+    assert identities_for([*nodes, node("D", other)], "generate", "accelmesh-tiny") == {
+        TINY, "hf_local/accelmesh-tiny@sha256:" + "0" * 32}, "other weights, another identity: two keys"
+
+
+def test_identities_for_no_model_are_each_serving_providers_default_model_identity():
+    from node.mesh.manager import identities_for
+
+    assert identities_for([node("A", ECHO_12), node("C", HF)], "generate", None) == {"echo", TINY}
+    assert identities_for([node("A", ECHO_12), node("B", ECHO_12)], "chat", None) == {"echo"}
+
+
+def test_identities_for_is_none_when_any_serving_providers_identity_is_unknown():
+    from node.mesh.manager import identities_for
+
+    assert identities_for([node("A", ECHO_12), node("C", HF)], "generate", "org/big") is None  # weights not loaded
+    older = node("O", ECHO)  # a 1.0 or 1.1 node: no identities in its advert
+    assert identities_for([node("A", ECHO_12), older], "generate", "echo") is None
+    no_default = dataclasses.replace(ECHO_12, default_model=None)
+    assert identities_for([node("A", no_default)], "generate", "echo") == {"echo"}
+    assert identities_for([node("A", no_default)], "generate", None) is None  # which model answers is not said
+    elsewhere = dataclasses.replace(ECHO_12, default_model="not-listed")
+    assert identities_for([node("A", elsewhere)], "generate", None) is None
+
+
+def test_identities_for_counts_only_ready_providers_of_the_task_and_nothing_serving_is_an_empty_set():
+    from node.mesh.manager import identities_for
+
+    unknown_not_ready = dataclasses.replace(HF, ready=False, identities={})
+    embed_only = Offer("embedder", ("embed",), ("echo",), True)  # no identities, but not for this task
+    assert identities_for([node("A", ECHO_12, unknown_not_ready, embed_only)], "generate", None) == {"echo"}
+    assert identities_for([node("A", ECHO_12)], "embed", None) == set()
+    assert identities_for([], "generate", "echo") == set()

@@ -96,7 +96,9 @@ _SERVER_FRAMES = [
 ]
 
 _ADVERTS = [encode(make_advert(created=NOW)),  # as a 1.0 node sends it
-            encode(make_advert(created=NOW, protocol="1.1", echo_capacity=4))]  # 1.1: a provider's capacity
+            encode(make_advert(created=NOW, protocol="1.1", echo_capacity=4)),  # 1.1: a provider's capacity
+            encode(make_advert(created=NOW, protocol="1.2", echo_capacity=4, echo_identities=("echo",),
+                               echo_default_model="echo"))]  # 1.2: model identities, the default model
 
 _SERVER_BODIES = [f for frame in _SERVER_FRAMES for f in frames(frame, 8 * 1024 * 1024)]
 _CLIENT_BODIES = [f for frame in _CLIENT_FRAMES for f in frames(frame, 8 * 1024 * 1024)]

@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.advert.messages import (
-    MAX_ADVERT_BYTES, MAX_CAPACITY, Accelerator, Advert, GetAdvert, Load, ProviderEntry, decode_advert, encode_advert,
-    sign_advert, verified_advert, verify_advert,
+    MAX_ADVERT_BYTES, MAX_CAPACITY, MAX_MODEL_IDENTITY_CHARS, MAX_MODEL_NAME_CHARS, Accelerator, Advert, GetAdvert,
+    Load, ProviderEntry, decode_advert, encode_advert, sign_advert, verified_advert, verify_advert,
 )
 from protocols.cache.messages import Found, Get, NotFound, check_found
 from protocols.canonical import response_bytes
 from protocols.cid import cid_of
-from protocols.codec import decode, encode, pack
+from protocols.codec import FieldsDisagree, decode, encode, pack
 from protocols.control.messages import COMMANDS, Command, ErrorInfo, Reply
 from protocols.control.messages import ERROR_CODES as CONTROL_ERROR_CODES
 from protocols.errors import (
@@ -36,12 +36,15 @@ alice, mallory = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x03" * 
 
 
 def make_advert(identity: Identity = alice, *, seq: int = 1, created: int = NOW, protocol: str = "1.0",
-                echo_capacity: int | None = None) -> Advert:
-    """A signed advert; as a 1.0 sender writes it unless `echo_capacity` (1.1) is given."""
+                echo_capacity: int | None = None, echo_identities: tuple[str, ...] | None = None,
+                echo_default_model: str | None = None) -> Advert:
+    """A signed advert; as a 1.0 sender writes it unless `echo_capacity` (1.1) or `echo_identities`
+    and `echo_default_model` (1.2) are given."""
     return sign_advert(
         identity,
         addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{identity.peer_id}",),
-        providers=(ProviderEntry("echo", ("generate", "chat"), ("echo",), True, echo_capacity),
+        providers=(ProviderEntry("echo", ("generate", "chat"), ("echo",), True, echo_capacity, echo_identities,
+                                 echo_default_model),
                    ProviderEntry("hf_local", ("generate",), ("accelmesh-tiny",), True)),
         accelerators=(Accelerator("cpu", "x86_64", 24 << 30, 20 << 30, cores=2),
                       Accelerator("cuda", "NVIDIA H100", 80 << 30, 79 << 30, index=0)),
@@ -54,10 +57,14 @@ def make_advert(identity: Identity = alice, *, seq: int = 1, created: int = NOW,
 
 text = st.text(max_size=40)
 peer = st.sampled_from([alice.peer_id, mallory.peer_id])
-providers = st.builds(ProviderEntry, name=st.text(max_size=64), tasks=st.lists(
-    st.sampled_from(["generate", "chat", "embed"]), max_size=3).map(tuple),
-    models=st.lists(st.text(max_size=30), max_size=4).map(tuple), ready=st.booleans(),
-    capacity=st.none() | st.integers(1, 1 << 20))
+models_and_identities = st.lists(st.text(max_size=30), max_size=4).map(tuple).flatmap(
+    lambda models: st.tuples(st.just(models), st.none() | st.lists(  # identities: one per model (1.2), or none
+        st.just("") | st.text(max_size=40), min_size=len(models), max_size=len(models)).map(tuple)))
+providers = models_and_identities.flatmap(lambda mi: st.builds(
+    ProviderEntry, name=st.text(max_size=64), tasks=st.lists(
+        st.sampled_from(["generate", "chat", "embed"]), max_size=3).map(tuple),
+    models=st.just(mi[0]), ready=st.booleans(), capacity=st.none() | st.integers(1, 1 << 20),
+    identities=st.just(mi[1]), default_model=st.none() | st.text(max_size=30)))
 accelerators = st.builds(Accelerator, kind=st.sampled_from(["cuda", "rocm", "mps", "cpu"]), name=text,
                          memory_total=st.integers(0, 2**53), memory_free=st.integers(0, 2**53),
                          index=st.integers(0, 1023), cores=st.none() | st.integers(0, 1024))
@@ -67,7 +74,7 @@ adverts = st.builds(
                                                                                  max_size=3).map(tuple),
     capacity=st.integers(0, 1 << 20), queue=st.integers(0, 1 << 24),
     load=st.builds(Load, in_flight=st.integers(0, 100), queued=st.integers(0, 100)),
-    software=text, protocol=st.sampled_from(["1.0", "1.1", "1.7"]), seq=st.integers(0, 2**53),
+    software=text, protocol=st.sampled_from(["1.0", "1.1", "1.2", "1.7"]), seq=st.integers(0, 2**53),
     created=st.integers(0, 2**53), expires=st.integers(0, 2**53), signature=st.binary(max_size=64))
 params = st.dictionaries(st.text(max_size=10), st.none() | st.integers(-5, 5) | st.floats(-1, 1) | text, max_size=4)
 
@@ -232,6 +239,104 @@ def test_a_nil_provider_capacity_reads_as_absent_like_every_optional_field():
     covers the nil as received, so it cannot be added or removed on the way."""
     advert = decode_advert(_with_echo_capacity(None))[0]
     assert advert.providers[0].capacity is None
+
+
+# -- model identities and default models (protocol 1.2) -------------------------------------------
+
+HF_TINY = "hf_local/accelmesh-tiny@sha256:4723dd5460e07a9bf0bf5755a486411d"
+
+
+def _with_echo(**changes) -> bytes:
+    """A 1.2 advert's bytes with fields of the echo entry set to what mallory likes."""
+    import msgpack
+
+    d = make_advert(protocol="1.2", echo_identities=("echo",), echo_default_model="echo").to_dict()
+    d["providers"][0].update(changes)
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def test_identities_and_the_default_model_round_trip_and_read_per_model():
+    advert = make_advert(protocol="1.2", echo_identities=("echo",), echo_default_model="echo")
+    assert verified_advert(encode_advert(advert), NOW) == advert
+    echo, hf = advert.providers
+    assert (echo.identities, echo.default_model, echo.identity_of("echo")) == (("echo",), "echo", "echo")
+    assert (hf.identities, hf.default_model, hf.identity_of("accelmesh-tiny")) == (None, None, None)
+    wire = advert.to_dict()["providers"]
+    assert wire[0]["identities"] == ["echo"] and "identities" not in wire[1] and "default_model" not in wire[1]
+
+
+def test_an_identity_not_known_yet_is_an_empty_string_and_reads_as_unknown():
+    entry = ProviderEntry("hf_local", ("generate",), ("accelmesh-tiny", "org/other"), True, 1, (HF_TINY, ""),
+                          "accelmesh-tiny")
+    assert decode(encode(sign_advert(alice, addrs=(), providers=(entry,), accelerators=(
+        Accelerator("cpu", "x", 0, 0),), capacity=1, queue=0, load=Load(0, 0), software="accelmesh/0.1.0",
+        protocol="1.2", seq=1, created=NOW, expires=NOW + 1)), Advert).providers == (entry,)
+    assert (entry.identity_of("accelmesh-tiny"), entry.identity_of("org/other"), entry.identity_of("nope")) == (
+        HF_TINY, None, None)
+
+
+def test_an_advert_from_a_1_1_sender_verifies_and_says_no_identity_and_no_default():
+    import msgpack
+
+    data = encode_advert(make_advert(protocol="1.1", echo_capacity=4))  # what a 1.1 node signs and sends
+    assert set(msgpack.unpackb(data)["providers"][0]) == {"name", "tasks", "models", "ready", "capacity"}
+    advert = verified_advert(data, NOW)
+    assert [(p.identities, p.default_model) for p in advert.providers] == [(None, None)] * 2
+
+
+@pytest.mark.parametrize("identities", [[], ["a", "b"], ["echo", ""], ["", "", ""]], ids=repr)
+def test_mallorys_identities_of_another_length_than_models_are_refused_naming_the_field(identities):
+    with pytest.raises(MalformedMessage) as info:
+        decode_advert(_with_echo(identities=identities))
+    assert info.value.field == "identities" and "providers[0]" in str(info.value)
+
+
+def test_identities_of_another_length_than_models_cannot_even_be_built():
+    with pytest.raises(FieldsDisagree, match="models has 1") as info:
+        ProviderEntry("echo", ("generate",), ("echo",), True, None, ("echo", "echo"))
+    assert isinstance(info.value, ValueError) and info.value.field == "identities"  # our bug, not a peer's
+
+
+@pytest.mark.parametrize("changes", [{"identities": "echo"}, {"identities": [1]}, {"identities": [None]},
+                                     {"identities": [b"echo"]}, {"default_model": 1}, {"default_model": ["echo"]}],
+                         ids=repr)
+def test_mallorys_identities_or_default_model_of_the_wrong_type_are_refused(changes):
+    (name,) = changes
+    with pytest.raises(MalformedMessage) as info:
+        decode_advert(_with_echo(**changes))
+    assert info.value.field.startswith(name)
+
+
+def test_an_identity_and_a_default_model_at_their_limits_are_read_and_one_more_is_refused_on_both_sides():
+    at, over = "é" * MAX_MODEL_IDENTITY_CHARS, "é" * (MAX_MODEL_IDENTITY_CHARS + 1)  # characters, not bytes
+    assert decode_advert(_with_echo(identities=[at]))[0].providers[0].identities == (at,)
+    with pytest.raises(MalformedMessage) as info:
+        decode_advert(_with_echo(identities=[over]))
+    assert info.value.field == "identities[0]"
+    with pytest.raises(UnsendableMessage) as sent:
+        encode_advert(make_advert(protocol="1.2", echo_identities=(over,)))
+    assert sent.value.field == "identities[0]"
+    name, too_long = "m" * MAX_MODEL_NAME_CHARS, "m" * (MAX_MODEL_NAME_CHARS + 1)
+    assert decode_advert(_with_echo(default_model=name))[0].providers[0].default_model == name
+    with pytest.raises(MalformedMessage) as info:
+        decode_advert(_with_echo(default_model=too_long))
+    assert info.value.field == "default_model"
+    with pytest.raises(UnsendableMessage) as sent:
+        encode_advert(make_advert(protocol="1.2", echo_default_model=too_long))
+    assert sent.value.field == "default_model"
+
+
+def test_nil_identities_and_default_model_read_as_absent():
+    advert = decode_advert(_with_echo(identities=None, default_model=None))[0]
+    assert (advert.providers[0].identities, advert.providers[0].default_model) == (None, None)
+
+
+def test_an_identity_changed_after_signing_breaks_the_signature():
+    advert = make_advert(protocol="1.2", echo_identities=("echo",), echo_default_model="echo")
+    changed = dataclasses.replace(advert, providers=(
+        dataclasses.replace(advert.providers[0], identities=("echo/other",)), advert.providers[1]))
+    with pytest.raises(BadSignature, match="does not verify"):
+        verify_advert(changed, NOW)
 
 
 # -- the inference state machine between two sides --------------------------------------------

@@ -95,6 +95,17 @@ def test_request_key_covers_a_digest_of_the_weights(tmp_path):
     assert HFLocalProvider().model_identity(None).split("@")[1] == ida.split("@")[1], "same bytes, same digest"
 
 
+def test_an_identity_is_advertised_once_the_model_is_loaded_and_building_an_advert_reads_no_weights():
+    p = HFLocalProvider(max_new_tokens=4)
+    assert p.advertised_identity(None) is None and p.advertised_identity(EMBEDDED_MODEL) is None
+    assert p._identities == {} and p._loaded == {}, "asking loaded nothing and digested nothing"
+    p.load()
+    assert p.advertised_identity(EMBEDDED_MODEL) == p.advertised_identity(None) == p.model_identity(None)
+    missing = HFLocalProvider(models=("/nonexistent/model",))
+    assert missing.model_identity(None).endswith("@sha256:unavailable")
+    assert missing.advertised_identity(None) is None, "weights that are not there identify no model"
+
+
 def test_a_model_that_is_not_available_locally_is_not_ready():
     readiness = HFLocalProvider(models=("/nonexistent/model",)).available()
     assert not readiness.ok and "not available locally" in readiness.reason

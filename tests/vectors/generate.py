@@ -667,6 +667,15 @@ CAPACITY_ADVERT, CAPACITY_ADVERT_SIGNED = signed_advert(BOB, advert_fields(
     providers=[{"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True, "capacity": 4},
                {"name": "openai_compatible", "tasks": ["generate", "chat"], "models": ["gpt-4o-mini"],
                 "ready": True}]))
+# Protocol 1.2 added ProviderEntry.identities (the model identity of each of `models`, at the same index;
+# "" = not known yet) and ProviderEntry.default_model (the model a request naming none gets).
+TINY_IDENTITY = "hf_local/accelmesh-tiny@sha256:4723dd5460e07a9bf0bf5755a486411d"
+IDENTITY_ADVERT, IDENTITY_ADVERT_SIGNED = signed_advert(ALICE, advert_fields(
+    ALICE, protocol="1.2",
+    providers=[{"name": "echo", "tasks": ["generate", "chat"], "models": ["echo"], "ready": True, "capacity": 4,
+                "identities": ["echo"], "default_model": "echo"},
+               {"name": "hf_local", "tasks": ["generate", "chat"], "models": ["accelmesh-tiny", "org/not-loaded"],
+                "ready": True, "capacity": 1, "identities": [TINY_IDENTITY, ""], "default_model": "accelmesh-tiny"}]))
 
 
 def build_adverts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -682,6 +691,8 @@ def build_adverts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
     out.append(advert_record("a 1.1 advert: one provider with a capacity, one unlimited (absent)", CAPACITY_ADVERT,
                              CAPACITY_ADVERT_SIGNED, BOB, [(NOW, "ok")], reproducible=True))
+    out.append(advert_record("a 1.2 advert: model identities (one not known yet) and default models",
+                             IDENTITY_ADVERT, IDENTITY_ADVERT_SIGNED, ALICE, [(NOW, "ok")], reproducible=True))
 
     gpu = advert_fields(
         BOB,
@@ -764,6 +775,8 @@ def build_advert() -> dict[str, Any]:
         vector("advert (alice, signed)", GOOD_ADVERT, "server"),
         vector("advert: no addresses, no providers, cpu without cores", minimal, "server"),
         vector("advert 1.1: provider capacity 4, and one unlimited (absent)", CAPACITY_ADVERT, "server"),
+        vector("advert 1.2: model identities (one not known yet, \"\") and default models", IDENTITY_ADVERT,
+               "server"),
     ]
     no_defaults = {k: v for k, v in GOOD_ADVERT.items()}
     no_defaults["accelerators"] = [{k: v for k, v in a.items() if k != "index"} for a in GOOD_ADVERT["accelerators"]]
@@ -782,10 +795,23 @@ def build_advert() -> dict[str, Any]:
         decode_only("provider capacity nil (optional: unlimited, as absent)", {**CAPACITY_ADVERT, "providers": [
             CAPACITY_ADVERT["providers"][0], {**CAPACITY_ADVERT["providers"][1], "capacity": None}]},
             CAPACITY_ADVERT, "server"),
+        decode_only("a 1.1 advert as a 1.1 node sends it, read by a 1.2 decoder: no identities (none known), "
+                    "no default_model (not said)", CAPACITY_ADVERT, CAPACITY_ADVERT, "server"),
+        decode_only("identities and default_model nil (optional: as absent)", {**IDENTITY_ADVERT, "providers": [
+            {**IDENTITY_ADVERT["providers"][0], "identities": None, "default_model": None},
+            IDENTITY_ADVERT["providers"][1]]},
+            {**IDENTITY_ADVERT, "providers": [
+                {k: v for k, v in IDENTITY_ADVERT["providers"][0].items() if k not in ("identities", "default_model")},
+                IDENTITY_ADVERT["providers"][1]]}, "server"),
     ]
 
     def with_capacity(capacity: Any) -> dict[str, Any]:
         return {**CAPACITY_ADVERT, "providers": [{**CAPACITY_ADVERT["providers"][0], "capacity": capacity}]}
+
+    def with_hf_local(**changes: Any) -> dict[str, Any]:
+        """The 1.2 advert with its hf_local entry changed (as mallory may send it)."""
+        return {**IDENTITY_ADVERT, "providers": [IDENTITY_ADVERT["providers"][0],
+                                                 {**IDENTITY_ADVERT["providers"][1], **changes}]}
 
     invalid_vectors = [
         invalid("no accelerators", {**GOOD_ADVERT, "accelerators": []}, "MalformedMessage", "server"),
@@ -800,6 +826,19 @@ def build_advert() -> dict[str, Any]:
         invalid("provider capacity over 2**20", with_capacity(2**20 + 1), "MalformedMessage", "server"),
         invalid("provider capacity is a boolean", with_capacity(True), "MalformedMessage", "server"),
         invalid("provider capacity is a string", with_capacity("4"), "MalformedMessage", "server"),
+        invalid("identities shorter than models (one identity per model, \"\" when not known)",
+                with_hf_local(identities=[TINY_IDENTITY]), "MalformedMessage", "server"),
+        invalid("identities longer than models", with_hf_local(identities=[TINY_IDENTITY, "", ""]),
+                "MalformedMessage", "server"),
+        invalid("identities empty for two models", with_hf_local(identities=[]), "MalformedMessage", "server"),
+        invalid("an identity over 512 characters", with_hf_local(identities=[TINY_IDENTITY, "x" * 513]),
+                "MalformedMessage", "server"),
+        invalid("an identity that is not a string", with_hf_local(identities=[TINY_IDENTITY, None]),
+                "MalformedMessage", "server"),
+        invalid("identities is a string", with_hf_local(identities=TINY_IDENTITY), "MalformedMessage", "server"),
+        invalid("default_model over 256 characters", with_hf_local(default_model="m" * 257), "MalformedMessage",
+                "server"),
+        invalid("default_model is not a string", with_hf_local(default_model=1), "MalformedMessage", "server"),
         invalid("seq negative", {**GOOD_ADVERT, "seq": -1}, "MalformedMessage", "server"),
         invalid("seq over 2**53", {**GOOD_ADVERT, "seq": 2**53 + 1}, "MalformedMessage", "server"),
         invalid("public key as str", {**GOOD_ADVERT, "public_key": "x"}, "MalformedMessage", "server"),
