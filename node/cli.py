@@ -455,13 +455,16 @@ def cmd_cache(args: argparse.Namespace, settings: Any) -> int:
     from node.cache.commands import run_cache_command
 
     data_dir = _data_dir(settings)
-    if not data_dir.store_file.exists():
-        raise _UsageError(f"no store at {data_dir.store_file} (nothing cached on this data dir yet)")
-    store = LocalStore(data_dir.store_file, max_bytes=settings.cache.store_max_bytes)
-    try:
-        result = run_cache_command(store, args.cache_command, {"cid": getattr(args, "cid", None)})
-    finally:
-        store.close()
+    if args.cache_command == "stats" and data_dir.daemon() is not None:  # the daemon adds the cluster's view
+        result = _with_daemon(settings, lambda client: client.command("cache-stats"))
+    else:
+        if not data_dir.store_file.exists():
+            raise _UsageError(f"no store at {data_dir.store_file} (nothing cached on this data dir yet)")
+        store = LocalStore(data_dir.store_file, max_bytes=settings.cache.store_max_bytes)
+        try:
+            result = run_cache_command(store, args.cache_command, {"cid": getattr(args, "cid", None)})
+        finally:
+            store.close()
     if args.json or args.cache_command == "get":
         _print_json(result)
     elif args.cache_command == "ls":

@@ -248,6 +248,11 @@ class CacheSettings:
         1024 * 1024 * 1024, "bytes of responses kept in the local sqlite store (LRU)", kind="int", minimum=1
     )
     verify_on_read: bool = setting(True, "re-hash local-store blocks against their CID on every read", kind="bool")
+    cluster: str = setting("auto", "share answers with the cluster through signed records in the DHT (auto: on, "
+                           "except on an --open node)", kind="str", choices=("auto", "on", "off"), daemon_only=True)
+    cluster_budget: float = setting(0.1, "seconds a cluster lookup may take to find a record before the request is "
+                                    "computed (a miss costs at most this; docs/cache.md)", kind="float",
+                                    minimum=0.001, daemon_only=True)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class ControlContext:
     router: Callable[[], RouterStatistics]
     store: LocalStore  # the local store the cache commands work on
     request_stop: Callable[[], None]
+    cluster: Callable[[], Mapping[str, Any] | None] = lambda: None  # the cluster cache's view (None: it is off)
 
 
 # -- what each command answers (sync: they only read) ------------------------------------------
@@ -120,7 +121,10 @@ def _report(fn: Callable[[ControlContext], Any]) -> Handler:
 
 
 async def _cache(name: str, context: ControlContext, args: dict[str, Any]) -> Any:
-    return await trio.to_thread.run_sync(run_cache_command, context.store, name, args)  # sqlite blocks
+    result = await trio.to_thread.run_sync(run_cache_command, context.store, name, args)  # sqlite blocks
+    if name == "stats":
+        result = {**result, "cluster": context.cluster()}  # records published, announcements pending, ...
+    return result
 
 
 COMMANDS: Mapping[str, Handler] = MappingProxyType({

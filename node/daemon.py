@@ -128,6 +128,9 @@ class Daemon:
         self.detect_accelerators = AcceleratorDetector()  # static parts once, free memory at most every 10 s
         self.bootstrap: DiscoveryDialer | None = None  # keeps the bootstrap peers connected
         self.discovery: DiscoveryDialer | None = None  # dials what mDNS finds
+        self.dht: Any = None  # node.mesh.dht.ClusterDHT, when the cluster cache is on
+        self.exchange: Any = None  # node.cache.exchange.BlockExchange: blocks to and from members
+        self.cluster: Any = None  # node.cache.cluster.ClusterCache: the router's cluster tier
 
     @property
     def peer_id(self) -> str:
@@ -166,6 +169,8 @@ class Daemon:
                 self.mesh = self._mesh(self.front_door, self.streams, self.table, self.adverts)
                 self.control = self._control_context(host, self.table, self.adverts)
                 self._register_handlers(host, self.control, self.front_door)
+                if self.cluster_enabled():
+                    await self._start_cluster_cache(host, nursery)
                 await nursery.start(self.adverts.run)
                 if self.settings.bootstrap:
                     targets = [peer_info(addr) for addr in self.settings.bootstrap]
@@ -210,9 +215,52 @@ class Daemon:
                 nursery.start_soon(self._wait_forced, nursery.cancel_scope)
                 while not self.admission.idle:
                     await self.admission.changed.wait()
+                if self.cluster is not None:
+                    await self.cluster.drain()  # the records still queued: the answers stay findable
                 nursery.cancel_scope.cancel()
         if self.admission.in_flight:
             log.warning("drain grace over: cancelling %d request(s)", self.admission.in_flight)
+
+    # -- the cluster cache -----------------------------------------------------------------
+
+    def cluster_enabled(self) -> bool:
+        """`cache.cluster`: on, off, or auto (on, except on an --open node: strangers are no cluster)."""
+        mode = self.settings.cache.cluster
+        return self.settings.response_cache and (mode == "on" or (mode == "auto" and not self.settings.open))
+
+    async def _start_cluster_cache(self, host: Any, nursery: trio.Nursery) -> None:
+        """The DHT, the block exchange and the cluster tier (docs/cache.md): records and blocks are
+        exchanged with cluster members only (`guard.is_member`)."""
+        from node.cache.cluster import ClusterCache
+        from node.cache.exchange import PROTOCOL_ID as CACHE, BlockExchange
+        from node.mesh.dht import ClusterDHT
+        from protocols.cache.messages import MAX_FRAME_SIZE as CACHE_FRAME
+
+        store, manager = self.store, self.manager
+        self.dht = ClusterDHT(host, is_member=self.guard.is_member)
+        await nursery.start(self.dht.run)
+        self.exchange = BlockExchange(host, self.limits, store.get_block)
+        host.set_stream_handler(CACHE, self.guard.wrap(CACHE, self.exchange.handler, allowed=self.guard.is_member,
+                                                       max_frame_size=CACHE_FRAME))
+        self.cluster = ClusterCache(dht=self.dht, fetch=self.exchange.fetch, identity=self.identity,
+                                    penalise=manager.penalise, budget=self.settings.cache.cluster_budget)
+        await nursery.start(self.cluster.run)
+        self.deps.cluster_cache = self.cluster
+        nursery.start_soon(self._fill_routing_table)
+
+    async def _fill_routing_table(self) -> None:
+        """Cluster members go into the DHT's routing table (it is not filled on connect): each peer
+        whose advert this node holds, with the addresses the advert lists (so a lookup may dial a
+        member this node is not connected to), once, and again after it left and came back."""
+        assert self.table is not None and self.dht is not None
+        added: set[str] = set()
+        while True:
+            adverts = {entry.advert.peer_id: entry.advert for entry in self.table.entries()}
+            async with trio.open_nursery() as nursery:
+                for peer in adverts.keys() - added:
+                    nursery.start_soon(self.dht.add_member, peer, tuple(adverts[peer].addrs))
+            added = (added | adverts.keys()) & adverts.keys()
+            await trio.sleep(0.5)
 
     async def _wait_forced(self, scope: trio.CancelScope) -> None:
         assert self._force is not None
@@ -272,7 +320,7 @@ class Daemon:
         return AdvertService(
             host, self.guard, table, build,
             interval=settings.adverts.interval, load_interval=settings.adverts.load_interval,
-            load=load, load_changed=lambda: admission.changed, is_member=lambda peer: True,
+            load=load, load_changed=lambda: admission.changed, is_member=lambda peer: self.guard.is_member(peer),
             offer_signature=build.offer_signature, pinged=lambda peer, rtt: self.manager.pinged(peer, rtt),
         )
 
@@ -285,7 +333,15 @@ class Daemon:
             streams=self.guard.statistics, peer_entries=table.entries, advert=lambda: adverts.current,
             peer_health=self.manager.peer_json, balancing=self.manager.statistics,
             router=self.deps.statistics, store=self.store, request_stop=self.request_stop,
+            cluster=self._cluster_json,
         )
+
+    def _cluster_json(self) -> dict[str, Any] | None:
+        """`cache stats`' cluster view: the cluster tier, the DHT and the block exchange (None: off)."""
+        if self.cluster is None:
+            return None
+        return {**self.cluster.statistics().to_json(), "dht": self.dht.statistics().to_json(),
+                "exchange": self.exchange.statistics().to_json()}
 
     def _register_handlers(self, host: Any, context: control.ControlContext, front_door: FrontDoor) -> None:
         from protocols.inference.machine import MAX_FRAME_SIZE as INFER_FRAME

@@ -83,6 +83,7 @@ class RouterDeps:
         )
         self.remote_cache = remote_cache
         self.backend_manager = backend_manager
+        self.cluster_cache: Any = None  # a daemon's cluster tier (node.cache.cluster.ClusterCache): async, set by it
         self.settings = settings  # None: read the environment at each call
         self.inflight = InFlight()
         self.pinned: dict[str, BaseProvider] = {}  # instances owned by the caller (the daemon's mesh provider)

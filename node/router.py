@@ -201,6 +201,7 @@ class CachePolicy:
     lookup: bool  # look the key up (memory, local store, remote cache) before running the provider
     store: bool  # keep the answer in this node's response cache
     publish: bool  # also hand the answer to the remote cache (`RouterDeps(remote_cache=...)`)
+    share: bool  # a daemon publishes it to its cluster (a record in the DHT; not `private`, not `no-store`)
     coalesce: bool  # identical concurrent requests run the provider once (single flight)
     only_cached: bool  # a miss raises `CacheMiss` instead of running the provider
 
@@ -230,6 +231,7 @@ def _cache_policy(mode: str, sampled: bool, enabled: bool, routes_remotely: bool
         lookup=lookup,
         store=store,
         publish=store and mode != "private" and remote_cache,
+        share=store and mode != "private",
         coalesce=lookup and store,  # waiting for another caller pays off only if it stores what we look up
         only_cached=mode == "only-if-cached" and not routes_remotely,
     )
@@ -308,6 +310,20 @@ class _Attempt:
         return (hit.data, hit.cid, hit.tier) if hit else None
 
     @property
+    def asks_cluster(self) -> bool:
+        """Whether a daemon's cluster tier is looked up (async: `cluster_get`)."""
+        return self.policy.lookup and self.deps.cluster_cache is not None
+
+    async def cluster_get(self) -> tuple[bytes, str, str, str] | None:
+        """The cluster's answer (bytes already checked against their CID), for this model, kept locally."""
+        hit = await self.deps.cluster_cache.lookup(self.key)
+        if hit is None or not self._valid(hit.data):
+            return None
+        if self.cache is not None:
+            self.cache.store(self.key, hit.data, hit.cid)
+        return hit.data, hit.cid, "cluster", hit.served_from
+
+    @property
     def asks_remote(self) -> bool:
         """Whether `remote_get` would ask the remote cache (blocking I/O: async code runs it in a thread)."""
         return self.policy.lookup and self.deps.remote_cache is not None
@@ -357,14 +373,16 @@ class _Attempt:
         self.flight = flight
         return None
 
-    def hit(self, found: tuple[bytes, str, str]) -> Result:
-        data, cid, tier = found
+    def hit(self, found: tuple[Any, ...]) -> Result:
+        """`found`: (bytes, cid, tier), and for a cluster hit the peer that supplied the bytes."""
+        data, cid, tier = found[:3]
         body = decode_response(data, trusted=tier != "cluster")  # cluster bytes were fully checked
         self.deps.count(tier)
         return Result(
             text=body.get("text", ""), provider=self.name, model=body["model"], cache=tier, key=self.key,
             cid=cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - self.started) * 1000.0,
             finish_reason=body["finish_reason"], usage=body["usage"], response=data,
+            served_from=found[3] if len(found) > 3 else None,
         )
 
     # running and finishing ----------------------------------------------------------
@@ -597,9 +615,11 @@ async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | Non
     import trio
 
     while True:
-        found = attempt.local_lookup()
+        found: tuple[Any, ...] | None = attempt.local_lookup()
         if found is None and attempt.asks_remote:
             found = await trio.to_thread.run_sync(attempt.remote_get)
+        if found is None and attempt.asks_cluster:
+            found = await attempt.cluster_get()
         step = attempt.after_lookup(found)
         if step is None:
             break
@@ -646,6 +666,8 @@ async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | Non
         attempt.land()
     if attempt.policy.publish:
         await trio.to_thread.run_sync(attempt.remote_set, result.key, data)
+    if attempt.policy.share and attempt.deps.cluster_cache is not None and completion.remote is None:
+        attempt.deps.cluster_cache.publish(result.key, result.cid)  # queued: off the request path
     yield result
 
 

@@ -106,6 +106,30 @@ def _mesh_provider(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
                         pool=_stream_pool(tmp_path, stack))
 
 
+def _block_exchange(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
+    from node.cache.exchange import BlockExchange
+    from node.mesh.streams import StreamLimits
+
+    return BlockExchange(None, StreamLimits(), lambda cid: None)  # opens nothing until asked to fetch
+
+
+def _cluster_cache(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
+    from node.cache.cluster import ClusterCache
+    from protocols.records import Identity
+
+    return ClusterCache(dht=None, fetch=None, identity=Identity.generate(), penalise=lambda peer: None)  # type: ignore[arg-type]
+
+
+def _cluster_dht(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
+    from node.mesh.dht import ClusterDHT
+
+    from node.mesh.host import HostConfig, make_host
+    from protocols.records import Identity
+
+    host = make_host(HostConfig(identity=Identity.generate(), listen=()))  # not started: nothing listens
+    return ClusterDHT(host, is_member=lambda peer: True)  # starts nothing until run()
+
+
 def _manager(tmp_path: Path, stack: contextlib.ExitStack) -> Any:
     from node.mesh.manager import BackendManager
 
@@ -196,6 +220,9 @@ FACTORIES: dict[str, Factory] = {
     "node.mesh.manager.BackendManager": _manager,
     "node.mesh.manager.Backend": _backend,
     "node.idempotency.RecentRequests": _build("node.idempotency.RecentRequests"),
+    "node.cache.exchange.BlockExchange": _block_exchange,
+    "node.cache.cluster.ClusterCache": _cluster_cache,
+    "node.mesh.dht.ClusterDHT": _cluster_dht,
 }
 
 # Classes too heavy to build in a unit test, with the reason: only their annotation is checked.

@@ -503,6 +503,13 @@ class BackendManager:
             return None
         return recent[min(len(recent) - 1, math.ceil(0.95 * len(recent)) - 1)]
 
+    def penalise(self, peer_id: str) -> None:
+        """`peer_id` failed us outside a request attempt (the cluster cache: bytes that fail their
+        CID): a failed outcome for its health, like a failed attempt."""
+        backend = self.backend(peer_id)
+        backend.failed += 1
+        backend.health.record(self.clock(), False)
+
     def disagreed(self, peer_id: str) -> None:
         """`verify=k`: `peer_id` answered with a response CID other than one that at least two other
         nodes agreed on. Counted as a failed outcome for its health (its attempt had succeeded)."""

@@ -1,0 +1,82 @@
+"""The cluster cache on real daemons (real libp2p hosts, the DHT, the block exchange, sqlite stores):
+an answer computed once is a cluster hit everywhere, with zero inferences anywhere else."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import AsyncExitStack, aclosing
+
+import trio
+
+from node.client import PeerClient
+from protocols.inference.messages import Request
+from tests.mesh.conftest import running_daemon
+
+QUIET = {"ACCELMESH_ADVERTS_INTERVAL": "1"}
+
+
+async def ask(daemon, prompt: str, **fields):
+    """`prompt` answered by `daemon`'s own echo (no mesh: where the answer comes from is its cache)."""
+    request = Request(id=uuid.uuid4().hex, task="generate", prompt=prompt, provider="echo", timeout_ms=20_000,
+                      **fields)
+    async with PeerClient.connect(daemon.addrs()[0]) as client, aclosing(client.generate(request)) as items:
+        result = [item async for item in items][-1]
+    assert result.verify()["text"] == f"echo: {prompt}", "the bytes hash to the CID and answer the prompt"
+    return result
+
+
+async def until(predicate, what: str, timeout: float = 20.0) -> float:
+    started = trio.current_time()
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+    return trio.current_time() - started
+
+
+def inferences(daemon) -> int:
+    return daemon.deps.statistics().inferences
+
+
+async def test_an_answer_computed_at_one_end_of_a_line_is_a_cluster_hit_at_the_other(tmp_path):
+    async with AsyncExitStack() as stack:
+        line = [await stack.enter_async_context(running_daemon(tmp_path, "n1", **QUIET))]
+        for i in range(2, 6):  # each connected to the one before it
+            line.append(await stack.enter_async_context(
+                running_daemon(tmp_path, f"n{i}", ACCELMESH_BOOTSTRAP=line[-1].addrs()[0], **QUIET)))
+        for a, b in zip(line, line[1:]):
+            await until(lambda a=a, b=b: b.peer_id in a.table and a.peer_id in b.table, "neighbours know each other")
+        # Adverts travel the line, and each node puts every member it learns of into its DHT routing
+        # table (with the advert's addresses): then a record is stored at the members closest to its key.
+        await until(lambda: all(d.dht.statistics().routing_peers == 4 for d in line), "routing tables filled")
+        first = await ask(line[0], "the cluster remembers")
+        assert first.cache == "miss" and inferences(line[0]) == 1
+        await until(lambda: line[0].cluster.statistics().published == 1, "the record is published")
+        again = await ask(line[4], "the cluster remembers")
+        assert (again.cache, again.cid, again.key) == ("cluster", first.cid, first.key)
+        assert again.served_from is not None
+        assert [inferences(d) for d in line] == [1, 0, 0, 0, 0], "zero inferences anywhere but node 1"
+        local = await ask(line[4], "the cluster remembers")
+        assert local.cache in ("memory", "local"), "kept locally after the cluster hit"
+
+        late = await stack.enter_async_context(
+            running_daemon(tmp_path, "n6", ACCELMESH_BOOTSTRAP=line[4].addrs()[0], **QUIET))
+        started = trio.current_time()
+        await until(lambda: late.dht.statistics().routing_peers >= 1, "n6 has a member in its DHT routing table")
+        joined = await ask(late, "the cluster remembers")
+        took = trio.current_time() - started
+        assert joined.cache == "cluster" and joined.cid == first.cid and inferences(late) == 0
+        print(f"a node joining afterwards: its first cluster hit {took:.2f} s after it was up")
+
+
+async def test_private_and_no_store_answers_are_never_published(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob:
+        await until(lambda: bob.peer_id in alice.table and alice.peer_id in bob.table, "connected")
+        await ask(alice, "mine only", cache="private")
+        await ask(alice, "nobody's", cache="no-store")
+        await ask(alice, "everyone's")
+        await until(lambda: alice.cluster.statistics().published == 1, "the default one is published")
+        await trio.sleep(0.5)
+        assert alice.cluster.statistics().published == 1
+        assert (await ask(bob, "mine only")).cache == "miss"
+        assert (await ask(bob, "everyone's")).cache == "cluster"
