@@ -270,11 +270,12 @@ class Daemon:
     # -- composition ---------------------------------------------------------------------
 
     def _router_deps(self) -> tuple[Any, Any]:
-        from node.cache import LocalStore, MemoryCache, TieredCache
+        from node.cache import MemoryCache, TieredCache
+        from node.cache.store import open_store
         from node.deps import RouterDeps
 
         c = self.settings.cache
-        store = LocalStore(self.data_dir.store_file, max_bytes=c.store_max_bytes, verify_on_read=c.verify_on_read)
+        store = open_store(self.data_dir.store_file, max_bytes=c.store_max_bytes, verify_on_read=c.verify_on_read)
         memory = MemoryCache(c.memory_max_entries, c.memory_max_bytes, c.memory_ttl)
         deps = RouterDeps(response_cache=TieredCache(memory, store), settings=self.settings)
         return deps, store

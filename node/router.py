@@ -288,7 +288,8 @@ class _Run:
 class _Attempt:
     """One provider's try at a request: its key and cache policy, lookups, single flight, finishing."""
 
-    __slots__ = ("request", "name", "provider", "deps", "started", "identity", "key", "policy", "cache", "flight")
+    __slots__ = ("request", "name", "provider", "deps", "started", "identity", "key", "policy", "cache", "flight",
+                 "ahead")
 
     def __init__(self, run: _Run, name: str, provider: BaseProvider) -> None:
         request, deps, settings = run.request, run.deps, run.settings
@@ -300,6 +301,21 @@ class _Attempt:
             request.cache_mode, request.sampled, enabled, provider.routes_remotely, deps.remote_cache is not None)
         self.cache = deps.get_response_cache(settings) if enabled else None
         self.flight: Flight | None = None  # the single flight this attempt leads, until it lands
+        self.ahead = self._keys_ahead(settings) if enabled else {}
+
+    def _keys_ahead(self, settings: Any) -> dict[str, str]:
+        """For a provider that sends the request to another node (the mesh): the request keys of the
+        model identities the nodes that may serve it advertise (key -> identity), so this node can
+        look them up (memory, local store, cluster) before it dispatches. Empty when the cache mode
+        allows no lookup or an identity is not known."""
+        request = self.request
+        identities = getattr(self.provider, "identities", None)
+        if identities is None or request.verify > 1 or request.on_peers or request.accelerator or not _cache_policy(
+                request.cache_mode, request.sampled, True, False, False).lookup:
+            return {}  # (verify=k: answers computed afresh; on_peers, accelerator: those nodes answer)
+        known = identities(self.request.for_provider(0.0))
+        return {request_key_for(self.request, identity, settings.cache_key): identity
+                for identity in sorted(known or ())}
 
     # lookups ------------------------------------------------------------------------
 
@@ -322,6 +338,24 @@ class _Attempt:
         if self.cache is not None:
             self.cache.store(self.key, hit.data, hit.cid)
         return hit.data, hit.cid, "cluster", hit.served_from
+
+    async def lookup_ahead(self) -> Result | None:
+        """The mesh's answer found before dispatching (`ahead`): in memory, the local store, or the
+        cluster, under the key of a model that would answer. A hit is no inference anywhere."""
+        for key, identity in self.ahead.items():
+            found: tuple[Any, ...] | None = None
+            hit = self.cache.lookup(key) if self.cache is not None else None
+            if hit is not None:
+                found = (hit.data, hit.cid, hit.tier)
+            elif self.deps.cluster_cache is not None:
+                remote = await self.deps.cluster_cache.lookup(key)
+                if remote is not None and _answers(remote.data, identity, self.request.task, key):
+                    if self.cache is not None:
+                        self.cache.store(key, remote.data, remote.cid)
+                    found = (remote.data, remote.cid, "cluster", remote.served_from)
+            if found is not None:
+                return self.hit(found, key=key)
+        return None
 
     @property
     def asks_remote(self) -> bool:
@@ -346,16 +380,7 @@ class _Attempt:
         return data, cid, "cluster"
 
     def _valid(self, data: bytes) -> bool:
-        try:
-            body = decode_response(data)
-        except MalformedMessage as exc:
-            _log().warning("remote cache value for %s rejected: %s", self.key, exc)
-            return False
-        if body["model"] != self.identity or body["task"] != self.request.task:
-            _log().warning("remote cache value for %s answers %s/%s, not %s", self.key,
-                           body["task"], body["model"], self.identity)
-            return False
-        return True
+        return _answers(data, self.identity, self.request.task, self.key)
 
     def after_lookup(self, found: tuple[bytes, str, str] | None) -> Result | Flight | None:
         """What follows a lookup: the hit as a `Result`; or `CacheMiss` (only-if-cached); or the
@@ -373,13 +398,13 @@ class _Attempt:
         self.flight = flight
         return None
 
-    def hit(self, found: tuple[Any, ...]) -> Result:
+    def hit(self, found: tuple[Any, ...], *, key: str | None = None) -> Result:
         """`found`: (bytes, cid, tier), and for a cluster hit the peer that supplied the bytes."""
         data, cid, tier = found[:3]
         body = decode_response(data, trusted=tier != "cluster")  # cluster bytes were fully checked
         self.deps.count(tier)
         return Result(
-            text=body.get("text", ""), provider=self.name, model=body["model"], cache=tier, key=self.key,
+            text=body.get("text", ""), provider=self.name, model=body["model"], cache=tier, key=key or self.key,
             cid=cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - self.started) * 1000.0,
             finish_reason=body["finish_reason"], usage=body["usage"], response=data,
             served_from=found[3] if len(found) > 3 else None,
@@ -446,6 +471,20 @@ def _log() -> Any:
 
 # Errors that mean the same whichever provider raised them (the mesh relays a serving node's):
 # they end the request as they are, instead of becoming one provider's failure.
+def _answers(data: bytes, identity: str, task: str, key: str) -> bool:
+    """Whether cached bytes from elsewhere (a remote cache, the cluster) answer `task` with the model
+    `identity`: a record can only promise bytes that hash to its CID, not what they answer."""
+    try:
+        body = decode_response(data)
+    except MalformedMessage as exc:
+        _log().warning("cached value for %s rejected: %s", key, exc)
+        return False
+    if body["model"] != identity or body["task"] != task:
+        _log().warning("cached value for %s answers %s/%s, not %s", key, body["task"], body["model"], identity)
+        return False
+    return True
+
+
 _PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest, Busy, Disagreement)
 
 
@@ -614,6 +653,12 @@ async def aiter_request(
 async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | None) -> AsyncIterator[str | Result]:
     import trio
 
+    if attempt.ahead:  # the mesh: an answer already cached here or in the cluster needs no node
+        ahead = await attempt.lookup_ahead()
+        if ahead is not None:
+            yield ahead.text
+            yield ahead
+            return
     while True:
         found: tuple[Any, ...] | None = attempt.local_lookup()
         if found is None and attempt.asks_remote:

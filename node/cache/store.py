@@ -3,6 +3,8 @@
 - WAL journal, so the daemon and `accelmesh cache ...` can use the same file at once.
 - Schema version in ``PRAGMA user_version``; `MIGRATIONS[i]` takes version i to i+1. A file
   written by a newer accelmesh is refused rather than damaged.
+- A damaged file (not a database, or a corrupt one) is refused too (`CorruptStoreError`); the
+  daemon opens its store with `open_store`, which moves such a file aside and starts an empty one.
 - A size cap (`max_bytes`) with least-recently-used eviction; dropping a block drops the keys
   that point at it.
 - Verify on read: a block whose bytes no longer hash to its CID is deleted and reported as a
@@ -19,12 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.cache.memory import Entry
 from node.errors import AccelmeshError
 from protocols.cid import cid_of
 
-__all__ = ["LocalStore", "StoreStatistics", "BlockInfo", "VerifyReport", "SCHEMA_VERSION", "StoreError"]
+__all__ = ["LocalStore", "StoreStatistics", "BlockInfo", "VerifyReport", "SCHEMA_VERSION", "StoreError",
+           "CorruptStoreError", "open_store"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,13 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 class StoreError(AccelmeshError):
     """The store file cannot be used (newer schema, not a database)."""
+
+
+class CorruptStoreError(StoreError):
+    """The store file is damaged: not a database at all, or sqlite finds it malformed."""
+
+
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # sqlite's (primary) codes for a damaged file
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,32 @@ class VerifyReport:
     corrupt: tuple[str, ...]  # CIDs whose bytes did not match; they have been removed
 
 
+def open_store(path: str | os.PathLike[str], **options: Any) -> LocalStore:
+    """The store at `path` as a daemon opens it: a damaged file is moved aside (to
+    ``<name>.corrupt-<UTC time>``, with its WAL, kept for a post-mortem) and an empty store is made
+    in its place, so a damaged cache costs its contents, never the daemon. Anything else that
+    `LocalStore` refuses (a newer schema, a locked or unreadable file) is still raised."""
+    try:
+        return LocalStore(path, **options)
+    except CorruptStoreError as exc:
+        aside = _move_aside(Path(path))
+        log.warning("store %s is damaged (%s): moved it to %s and started an empty store", path, exc.__cause__, aside)
+        return LocalStore(path, **options)
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.corrupt-{stamp}-{n}"), n + 1
+    path.rename(aside)
+    for suffix in ("-wal", "-shm"):  # sqlite's companions go with it: a stale WAL must not meet the new file
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.rename(aside.with_name(aside.name + suffix))
+    return aside
+
+
 class LocalStore:
     def __init__(
         self,
@@ -103,10 +140,15 @@ class LocalStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+            self._bytes = self._total_bytes()
+        except StoreError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise StoreError(f"{self.path}: not a usable accelmesh store: {exc}") from exc
-        self._bytes = self._total_bytes()
+            damaged = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _DAMAGED
+            kind = CorruptStoreError if damaged else StoreError  # (a locked file is not damaged)
+            raise kind(f"{self.path}: not a usable accelmesh store: {exc}") from exc
         self._hits = self._misses = self._evictions = self._corrupt = 0
 
     # -- schema ------------------------------------------------------------------------

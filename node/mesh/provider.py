@@ -46,7 +46,7 @@ from node.errors import (
     ProviderUnavailable,
 )
 from node.mesh.errors import ClusterBusy, LivenessTimeout, StreamInterrupted
-from node.mesh.manager import Attempt, BackendManager, Candidate, HedgeRule, capacity_for
+from node.mesh.manager import Attempt, BackendManager, Candidate, HedgeRule, capacity_for, eligible, identities_for
 from node.providers.base import AdmissionSlot, BaseProvider, Completion, ProviderRequest, Readiness, RemoteAnswer
 from node.requests import Result
 from node.wire import FORWARDED_HOPS, request_to_wire, result_from_wire
@@ -181,6 +181,14 @@ class MeshProvider(BaseProvider):
 
     def model_identity(self, model: str | None) -> str:
         return f"mesh/{model}" if model else "mesh"
+
+    def identities(self, request: ProviderRequest) -> set[str] | None:
+        """The model identities the nodes that may serve `request` advertise for it (usually one), so
+        that the entry node can key the request and look it up before it dispatches; None when one
+        of them has not said (`node.mesh.manager.identities_for`)."""
+        nodes = eligible(self.manager.candidates(), request.task, request.model, request.on_peers,
+                         request.accelerator)
+        return identities_for(nodes, request.task, request.model) or None
 
     async def astream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
         """Serve `request` on the cluster: each node of the manager's plan in turn, retrying within

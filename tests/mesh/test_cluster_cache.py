@@ -16,9 +16,10 @@ QUIET = {"ACCELMESH_ADVERTS_INTERVAL": "1"}
 
 
 async def ask(daemon, prompt: str, **fields):
-    """`prompt` answered by `daemon`'s own echo (no mesh: where the answer comes from is its cache)."""
-    request = Request(id=uuid.uuid4().hex, task="generate", prompt=prompt, provider="echo", timeout_ms=20_000,
-                      **fields)
+    """`prompt` answered by `daemon`'s own echo unless `fields` say otherwise (no mesh: where the answer
+    comes from is its cache)."""
+    request = Request(**{"id": uuid.uuid4().hex, "task": "generate", "prompt": prompt, "provider": "echo",
+                         "timeout_ms": 20_000, **fields})
     async with PeerClient.connect(daemon.addrs()[0]) as client, aclosing(client.generate(request)) as items:
         result = [item async for item in items][-1]
     assert result.verify()["text"] == f"echo: {prompt}", "the bytes hash to the CID and answer the prompt"
@@ -80,3 +81,20 @@ async def test_private_and_no_store_answers_are_never_published(tmp_path):
         assert alice.cluster.statistics().published == 1
         assert (await ask(bob, "mine only")).cache == "miss"
         assert (await ask(bob, "everyone's")).cache == "cluster"
+
+
+async def test_the_entry_node_answers_a_cached_request_without_dispatching_it(tmp_path):
+    """An entry node that serves nothing keys the request with the identity its peers advertise for
+    the model (advert 1.2), and a repeat is answered from its cache or the cluster: no node asked."""
+    async with running_daemon(tmp_path, "entry", ACCELMESH_ECHO_ENABLED="0", **QUIET) as entry, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=entry.addrs()[0], **QUIET) as bob, \
+            running_daemon(tmp_path, "carol", ACCELMESH_BOOTSTRAP=entry.addrs()[0], **QUIET) as carol:
+        await until(lambda: all(d.dht.statistics().routing_peers == 2 for d in (entry, bob, carol)), "a cluster")
+        first = await ask(bob, "asked of bob")  # computed by bob, published
+        await until(lambda: bob.cluster.statistics().published == 1, "published")
+        via_entry = await ask(entry, "asked of bob", provider="mesh", model="echo")
+        assert (via_entry.cache, via_entry.cid) == ("cluster", first.cid)
+        assert entry.manager.statistics().planned == 0, "no node was chosen: nothing was dispatched"
+        again = await ask(entry, "asked of bob", provider="mesh", model="echo")
+        assert again.cache in ("memory", "local") and entry.manager.statistics().planned == 0
+        assert inferences(bob) == 1 and inferences(carol) == 0 and inferences(entry) == 0

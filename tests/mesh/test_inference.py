@@ -56,7 +56,9 @@ async def test_the_request_reaches_the_peer_that_has_the_model(tmp_path):
                     assert "".join(chunks) == f"answer to: which model? {i}" == result.verify()["text"]
                     assert result.cache == "miss"
                 again = (await collect(client, request("which model? 0", model="gpt-only-on-bob")))[-1]
-                assert (again.peer, again.cache) == (bob.peer_id, "memory"), "bob answers a repeat from his cache"
+                assert (again.peer, again.cache) == (alice.peer_id, "memory"), (
+                    "alice keyed the repeat with the identity bob advertises and found it in her cache: "
+                    "not even bob was asked")
             assert len(server.requests) == 3 and server.requests[0]["body"]["model"] == "gpt-only-on-bob"
             assert alice.info()["stats"]["inferences"] == 0 and bob.info()["stats"]["inferences"] == 3
             with pytest.raises((ModelNotFound, RemoteError)):
@@ -509,7 +511,8 @@ async def test_a_caller_leaving_the_entry_node_cancels_the_generation_on_the_ser
         stream = await client_host.new_stream(ID.from_base58(alice.peer_id), [INFER])
         machine = InferenceStream(Role.CLIENT)
         await stream.write(machine.send(request(model="clocked-model", on_peers=(bob.peer_id,))))
-        await until(lambda: bob.admission.in_flight == 1 and alice.admission.forwarding == 1)
+        # (bob's generation itself has started: past his cache lookups, the cluster's included)
+        await until(lambda: bob.admission.in_flight == 1 and alice.admission.forwarding == 1 and clocked.timeouts)
         await stream.reset()  # the caller goes away from alice
         start = trio.current_time()
         await until(lambda: bob.admission.idle and alice.admission.idle, timeout=5)
