@@ -22,7 +22,8 @@
     ├── Busy                        every slot and the queue are full; `retry_after` seconds (429)
     ├── Disagreement                `verify=k`: no k nodes returned the same response CID; `answers`
     ├── StoreError                  the local sqlite store cannot be used: newer schema, not a
-    │                               database (defined in node.cache.store)
+    │   │                           database (defined in node.cache.store)
+    │   └── CorruptStoreError       damaged: the daemon moves the file aside and starts a new one
     └── DaemonError                 talking to a local daemon failed (none running, refused)
 
 `ProviderError.retryable` tells the fallback chain and the mesh whether another try,

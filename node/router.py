@@ -663,9 +663,23 @@ async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | Non
         found: tuple[Any, ...] | None = attempt.local_lookup()
         if found is None and attempt.asks_remote:
             found = await trio.to_thread.run_sync(attempt.remote_get)
-        if found is None and attempt.asks_cluster:
+        if found is None and attempt.asks_cluster and not attempt.policy.coalesce:
             found = await attempt.cluster_get()
         step = attempt.after_lookup(found)
+        if step is None and attempt.asks_cluster and attempt.policy.coalesce:
+            # This attempt leads the key's flight: it alone asks the cluster; the others wait and then
+            # find what it kept (one lookup and at most one inference per key on this node).
+            try:
+                found = await attempt.cluster_get()
+            except BaseException:
+                attempt.land()
+                raise
+            if found is not None:
+                attempt.land()
+                hit = attempt.hit(found)
+                yield hit.text
+                yield hit
+                return
         if step is None:
             break
         if isinstance(step, Result):

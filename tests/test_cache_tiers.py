@@ -4,6 +4,7 @@ import sqlite3
 import threading
 
 import pytest
+import trio
 
 from node.cache import LocalStore, MemoryCache, StoreError, TieredCache
 from node.cache.store import SCHEMA_VERSION
@@ -191,3 +192,50 @@ def test_tiered_cache_promotes_local_hits_into_memory(tmp_path):
     tiered = TieredCache(MemoryCache(), store)
     assert tiered.lookup("k").tier == "local"
     assert tiered.lookup("k").tier == "memory"
+
+
+# -- limits: what the tests above leave out --------------------------------------------------
+
+
+async def test_memory_ttl_runs_on_trio_time_under_autojump_clock(autojump_clock):
+    cache = MemoryCache(max_entries=10, max_bytes=1000, ttl=60, clock=trio.current_time)
+    with trio.fail_after(300):
+        cache.put("k", *block(0))
+        written = trio.current_time()
+        await trio.sleep(30)
+        assert cache.get("k") is not None, "a read does not extend the TTL ..."
+        await trio.sleep_until(written + 59.999)
+        assert cache.get("k") is not None
+        await trio.sleep_until(written + 60)
+        assert cache.get("k") is None, "... gone at exactly ttl seconds after the write"
+        assert cache.statistics().expirations == 1
+        cache.put("k", *block(0))  # written again: a new TTL
+        await trio.sleep(59.999)
+        assert cache.get("k") is not None
+
+
+def test_store_holds_a_block_of_exactly_max_bytes_and_refuses_one_byte_more_without_evicting(tmp_path):
+    store = LocalStore(tmp_path / "s.sqlite", max_bytes=30)
+    assert store.put("fits", *block(0, 30)) is True  # at the limit
+    assert store.put("too-big", *block(1, 31)) is False  # one past it, on its own
+    s = store.statistics()
+    assert (s.blocks, s.keys, s.bytes, s.evictions) == (1, 1, 30, 0)
+    assert store.get("fits") is not None and store.get("too-big") is None
+
+
+def test_store_evicts_least_recently_used_first_until_a_new_block_fits_and_drops_their_keys(tmp_path):
+    clock = FakeClock()
+    store = LocalStore(tmp_path / "s.sqlite", max_bytes=40, clock=clock)
+    for i in range(4):
+        clock.now += 1
+        store.put(f"k{i}", *block(i, 10))
+        store.put(f"k{i}-again", *block(i, 10))  # a second request key for the same block
+    for i in (2, 0):  # read: least recently used is now 1, then 3, then 2, then 0
+        clock.now += 1
+        assert store.get(f"k{i}") is not None
+    clock.now += 1
+    store.put("new", *block(9, 20))  # 60 bytes: the two least recently used go
+    s = store.statistics()
+    assert (s.blocks, s.keys, s.bytes, s.evictions) == (3, 5, 40, 2)
+    assert [info.cid for info in store.list()] == [block(9, 20)[1], block(0)[1], block(2)[1]]
+    assert all(store.get(k) is None for k in ("k1", "k1-again", "k3", "k3-again"))

@@ -27,8 +27,16 @@ from node.cache.memory import Entry
 from node.errors import AccelmeshError
 from protocols.cid import cid_of
 
-__all__ = ["LocalStore", "StoreStatistics", "BlockInfo", "VerifyReport", "SCHEMA_VERSION", "StoreError",
-           "CorruptStoreError", "open_store"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "BlockInfo",
+    "CorruptStoreError",
+    "LocalStore",
+    "StoreError",
+    "StoreStatistics",
+    "VerifyReport",
+    "open_store",
+]
 
 log = logging.getLogger(__name__)
 

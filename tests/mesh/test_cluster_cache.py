@@ -62,7 +62,9 @@ async def test_an_answer_computed_at_one_end_of_a_line_is_a_cluster_hit_at_the_o
         late = await stack.enter_async_context(
             running_daemon(tmp_path, "n6", ACCELMESH_BOOTSTRAP=line[4].addrs()[0], **QUIET))
         started = trio.current_time()
-        await until(lambda: late.dht.statistics().routing_peers >= 1, "n6 has a member in its DHT routing table")
+        # (until its table holds its neighbour, a lookup may have to dial a member farther away first,
+        # which takes longer than the 0.1 s budget on this machine: a miss, and an inference)
+        await until(lambda: late.dht.statistics().routing_peers == 5, "n6 has every member in its routing table")
         joined = await ask(late, "the cluster remembers")
         took = trio.current_time() - started
         assert joined.cache == "cluster" and joined.cid == first.cid and inferences(late) == 0
@@ -72,7 +74,8 @@ async def test_an_answer_computed_at_one_end_of_a_line_is_a_cluster_hit_at_the_o
 async def test_private_and_no_store_answers_are_never_published(tmp_path):
     async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
             running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], **QUIET) as bob:
-        await until(lambda: bob.peer_id in alice.table and alice.peer_id in bob.table, "connected")
+        await until(lambda: alice.dht.statistics().routing_peers == bob.dht.statistics().routing_peers == 1,
+                    "each in the other's DHT routing table")
         await ask(alice, "mine only", cache="private")
         await ask(alice, "nobody's", cache="no-store")
         await ask(alice, "everyone's")
