@@ -66,6 +66,9 @@ def check_listen_policy(settings: Settings) -> None:
         )
 
 
+ROUTING_REFRESH = 60.0  # seconds: every member with an advert is put into the DHT routing table again
+
+
 def check_unimplemented(settings: Settings) -> None:
     """Refuse settings whose feature does not exist yet, rather than silently ignoring them."""
     if settings.http:
@@ -254,7 +257,10 @@ class Daemon:
         member this node is not connected to), once, and again after it left and came back."""
         assert self.table is not None and self.dht is not None
         added: set[str] = set()
+        refreshed = trio.current_time()
         while True:
+            if trio.current_time() - refreshed >= ROUTING_REFRESH:  # a member dropped for failing: again
+                added, refreshed = set(), trio.current_time()
             adverts = {entry.advert.peer_id: entry.advert for entry in self.table.entries()}
             async with trio.open_nursery() as nursery:
                 for peer in adverts.keys() - added:

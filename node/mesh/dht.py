@@ -107,6 +107,7 @@ REAP_INTERVAL = 1.0  # seconds between closing lookup streams past REUSE_FOR
 INBOUND_STREAMS = 256  # DHT streams this node serves at once (the library's 12 would cap an active cluster at 12)
 INBOUND_STREAMS_PER_PEER = 8  # of which from one member: its lookup stream, and a few puts and announcements
 INBOUND_STREAM_LIFETIME = 10.0  # seconds an inbound DHT stream may stay open (> REUSE_FOR + ASK_TIMEOUT)
+FAILURES_TO_DROP = 2  # requests in a row a member may fail before it leaves the routing table
 ADD_MEMBER_WAIT = 2.0  # seconds to wait for a new member's addresses (identify) before adding it to the table
 PEER_ADDR_TTL = 600  # seconds the addresses named in an answer stay in the peerstore (as the library keeps them)
 CLEANUP_TIMEOUT = 5.0  # seconds a background close or reset of a stream may take
@@ -155,6 +156,7 @@ class DHTStatistics:
     provides: int  # provider announcements
     refused: int  # streams reset for their sender, and values refused by validation
     refused_by_reason: Mapping[str, int] = field(default_factory=dict)  # REFUSAL_REASONS that happened
+    dropped: int = 0  # members taken out of the routing table after failing FAILURES_TO_DROP requests in a row
 
     def to_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -329,7 +331,8 @@ class ClusterDHT:
         self._requests = _Requests(host, lambda close: self._running().start_soon(self._finish, close))
         self._inbound: dict[str, int] = {}  # DHT streams being served, by member
         self._refused: dict[str, int] = {}
-        self.gets = self.hits = self.local_hits = self.asks = self.puts = self.provides = 0
+        self._failures: dict[ID, int] = {}  # requests in a row that failed, by member
+        self.gets = self.hits = self.local_hits = self.asks = self.puts = self.provides = self.dropped = 0
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -580,6 +583,9 @@ class ClusterDHT:
                     outcome = (peer, True, found, closer)
             except Exception as exc:  # unreachable, reset (we are not its member), a broken answer: the next one
                 log.debug("dht: no answer from %s: %r", peer, exc)
+                self._failed(peer)
+            else:
+                self._failures.pop(peer, None)
         try:
             results.send_nowait(outcome)
         except trio.BrokenResourceError:  # the walk is over
@@ -699,6 +705,15 @@ class ClusterDHT:
 
         table.add_peer = add_member_peer
 
+    def _failed(self, peer: ID) -> None:
+        """A member that failed FAILURES_TO_DROP requests in a row (no DHT there: its cluster cache is
+        off; or gone) leaves the routing table, so lookups stop asking it; its advert brings it back."""
+        self._failures[peer] = self._failures.get(peer, 0) + 1
+        if self._failures[peer] >= FAILURES_TO_DROP:
+            del self._failures[peer]
+            self.kad.routing_table.remove_peer(peer)
+            self.dropped += 1
+
     def _refuse(self, reason: str) -> None:
         assert reason in REFUSAL_REASONS, reason
         self._refused[reason] = self._refused.get(reason, 0) + 1
@@ -716,5 +731,5 @@ class ClusterDHT:
             gets=self.gets, hits=self.hits, local_hits=self.local_hits, asks=self.asks,
             streams_opened=self._requests.opened, serving=sum(self._inbound.values()),
             puts=self.puts, provides=self.provides,
-            refused=sum(self._refused.values()), refused_by_reason=dict(self._refused),
+            refused=sum(self._refused.values()), refused_by_reason=dict(self._refused), dropped=self.dropped,
         )

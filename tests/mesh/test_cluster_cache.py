@@ -101,3 +101,15 @@ async def test_the_entry_node_answers_a_cached_request_without_dispatching_it(tm
         again = await ask(entry, "asked of bob", provider="mesh", model="echo")
         assert again.cache in ("memory", "local") and entry.manager.statistics().planned == 0
         assert inferences(bob) == 1 and inferences(carol) == 0 and inferences(entry) == 0
+
+
+async def test_a_member_with_the_cluster_cache_off_leaves_the_routing_table_and_stops_costing_lookups(tmp_path):
+    async with running_daemon(tmp_path, "alice", **QUIET) as alice, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0], ACCELMESH_CACHE_CLUSTER="off",
+                           **QUIET) as bob:
+        assert bob.cluster is None and bob.dht is None
+        await until(lambda: alice.dht.statistics().routing_peers == 1, "bob's advert put him in alice's table")
+        for i in range(3):  # misses: each asks the members of the table, bob among them, until he is dropped
+            assert (await ask(alice, f"nobody has this {i}")).cache == "miss"
+        s = alice.dht.statistics()
+        assert s.routing_peers == 0 and s.dropped >= 1, s
