@@ -191,6 +191,7 @@ async def test_records_are_republished_before_they_expire(autojump_clock):
             assert dht.puts == 1
             await trio.sleep(89.5)  # 90 % of the TTL after the first put
             assert dht.puts == 2 and dht.records[KEY].expires > int(wall() * 1000) + 50_000
+            assert [cid for _, cid in dht.provided] == [CID, CID], "announced again with it"
             nursery.cancel_scope.cancel()
 
 

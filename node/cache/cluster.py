@@ -242,8 +242,9 @@ class ClusterCache:
 
     async def _flush_records(self) -> None:
         due = [k for k, (_, at) in self._published.items() if at <= self.wall() and k not in self._records]
-        for key in due:
+        for key in due:  # republished before it expires, and announced again (receivers forget after 48 h)
             self._records[key] = self._published[key][0]
+            self.announce(self._published[key][0])
         while self._records:
             key, cid = self._records.popitem(last=False)
             await self._put(key, cid)
