@@ -107,6 +107,8 @@ REAP_INTERVAL = 1.0  # seconds between closing lookup streams past REUSE_FOR
 INBOUND_STREAMS = 256  # DHT streams this node serves at once (the library's 12 would cap an active cluster at 12)
 INBOUND_STREAMS_PER_PEER = 8  # of which from one member: its lookup stream, and a few puts and announcements
 INBOUND_STREAM_LIFETIME = 10.0  # seconds an inbound DHT stream may stay open (> REUSE_FOR + ASK_TIMEOUT)
+LOCAL_FRESH_MS = 10 * 60 * 1000  # a record held here younger than this is used as it is
+RECHECK_BUDGET = 0.03  # seconds an older one waits for a newer record elsewhere before it is used
 FAILURES_TO_DROP = 2  # requests in a row a member may fail before it leaves the routing table
 ADD_MEMBER_WAIT = 2.0  # seconds to wait for a new member's addresses (identify) before adding it to the table
 PEER_ADDR_TTL = 600  # seconds the addresses named in an answer stay in the peerstore (as the library keeps them)
@@ -410,11 +412,11 @@ class ClusterDHT:
         self.gets += 1
         key = cache_dht_key(request_key)
         key_bytes = key.encode("utf-8")
-        record = self._local_record(key, key_bytes)
-        if record is not None:
+        held = self._local_record(key, key_bytes)
+        if held is not None and _now_ms(self.wall) - held.created < LOCAL_FRESH_MS:
             self.hits += 1
             self.local_hits += 1
-            return record
+            return held
         self._running()
 
         async def ask(peer: ID) -> tuple[CacheRecord | None, list[ID]]:
@@ -429,10 +431,27 @@ class ClusterDHT:
                 log.debug("dht: %s answered an invalid record for %s: %s", peer, key, exc)
                 return None, closer
 
-        record, _ = await self._walk(key_bytes, ask)
+        if held is None:
+            record, _ = await self._walk(key_bytes, ask)
+        else:  # an older record held here: a newer one may be elsewhere (a put this node missed); look briefly
+            record = None
+            with trio.move_on_after(RECHECK_BUDGET):
+                record, _ = await self._walk(key_bytes, ask)
+            record = self._newer(key, key_bytes, held, record)
+            self.local_hits += record is held
         if record is not None:
             self.hits += 1
         return record
+
+    def _newer(self, key: str, key_bytes: bytes, held: CacheRecord, found: CacheRecord | None) -> CacheRecord:
+        """Of the record held here and one found elsewhere, the one every node would select (kept here)."""
+        if found is None or found == held:
+            return held
+        values = [encode_cache_record(held), encode_cache_record(found)]
+        if select_cache_value(key, values, _now_ms(self.wall)) != 1:
+            return held
+        self.kad.value_store.put(key_bytes, values[1])
+        return found
 
     def _local_record(self, key: str, key_bytes: bytes) -> CacheRecord | None:
         held = self.kad.value_store.get(key_bytes)

@@ -175,6 +175,23 @@ async def test_within_one_publisher_the_higher_seq_wins():
             assert await nodes[1].get_record(low.key) == high
 
 
+async def test_a_stale_record_held_here_does_not_hide_a_newer_one_elsewhere():
+    stale = record(alice, n=3, seq=1, created=NOW_MS - 3_600_000, ttl_ms=7_200_000)  # an hour old, still valid
+    newer = record(alice, n=3, seq=2, created=NOW_MS - 60_000)  # republished while node 0 was away
+    fresh = record(bob, n=4, seq=1, created=NOW_MS - 60_000)
+    async with line(2) as nodes:
+        hold(nodes[0], stale)
+        hold(nodes[1], newer)
+        hold(nodes[0], fresh)
+        with trio.fail_after(10):
+            assert await nodes[0].get_record(stale.key) == newer, "the newer one, found elsewhere"
+            assert await nodes[0].get_record(stale.key) == newer and nodes[0].statistics().local_hits == 1, (
+                "and kept here: the next lookup is local")
+            asks = nodes[0].statistics().asks
+            assert await nodes[0].get_record(fresh.key) == fresh and nodes[0].statistics().asks == asks, (
+                "a recent record held here is used without asking anyone")
+
+
 async def test_a_non_members_put_is_refused_its_stream_reset_and_nothing_stored():
     mallory_identity = Identity.generate()
 
