@@ -3,6 +3,7 @@ an answer computed once is a cluster hit everywhere, with zero inferences anywhe
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from contextlib import AsyncExitStack, aclosing
 
@@ -113,3 +114,25 @@ async def test_a_member_with_the_cluster_cache_off_leaves_the_routing_table_and_
             assert (await ask(alice, f"nobody has this {i}")).cache == "miss"
         s = alice.dht.statistics()
         assert s.routing_peers == 0 and s.dropped >= 1, s
+
+
+async def test_a_member_serving_bytes_that_fail_their_cid_is_penalised_and_an_honest_copy_is_used(tmp_path):
+    """mallory publishes an honest answer, then serves it corrupted (its store does not re-hash on
+    read, and a byte of the block changed on disk): bob, asking the publisher first, refuses the
+    bytes, counts it against mallory's health, and takes carol's copy."""
+    async with running_daemon(tmp_path, "mallory", ACCELMESH_CACHE_VERIFY_ON_READ="0", **QUIET) as mallory, \
+            running_daemon(tmp_path, "carol", ACCELMESH_BOOTSTRAP=mallory.addrs()[0], **QUIET) as carol, \
+            running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=mallory.addrs()[0], **QUIET) as bob:
+        daemons = (mallory, carol, bob)
+        await until(lambda: all(d.dht.statistics().routing_peers == 2 for d in daemons), "a cluster")
+        first = await ask(mallory, "poisoned later")
+        await until(lambda: mallory.cluster.statistics().published == 1, "published")
+        assert (await ask(carol, "poisoned later")).cache == "cluster"
+        await until(lambda: carol.cluster.statistics().announced >= 1, "carol announced her copy")
+        with sqlite3.connect(mallory.data_dir.store_file) as db:  # the disk under mallory's store rots
+            (data,) = db.execute("SELECT data FROM blocks WHERE cid = ?", (first.cid,)).fetchone()
+            db.execute("UPDATE blocks SET data = ? WHERE cid = ?", (bytes([data[0] ^ 1]) + data[1:], first.cid))
+        got = await ask(bob, "poisoned later")
+        assert (got.cache, got.cid, got.served_from) == ("cluster", first.cid, carol.peer_id)
+        assert bob.manager.backend(mallory.peer_id).statistics().failed == 1, "mallory's bytes counted against her"
+        assert bob.exchange.statistics().fetch_failures == 1 and inferences(bob) == 0
