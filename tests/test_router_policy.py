@@ -109,7 +109,7 @@ def test_an_unknown_cache_mode_is_refused():
 
 def test_the_policy_is_a_frozen_value():
     p = policy("default", False, True, False, True)
-    assert p == CachePolicy(lookup=True, store=True, publish=True, coalesce=True, only_cached=False)
+    assert p == CachePolicy(lookup=True, store=True, publish=True, coalesce=True, only_cached=False, share=True)
     with pytest.raises(AttributeError):
         p.lookup = False  # type: ignore[misc]
 
