@@ -162,8 +162,9 @@ def _constrained(
     """The candidates that can honour the request's constraints; the others join `skipped`, with why.
 
     `on_peers` and `verify` > 1 leave only a provider that routes to other nodes (the mesh, which
-    picks among those peers, or asks several and compares their answers). `accelerator` leaves the mesh and the providers computing on that kind of
-    device here (hf_local on its device, echo on the CPU; an API or CLI tool computes elsewhere).
+    picks among those peers, or asks several and compares their answers). `accelerator` leaves the
+    mesh and the providers computing on that kind of device here (hf_local on its device, echo on
+    the CPU; an API or CLI tool computes elsewhere).
     """
     if not (request.on_peers or request.accelerator or request.verify > 1):
         return candidates
@@ -319,10 +320,12 @@ class _Attempt:
 
     # lookups ------------------------------------------------------------------------
 
-    def local_lookup(self) -> tuple[bytes, str, str] | None:
-        if not self.policy.lookup or self.cache is None:
+    def local_lookup(self, key: str | None = None) -> tuple[bytes, str, str] | None:
+        """Memory, then the local store, under `key` (default: this attempt's, if its policy looks up:
+        a key given is one `ahead` already allowed)."""
+        if self.cache is None or (key is None and not self.policy.lookup):
             return None
-        hit = self.cache.lookup(self.key)
+        hit = self.cache.lookup(key or self.key)
         return (hit.data, hit.cid, hit.tier) if hit else None
 
     @property
@@ -330,29 +333,24 @@ class _Attempt:
         """Whether a daemon's cluster tier is looked up (async: `cluster_get`)."""
         return self.policy.lookup and self.deps.cluster_cache is not None
 
-    async def cluster_get(self) -> tuple[bytes, str, str, str] | None:
-        """The cluster's answer (bytes already checked against their CID), for this model, kept locally."""
-        hit = await self.deps.cluster_cache.lookup(self.key)
-        if hit is None or not self._valid(hit.data):
+    async def cluster_get(self, key: str | None = None, identity: str | None = None) -> tuple[Any, ...] | None:
+        """The cluster's answer under `key` (default: this attempt's) for the model `identity`, its
+        bytes already checked against their CID, kept locally."""
+        key, identity = key or self.key, identity or self.identity
+        hit = await self.deps.cluster_cache.lookup(key)
+        if hit is None or not _answers(hit.data, identity, self.request.task, key):
             return None
         if self.cache is not None:
-            self.cache.store(self.key, hit.data, hit.cid)
+            self.cache.store(key, hit.data, hit.cid)
         return hit.data, hit.cid, "cluster", hit.served_from
 
     async def lookup_ahead(self) -> Result | None:
         """The mesh's answer found before dispatching (`ahead`): in memory, the local store, or the
         cluster, under the key of a model that would answer. A hit is no inference anywhere."""
         for key, identity in self.ahead.items():
-            found: tuple[Any, ...] | None = None
-            hit = self.cache.lookup(key) if self.cache is not None else None
-            if hit is not None:
-                found = (hit.data, hit.cid, hit.tier)
-            elif self.deps.cluster_cache is not None:
-                remote = await self.deps.cluster_cache.lookup(key)
-                if remote is not None and _answers(remote.data, identity, self.request.task, key):
-                    if self.cache is not None:
-                        self.cache.store(key, remote.data, remote.cid)
-                    found = (remote.data, remote.cid, "cluster", remote.served_from)
+            found = self.local_lookup(key)
+            if found is None and self.deps.cluster_cache is not None:
+                found = await self.cluster_get(key, identity)
             if found is not None:
                 return self.hit(found, key=key)
         return None
@@ -371,16 +369,15 @@ class _Attempt:
         except Exception as exc:  # a third-party cache must not fail the request
             _log().warning("remote cache get(%s) failed: %s", self.key, exc)
             return None
-        if not isinstance(data, (bytes, bytearray)) or not self._valid(bytes(data)):
+        if not isinstance(data, (bytes, bytearray)):
             return None
         data = bytes(data)
+        if not _answers(data, self.identity, self.request.task, self.key):
+            return None
         cid = cid_of(data)
         if self.cache is not None:
             self.cache.store(self.key, data, cid)
         return data, cid, "cluster"
-
-    def _valid(self, data: bytes) -> bool:
-        return _answers(data, self.identity, self.request.task, self.key)
 
     def after_lookup(self, found: tuple[bytes, str, str] | None) -> Result | Flight | None:
         """What follows a lookup: the hit as a `Result`; or `CacheMiss` (only-if-cached); or the
