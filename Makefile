@@ -61,7 +61,9 @@ run: $(STAMP)
 	@echo "    $(BIN)/accelmesh generate \"Hello, mesh\" --provider echo --json --data-dir $(RUN_DATA)"
 	@echo "    $(BIN)/accelmesh generate \"Hello, mesh\" --stream --data-dir $(RUN_DATA)"
 	@echo "    $(BIN)/accelmesh info --data-dir $(RUN_DATA)"
-	$(BIN)/accelmesh daemon --data-dir $(RUN_DATA) --listen /ip4/127.0.0.1/tcp/0 --providers-hf-local-preload
+	@echo "accelmesh: the OpenAI-compatible API (docs/api.md) at http://127.0.0.1:8400/v1:"
+	@echo "    curl -s http://127.0.0.1:8400/v1/chat/completions -H 'content-type: application/json' -d '{\"model\": \"echo\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello, mesh\"}]}'"
+	$(BIN)/accelmesh daemon --data-dir $(RUN_DATA) --listen /ip4/127.0.0.1/tcp/0 --http 127.0.0.1:8400 --providers-hf-local-preload
 
 # pytest exits 5 when it collects nothing: that is a failure too (make fails on any non-zero exit).
 test: $(STAMP)

@@ -545,8 +545,8 @@ class Settings:
                          kind="bool", daemon_only=True)
     mdns: bool | None = setting(None, "mDNS discovery; auto: on when listening beyond loopback, off with --open",
                                 kind="optional_bool", default_doc="auto", daemon_only=True)
-    http: str = setting("", "HOST:PORT of the OpenAI-compatible HTTP API; empty = off (not implemented "
-                        "yet: a daemon given it refuses to start)", kind="str", daemon_only=True)
+    http: str = setting("", "HOST:PORT of the OpenAI-compatible HTTP API (docs/api.md; port 0 picks a "
+                        "free port); empty = off", kind="str", daemon_only=True)
     echo: EchoSettings = field(default_factory=EchoSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)

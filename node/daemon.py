@@ -1,11 +1,12 @@
 """The daemon: the composition root. One nursery, ordered start-up, ordered shutdown.
 
-Start-up, in order: check the listen policy (secure defaults) and refuse settings not
-implemented yet (`http`) -> take the data dir's lock
+Start-up, in order: check the listen policy (secure defaults) and the `http` setting -> take
+the data dir's lock
 (one daemon per directory) -> load or create the identity and the client key -> read the
 cluster key -> open the local store and build the router -> start the libp2p host and
 listen -> build the peer table, the advert service (node.mesh.adverts), the mesh provider and the
-control commands' view (node.control) -> register every protocol handler -> start background tasks
+control commands' view (node.control) -> register every protocol handler -> with `http`, the HTTP API
+(node.http: listening, `http.token` written) -> start background tasks
 (adverts; the bootstrap peers and, with mDNS, what it finds, each kept dialed by a
 node.mesh.discovery.DiscoveryDialer) -> write daemon.json (atomically: temp file + rename). Only
 then is the daemon "up".
@@ -50,7 +51,7 @@ from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
 from node.serving import FrontDoor
 from protocols.control import messages as control_wire
 
-__all__ = ["Daemon", "check_listen_policy", "check_unimplemented", "mdns_enabled"]
+__all__ = ["Daemon", "check_http", "check_listen_policy", "mdns_enabled"]
 
 log = logging.getLogger("node.daemon")
 
@@ -69,13 +70,15 @@ def check_listen_policy(settings: Settings) -> None:
 ROUTING_REFRESH = 60.0  # seconds: every member with an advert is put into the DHT routing table again
 
 
-def check_unimplemented(settings: Settings) -> None:
-    """Refuse settings whose feature does not exist yet, rather than silently ignoring them."""
+def check_http(settings: Settings) -> None:
+    """Refuse an `http` setting that is not HOST:PORT before anything is started."""
     if settings.http:
-        raise ConfigError("http", settings.http,
-                          "the HTTP API is not implemented yet; start the daemon without it (--http, ACCELMESH_HTTP "
-                          "or `http` in the config file) and submit through the CLI or node.connect()",
-                          source=settings.sources.get("http"))
+        from node.http.server import parse_bind
+
+        try:
+            parse_bind(settings.http)
+        except ConfigError as exc:
+            raise ConfigError("http", settings.http, exc.reason, source=settings.sources.get("http")) from None
 
 
 def mdns_enabled(settings: Settings) -> bool:
@@ -134,6 +137,9 @@ class Daemon:
         self.dht: Any = None  # node.mesh.dht.ClusterDHT, when the cluster cache is on
         self.exchange: Any = None  # node.cache.exchange.BlockExchange: blocks to and from members
         self.cluster: Any = None  # node.cache.cluster.ClusterCache: the router's cluster tier
+        self.http: Any = None  # node.http.HttpApi, with `http`
+        self.http_url: str | None = None  # http://HOST:PORT where it listens
+        self._http_listener: Any = None  # node.http.HttpListener: bound at start-up, served in the nursery
 
     @property
     def peer_id(self) -> str:
@@ -143,11 +149,16 @@ class Daemon:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         check_listen_policy(self.settings)
-        check_unimplemented(self.settings)
+        check_http(self.settings)
         cluster_key = load_swarm_key(self.settings.cluster_key) if self.settings.cluster_key else None
         self._stop, self._force = trio.Event(), trio.Event()
         self.data_dir.lock()
         try:
+            if self.settings.http:  # bound first: an address in use stops start-up with one clear error
+                from node.http import bind_http
+
+                self._http_listener = bind_http(self.settings.http, graceful_timeout=self.settings.daemon.drain_grace,
+                                                source=self.settings.sources.get("http"))
             self.identity = self.data_dir.identity()
             self.client_peer_id = self.data_dir.client_identity().peer_id
             allow = frozenset(self.settings.allow) if self.settings.allow else None
@@ -174,6 +185,8 @@ class Daemon:
                 self._register_handlers(host, self.control, self.front_door)
                 if self.cluster_enabled():
                     await self._start_cluster_cache(host, nursery)
+                if self.settings.http:
+                    self.http_url = await nursery.start(self._serve_http)
                 await nursery.start(self.adverts.run)
                 if self.settings.bootstrap:
                     targets = [peer_info(addr) for addr in self.settings.bootstrap]
@@ -197,6 +210,12 @@ class Daemon:
         finally:
             self.state = "stopped"
             self.data_dir.remove_daemon_json()
+            if self._http_listener is not None:
+                self._http_listener.close()
+            if self.settings.http:
+                from node.http.auth import TOKEN_FILE
+
+                (self.data_dir.path / TOKEN_FILE).unlink(missing_ok=True)
             if self.store is not None:
                 self.store.close()
             self.data_dir.unlock()
@@ -223,6 +242,36 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         if self.admission.in_flight:
             log.warning("drain grace over: cancelling %d request(s)", self.admission.in_flight)
+
+    # -- the HTTP API ------------------------------------------------------------------------
+
+    async def _serve_http(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The OpenAI-compatible API (node.http) on `settings.http`: every request through the front
+        door (entry "http"). Beyond loopback it wants a bearer token unless --open; the local token
+        is written to `http.token` (0600) before the URL goes into daemon.json."""
+        from node.http import BearerAuth, HttpApi, is_loopback_host, parse_bind, serve_http, write_token
+
+        assert self.front_door is not None and self._stop is not None and self._http_listener is not None
+        host, _ = parse_bind(self.settings.http)
+        token = write_token(self.data_dir.path)
+        auth = BearerAuth(frozenset({token}), required=not is_loopback_host(host) and not self.settings.open)
+        self.http = HttpApi(run=self.front_door.run, models=self.models, settings=self.settings,
+                            peer_id=self.peer_id, auth=auth)
+        await serve_http(self.http.app(), self._http_listener, shutdown_trigger=self._stop.wait,
+                         task_status=task_status)
+
+    def models(self) -> dict[str, tuple[str, ...]]:
+        """Every model a ready provider serves anywhere in the mesh, with the peer ids serving it
+        (`GET /v1/models`): the backend manager's candidates, this node's own advert included (its
+        local providers' readiness is checked when the advert is built, never per request: the
+        checks may block)."""
+        serving: dict[str, set[str]] = {}
+        for candidate in self.manager.candidates() if self.manager is not None else ():
+            for offer in candidate.providers:
+                if offer.ready:
+                    for model in offer.models:
+                        serving.setdefault(model, set()).add(candidate.peer_id)
+        return {model: tuple(sorted(peers)) for model, peers in serving.items()}
 
     # -- the cluster cache -----------------------------------------------------------------
 
@@ -380,6 +429,8 @@ class Daemon:
         info: dict[str, Any] = {
             "peer_id": self.peer_id, "multiaddrs": self.addrs(), "pid": os.getpid(), "version": __version__,
         }
+        if self.http_url:
+            info["http_url"] = self.http_url
         if self.settings.cluster_key:
             info["cluster_key_file"] = os.path.abspath(self.settings.cluster_key)
         return info

@@ -254,29 +254,29 @@ async def test_a_daemon_listening_on_0000_reports_dialable_addresses_loopback_fi
                 assert not any("/0.0.0.0/" in a for a in known), known
 
 
-# -- settings that are not implemented yet --------------------------------------------------------
+# -- the http setting (the API itself: tests/http) -------------------------------------------------
 
 
-async def test_http_is_refused_with_a_clear_error_until_the_http_api_exists(tmp_path):
+async def test_a_malformed_http_setting_is_refused_before_anything_starts(tmp_path):
     settings = load_settings(env={"ACCELMESH_DATA_DIR": str(tmp_path / "d"), "ACCELMESH_LISTEN": LOOPBACK,
-                                  "ACCELMESH_HTTP": "127.0.0.1:0"})
-    with pytest.raises(ConfigError, match="http.*the HTTP API is not implemented yet"):
+                                  "ACCELMESH_HTTP": "no-port-here"})
+    with pytest.raises(ConfigError, match="http.*expected HOST:PORT"):
         await Daemon(settings).run()
     assert not (tmp_path / "d" / "daemon.json").exists()
     async with running_daemon(tmp_path, name="d"):  # nothing was left locked
         pass
 
 
-def test_accelmesh_daemon_http_exits_2_with_one_line_naming_the_setting(tmp_path, subprocess_env):
+def test_accelmesh_daemon_with_a_malformed_http_exits_2_with_one_line_naming_the_setting(tmp_path, subprocess_env):
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "node.cli", "daemon", "--data-dir", str(tmp_path / "d"),
-                           "--listen", LOOPBACK, "--http", "127.0.0.1:8080"],
+                           "--listen", LOOPBACK, "--http", "127.0.0.1:notaport"],
                           capture_output=True, text=True, env=subprocess_env, timeout=60)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "http" in errors[0] and "not implemented yet" in errors[0], proc.stderr
+    assert len(errors) == 1 and "http" in errors[0] and "HOST:PORT" in errors[0], proc.stderr
     assert not (tmp_path / "d" / "daemon.json").exists()
 
 

@@ -1,0 +1,292 @@
+"""The OpenAI-compatible HTTP API as an ASGI app: each request becomes one RequestContext (entry
+"http") and runs through the daemon's front door, like every other entry point.
+
+    POST /v1/chat/completions ─┐  parse_call + x-accelmesh-* headers    FrontDoor.run(ctx)
+    POST /v1/completions ──────┴► build_request ─► RequestContext ───►  text chunks, one Result
+    GET  /v1/models ────────────► models(): model id -> peers serving it
+
+The answer is read in the task that serves the HTTP request (never handed to another task: the
+router's cancel scopes belong to it), while a second task waits for the client to disconnect
+and cancels the work when it does (the mesh stream is reset, the admission slot freed).
+Errors before the first byte are OpenAI error JSON with their status (`_openai.error_response`);
+an error mid-stream is one `data: {"error": ...}` event, and the stream ends without `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from node.errors import AccelmeshError, InvalidRequest, ModelNotFound
+from node.http import _openai
+from node.http.auth import BearerAuth
+from node.requests import Request, Result, build_request
+from node.serving import RequestContext
+
+__all__ = ["HttpApi"]
+
+log = logging.getLogger("node.http")
+
+Run = Callable[[RequestContext], AsyncIterator["str | Result"]]
+Models = Callable[[], Mapping[str, Sequence[str]]]
+
+_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:-]{{1,{_openai.MAX_REQUEST_ID_CHARS}}}$")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_json(send: Any, status: int, body: Any, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else
+                        json.dumps(payload, separators=(",", ":")).encode()) + b"\n\n"
+
+
+async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    """Wait for the client to go away, then cancel the work (`scope`)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            log.debug("client disconnected: cancelling its request")
+            scope.cancel()
+            return
+
+
+class HttpApi:
+    """The API's handlers. It needs the front door's `run`, who serves which model (`models`),
+    the settings (default model and deadline), this node's peer id and the auth rule, and
+    nothing else of the daemon."""
+
+    def __init__(self, *, run: Run, models: Models, settings: Any, peer_id: str = "",
+                 auth: BearerAuth | None = None, max_body_bytes: int = _openai.MAX_BODY_BYTES) -> None:
+        self.run, self.models, self.settings, self.peer_id = run, models, settings, peer_id
+        self.auth = auth if auth is not None else BearerAuth(frozenset(), required=False)
+        self.max_body_bytes = max_body_bytes
+        self.served = 0  # requests answered (any status)
+        self.disconnected = 0  # requests whose client went away before the answer was complete
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v1/chat/completions", _Endpoint(self, "chat"), methods=["POST"]),
+            Route("/v1/completions", _Endpoint(self, "completion"), methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/healthz", self._healthz, methods=["GET"]),
+        ]
+
+        async def http_error(request: HttpRequest, exc: Exception) -> JSONResponse:
+            status = exc.status_code if isinstance(exc, HTTPException) else 500
+            return JSONResponse(_openai.error_json(f"{request.method} {request.url.path}: "
+                                                   f"{getattr(exc, 'detail', 'error')}",
+                                                   type_="invalid_request_error", code=str(status)), status)
+
+        return _Authenticated(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), self.auth)
+
+    async def _models(self, request: HttpRequest) -> JSONResponse:
+        return JSONResponse(_openai.models_json(self.models()))
+
+    async def _healthz(self, request: HttpRequest) -> JSONResponse:
+        return JSONResponse({"ok": True, "peer_id": self.peer_id})
+
+    # -- completions --------------------------------------------------------------------------
+
+    def _context(self, kind: _openai.Kind, body: bytes, headers: Mapping[str, str], request_id: str,
+                 caller: str) -> tuple[_openai.Call, RequestContext]:
+        try:
+            decoded = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        call = _openai.parse_call(kind, decoded)
+        provider, reserved = _openai.reserved_from_headers(headers)
+        if provider is None and call.model is not None and call.model not in self.models():
+            raise ModelNotFound("http", f"the model {call.model!r} is not served anywhere in the mesh "
+                                        "(GET /v1/models lists those that are)", retryable=False)
+        request: Request = build_request(call.prompt, model_name=call.model,
+                                         kwargs={**call.params, **reserved, "request_id": request_id},
+                                         default_model=self.settings.model,
+                                         default_timeout=self.settings.request_timeout)
+        ctx = RequestContext(request=request, provider=provider, deadline=trio.current_time() + request.timeout,
+                             hops=0, caller=caller, entry="http")
+        return call, ctx
+
+    async def serve(self, kind: _openai.Kind, scope: Any, receive: Any, send: Any) -> None:
+        self.served += 1
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        request_id = headers.get("x-request-id", "")
+        if not _REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        rid = [(b"x-request-id", request_id.encode())]
+        client = scope.get("client") or ("?", 0)
+        try:
+            body = await _read_body(receive, self.max_body_bytes)
+            call, ctx = self._context(kind, body, headers, request_id, f"http:{client[0]}")
+        except _ClientGone:
+            return
+        except _BodyTooLarge:
+            await _send_json(send, 413, _openai.error_json(
+                f"the request body is over {self.max_body_bytes} bytes", type_="invalid_request_error",
+                code="request_too_large"), rid)
+            return
+        except AccelmeshError as exc:
+            status, body_json, extra = _openai.error_response(exc)
+            await _send_json(send, status, body_json, [*rid, *extra])
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            try:
+                if call.stream:
+                    await self._stream(call, ctx, send, rid)
+                else:
+                    await self._whole(call, ctx, send, rid)
+            finally:
+                if nursery.cancel_scope.cancel_called:
+                    self.disconnected += 1
+                nursery.cancel_scope.cancel()
+
+    async def _whole(self, call: _openai.Call, ctx: RequestContext, send: Any, rid: list[tuple[bytes, bytes]]) -> None:
+        result: Result | None = None
+        try:
+            async with aclosing(self.run(ctx)) as items:
+                async for item in items:
+                    if isinstance(item, Result):
+                        result = item
+        except Exception as exc:
+            await self._send_error(send, exc, rid)
+            return
+        if result is None:  # (the front door always ends with a Result)
+            await self._send_error(send, RuntimeError("the request ended without an answer"), rid)
+            return
+        await _send_json(send, 200, _openai.completion_json(call.kind, result),
+                         [*rid, *_openai.result_headers(result)])
+
+    async def _send_error(self, send: Any, exc: Exception, rid: list[tuple[bytes, bytes]]) -> None:
+        exc = _leaf(exc)
+        if not isinstance(exc, AccelmeshError):
+            log.exception("HTTP request failed", exc_info=exc)
+        status, body, extra = _openai.error_response(exc)
+        await _send_json(send, status, body, [*rid, *extra])
+
+    async def _stream(self, call: _openai.Call, ctx: RequestContext, send: Any,
+                      rid: list[tuple[bytes, bytes]]) -> None:
+        created, model = int(time.time()), ctx.request.model or call.model or ""
+        request_id = ctx.request.request_id
+        async with aclosing(self.run(ctx)) as items:
+            try:  # the first item before the status line: an early failure gets its own status
+                first: str | Result = await items.__anext__()
+            except StopAsyncIteration:
+                first = Result("", "", model, "miss", "", "", request_id, 0.0)
+            except Exception as exc:
+                await self._send_error(send, exc, rid)
+                return
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                       *rid, *(_openai.result_headers(first) if isinstance(first, Result) else ())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+            async def emit(payload: Any) -> None:
+                await send({"type": "http.response.body", "body": _sse(payload), "more_body": True})
+
+            if call.kind == "chat":
+                await emit(_openai.chunk_json("chat", request_id, model, created, role=True, text=""))
+            result: Result | None = None
+            try:
+                pending: list[str | Result] = [first]
+                while True:
+                    item = pending.pop() if pending else await items.__anext__()
+                    if isinstance(item, Result):
+                        result = item
+                        break
+                    if item:
+                        await emit(_openai.chunk_json(call.kind, request_id, model, created, text=item))
+            except StopAsyncIteration:
+                pass
+            except Exception as exc:
+                leaf = _leaf(exc)
+                if not isinstance(leaf, AccelmeshError):
+                    log.exception("HTTP stream failed", exc_info=leaf)
+                await emit(_openai.error_response(leaf)[1])
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+        if result is None:
+            result = Result("", "", model, "miss", "", "", request_id, 0.0)
+        final = _openai.chunk_json(call.kind, request_id, result.model or model, created, result=result)
+        if call.include_usage:
+            await emit(final)
+            final = _openai.chunk_json(call.kind, request_id, result.model or model, created, result=result,
+                                       usage=True)
+        final["accelmesh"] = _openai.accelmesh_json(result)
+        await emit(final)
+        await send({"type": "http.response.body", "body": _sse(b"[DONE]"), "more_body": False})
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) groups of one, else `exc`."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _Endpoint:
+    """A raw ASGI endpoint (Starlette routes to it as an app): the handler owns send and receive."""
+
+    def __init__(self, api: HttpApi, kind: _openai.Kind) -> None:
+        self.api, self.kind = api, kind
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.api.serve(self.kind, scope, receive, send)
+
+
+class _Authenticated:
+    """Bearer-token check in front of the app (BearerAuth decides whether one is required)."""
+
+    def __init__(self, app: Any, auth: BearerAuth) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") != "/healthz":
+            header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"authorization"),
+                          None)
+            if not self.auth.allows(header):
+                await _send_json(send, 401, _openai.error_json(
+                    "a valid API key is required (Authorization: Bearer KEY; the daemon's data dir holds http.token)",
+                    type_="authentication_error", code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)
