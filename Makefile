@@ -11,7 +11,7 @@ STAMP       := $(VENV)/.accelmesh-installed
 SYS_STAMP   := $(VENV)/.accelmesh-system-packages
 # Debian/Ubuntu's venv support for $(PYTHON) (ensurepip) is a package of its own.
 VENV_PACKAGE := $(notdir $(PYTHON))-venv
-SYSTEM_PACKAGES := build-essential python3-dev $(VENV_PACKAGE) libgmp-dev systemd
+SYSTEM_PACKAGES := build-essential python3-dev $(VENV_PACKAGE) libgmp-dev systemd curl
 TORCH_PIN   := torch==2.13.0
 PYTEST_ARGS ?=
 

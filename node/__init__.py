@@ -41,6 +41,7 @@ _EXPORTS = {
     "Settings": "node.config",
     "connect": "node.remote",
     "Client": "node.remote",
+    "HttpClient": "node.http.client",
     "load_settings": "node.config",
 }
 _ERRORS = (
@@ -81,6 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from node.config import Settings, load_settings
     from node.deps import RemoteCacheProtocol, RouterDeps, get_default_router_deps, set_default_router_deps
     from node.errors import *  # noqa: F403
+    from node.http.client import HttpClient
     from node.providers.base import ProviderInfo, Readiness
     from node.remote import Client, connect
     from node.router import (

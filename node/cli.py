@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from node import __version__
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--json", action="store_true", help="print JSON")
 
     g = command("generate", "generate text for a prompt: through the live daemon of --data-dir (or "
-                "$ACCELMESH_DATA_DIR), else in-process with that data dir's store (memory only when no data "
+                "$ACCELMESH_DATA_DIR; its HTTP API when it serves one), else in-process with that data dir's store (memory only when no data "
                 "dir is given)", cmd_generate)
     g.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
     g.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default 0: greedy, cached)")
@@ -182,8 +182,6 @@ def _store_path(settings: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
-    from node import router
-
     prompt = _read_prompt(args.prompt)
     kwargs: dict[str, Any] = {}
     if args.temperature is not None:
@@ -209,24 +207,27 @@ def cmd_generate(args: argparse.Namespace, settings: Any) -> int:
         raise _UsageError("--identity and --cluster-key go with --peer")
     if settings.sources.get("data_dir", "default") != "default" and _data_dir(settings).daemon() is not None:
         return _generate_via_daemon(args, settings, prompt, kwargs)
+    from node import router
+
     deps = _router_deps(args, settings)
     call = {"provider": settings.provider, "model_name": settings.model, "deps": deps, **kwargs}
-    out = sys.stdout
     if args.stream:
-        for item in router.iter_request_sync(prompt, **call):
-            if isinstance(item, str):
-                out.write(json.dumps({"delta": item}, ensure_ascii=False) + "\n" if args.json else item)
-                out.flush()
-            elif args.json:
-                out.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
-            else:
-                out.write("\n")
-        return EXIT_OK
-    result = router.complete(prompt, **call)
-    if args.json:
-        out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
-    else:
-        out.write(result.text + "\n")
+        return _print_answer(router.iter_request_sync(prompt, **call), args)
+    return _print_answer([router.complete(prompt, **call)], args)
+
+
+def _print_answer(items: Iterable[Any], args: argparse.Namespace) -> int:
+    """`generate`'s output: the text (streamed as it comes), or with --json one `{"delta"}` line
+    per chunk and then the Result's object."""
+    out = sys.stdout
+    for item in items:
+        if isinstance(item, str):
+            out.write(json.dumps({"delta": item}, ensure_ascii=False) + "\n" if args.json else item)
+            out.flush()
+        elif args.json:
+            out.write(json.dumps(item if isinstance(item, dict) else item.to_json(), ensure_ascii=False) + "\n")
+        else:
+            out.write("\n" if args.stream else (item["text"] if isinstance(item, dict) else item.text) + "\n")
     return EXIT_OK
 
 
@@ -477,9 +478,15 @@ def cmd_cache(args: argparse.Namespace, settings: Any) -> int:
 
 
 def _generate_via_daemon(args: argparse.Namespace, settings: Any, prompt: str, kwargs: dict[str, Any]) -> int:
-    """`generate` through a daemon: the data dir's (control protocol), or `--peer` (as a client peer)."""
+    """`generate` through a daemon: the data dir's (its HTTP API when daemon.json names one, else the
+    control protocol), or `--peer` (as a client peer)."""
     import time
     from contextlib import aclosing
+
+    if not args.peer:
+        daemon = _data_dir(settings).daemon()
+        if daemon is not None and daemon.http_url:
+            return _generate_via_http(args, settings, prompt, kwargs)
 
     from node.requests import build_request
     from node.wire import request_to_wire, result_from_wire
@@ -499,15 +506,17 @@ def _generate_via_daemon(args: argparse.Namespace, settings: Any, prompt: str, k
                 out.flush()
         raise _UsageError("the daemon sent no result")
 
-    if args.peer:
-        result = _with_peer(args, run)
-    else:
-        result = _with_daemon(settings, run)
-    if args.json:
-        out.write(json.dumps(result, ensure_ascii=False) + "\n")
-    else:
-        out.write(("\n" if args.stream else result["text"] + "\n"))
-    return EXIT_OK
+    result = _with_peer(args, run) if args.peer else _with_daemon(settings, run)
+    return _print_answer([result], args)
+
+
+def _generate_via_http(args: argparse.Namespace, settings: Any, prompt: str, kwargs: dict[str, Any]) -> int:
+    """`generate` through the local daemon's HTTP API (no libp2p imported: a fast start)."""
+    from node.http.client import HttpClient
+
+    with HttpClient(data_dir=settings.data_dir, provider=settings.provider, model=settings.model,
+                    timeout=settings.request_timeout) as client:
+        return _print_answer(client.iter_request(prompt, stream=bool(args.stream), **kwargs), args)
 
 
 def cmd_providers(args: argparse.Namespace, settings: Any) -> int:

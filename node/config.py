@@ -547,6 +547,13 @@ class Settings:
                                 kind="optional_bool", default_doc="auto", daemon_only=True)
     http: str = setting("", "HOST:PORT of the OpenAI-compatible HTTP API (docs/api.md; port 0 picks a "
                         "free port); empty = off", kind="str", daemon_only=True)
+    http_api_keys: tuple[str, ...] = setting((), "bearer tokens the HTTP API accepts beside the local http.token "
+                                             "(required beyond loopback unless --open)", kind="list", secret=True,
+                                             daemon_only=True)
+    http_api_keys_file: str = setting("", "a file of HTTP API bearer tokens, one per line (# comments); read at "
+                                      "start", kind="str", daemon_only=True)
+    http_cors_origins: tuple[str, ...] = setting((), "origins browsers may call the HTTP API from (CORS; * for "
+                                                 "any); empty = no CORS headers", kind="list", daemon_only=True)
     echo: EchoSettings = field(default_factory=EchoSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)

@@ -71,14 +71,17 @@ ROUTING_REFRESH = 60.0  # seconds: every member with an advert is put into the D
 
 
 def check_http(settings: Settings) -> None:
-    """Refuse an `http` setting that is not HOST:PORT before anything is started."""
+    """Refuse an `http` setting that is not HOST:PORT, or API keys that cannot be used, before
+    anything is started."""
     if settings.http:
+        from node.http.auth import api_keys
         from node.http.server import parse_bind
 
         try:
             parse_bind(settings.http)
         except ConfigError as exc:
             raise ConfigError("http", settings.http, exc.reason, source=settings.sources.get("http")) from None
+        api_keys(settings.http_api_keys, settings.http_api_keys_file, source=settings.sources.get("http_api_keys_file"))
 
 
 def mdns_enabled(settings: Settings) -> bool:
@@ -155,7 +158,7 @@ class Daemon:
         self.data_dir.lock()
         try:
             if self.settings.http:  # bound first: an address in use stops start-up with one clear error
-                from node.http import bind_http
+                from node.http.server import bind_http
 
                 self._http_listener = bind_http(self.settings.http, graceful_timeout=self.settings.daemon.drain_grace,
                                                 source=self.settings.sources.get("http"))
@@ -249,14 +252,18 @@ class Daemon:
         """The OpenAI-compatible API (node.http) on `settings.http`: every request through the front
         door (entry "http"). Beyond loopback it wants a bearer token unless --open; the local token
         is written to `http.token` (0600) before the URL goes into daemon.json."""
-        from node.http import BearerAuth, HttpApi, is_loopback_host, parse_bind, serve_http, write_token
+        from node.http.app import HttpApi
+        from node.http.auth import BearerAuth, api_keys, is_loopback_host, write_token
+        from node.http.server import parse_bind, serve_http
 
         assert self.front_door is not None and self._stop is not None and self._http_listener is not None
         host, _ = parse_bind(self.settings.http)
         token = write_token(self.data_dir.path)
-        auth = BearerAuth(frozenset({token}), required=not is_loopback_host(host) and not self.settings.open)
+        keys = api_keys(self.settings.http_api_keys, self.settings.http_api_keys_file,
+                        source=self.settings.sources.get("http_api_keys_file"))
+        auth = BearerAuth(frozenset({token, *keys}), required=not is_loopback_host(host) and not self.settings.open)
         self.http = HttpApi(run=self.front_door.run, models=self.models, settings=self.settings,
-                            peer_id=self.peer_id, auth=auth)
+                            peer_id=self.peer_id, auth=auth, cors_origins=self.settings.http_cors_origins)
         await serve_http(self.http.app(), self._http_listener, shutdown_trigger=self._stop.wait,
                          task_status=task_status)
 

@@ -8,11 +8,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.errors import DaemonError
-from protocols.errors import MalformedMessage
-from protocols.records import Identity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from protocols.records import Identity
 
 __all__ = ["DataDir", "DaemonInfo", "pid_alive"]
 
@@ -68,6 +69,9 @@ class DataDir:
     # -- keys ----------------------------------------------------------------------------
 
     def _key(self, path: Path, create: bool) -> Identity:
+        from protocols.errors import MalformedMessage  # (imported here: reading daemon.json needs no crypto,
+        from protocols.records import Identity  # and the CLI's `generate` through HTTP starts faster)
+
         if path.exists():
             mode = path.stat().st_mode & 0o777
             if mode & 0o077:

@@ -1,6 +1,8 @@
 """`node.connect()`: submit prompts to a running daemon from a program, with the router's own API.
 
-    client = node.connect(data_dir="/var/lib/accelmesh")          # the local daemon (control protocol)
+    client = node.connect(data_dir="/var/lib/accelmesh")          # the local daemon (its HTTP API if it
+                                                                    # serves one, else the control protocol)
+    client = node.connect(http_url="http://10.0.0.5:8400", api_key=...)   # any daemon's HTTP API
     client = node.connect(peer="/ip4/10.0.0.5/tcp/4001/p2p/12D3KooW...", cluster_key="swarm.key")
     client.generate_text("Hello")                                   # blocking, like node.generate_text
     for chunk in client.stream_text("Hello"): ...
@@ -33,10 +35,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.errors import DaemonError, InvalidRequest
 from node.requests import Result, build_request
+
+if TYPE_CHECKING:  # pragma: no cover
+    from node.http.client import HttpClient
 
 __all__ = ["connect", "Client", "ClientStatistics"]
 
@@ -52,17 +57,31 @@ def connect(
     *,
     identity: Any = None,
     cluster_key: str | Path | None = None,
-) -> Client:
-    """A client for a running daemon: the one on `data_dir`, or the one at multiaddr `peer`.
+    api_key: str | None = None,
+) -> Client | HttpClient:
+    """A client for a running daemon: the one on `data_dir`, at multiaddr `peer`, or at `http_url`.
 
-    With `peer`, `identity` is a libp2p private-key file (or a `protocols.records.Identity`;
-    default: a new one for this client) and `cluster_key` the cluster's swarm.key file.
+    With `data_dir`, through the daemon's HTTP API when its daemon.json names an `http_url` (key:
+    its http.token), else the control protocol. With `peer`, `identity` is a libp2p private-key
+    file (or a `protocols.records.Identity`; default: a new one for this client) and `cluster_key`
+    the cluster's swarm.key file. With `http_url` (`http://HOST:PORT`), `api_key` is the bearer
+    token a daemon wants beyond loopback. Both kinds of client have the same methods.
     """
     given = [x for x in (data_dir, peer, http_url) if x is not None]
     if len(given) != 1:
         raise InvalidRequest("node.connect() takes exactly one of data_dir=, peer= and http_url=")
     if http_url is not None:
-        raise InvalidRequest("the HTTP API is not part of this release yet: use data_dir= or peer=")
+        from node.http.client import HttpClient
+
+        return HttpClient(http_url, api_key=api_key)
+    if data_dir is not None:
+        from node.datadir import DataDir
+
+        daemon = DataDir(data_dir).daemon()
+        if daemon is not None and daemon.http_url:
+            from node.http.client import HttpClient
+
+            return HttpClient(data_dir=data_dir)
     return Client(data_dir=Path(data_dir) if data_dir is not None else None, peer=peer,
                   identity=identity, cluster_key=str(cluster_key) if cluster_key is not None else None)
 

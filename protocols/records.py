@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat
 from protocols.cid import parse as parse_cid
 from protocols.codec import Bytes, Int, Message, Str, decode_with_fields, encode, field, pack
 from protocols.errors import BadSignature, ExpiredRecord, FrameTooLarge, MalformedMessage, ProtocolError
+from protocols.vocabulary import MAX_PEER_ID_LENGTH
 
 __all__ = [
     "KEY_TYPE_ED25519",
@@ -60,7 +61,6 @@ __all__ = [
 
 KEY_TYPE_ED25519 = 1  # libp2p crypto.proto KeyType.Ed25519
 CLOCK_SKEW_MS = 60_000  # records may be up to 60 s "from the future" or past expiry (clock skew)
-MAX_PEER_ID_LENGTH = 128  # characters; an Ed25519 peer id is 52
 DOMAIN_ADVERT = b"accelmesh advert v1\n"
 DOMAIN_CACHE_RECORD = b"accelmesh cache-record v1\n"
 CACHE_NAMESPACE = "accelmesh"  # DHT keys are /accelmesh/<request key>

@@ -27,3 +27,16 @@ def test_public_api_names_resolve_without_heavy_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_http_client_imports_no_network_stack_and_no_server():
+    """`accelmesh generate` through a daemon's HTTP API starts fast: the client and the CLI's path to
+    it import neither libp2p nor the server (Hypercorn, Starlette), nor httpx, trio or cryptography."""
+    code = (
+        "import sys\n"
+        "import node.cli, node.http.client, node.datadir\n"
+        "print(' '.join(m for m in (*" + repr(HEAVY) + ", 'hypercorn', 'starlette', 'httpx', 'cryptography')\n"
+        "               if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == ""

@@ -1,9 +1,11 @@
-"""The OpenAI-compatible HTTP API (INTERFACES.md "HTTP"): an ASGI app over the daemon's front door,
-served by Hypercorn's trio worker in the daemon's nursery. docs/api.md shows how to call it."""
+"""The OpenAI-compatible HTTP API (INTERFACES.md "HTTP") and its client.
 
-from node.http.app import HttpApi
-from node.http.auth import TOKEN_FILE, BearerAuth, is_loopback_host, write_token
-from node.http.server import HttpListener, bind_http, parse_bind, serve_http
+    node.http.app     the ASGI app over the daemon's front door (Starlette)
+    node.http.server  Hypercorn's trio worker in the daemon's nursery
+    node.http.auth    bearer tokens, http.token
+    node.http.client  node.connect(http_url=...) and the CLI: no libp2p, no server stack
+    node.http._openai OpenAI's shapes and ours, both ways (pure)
 
-__all__ = ["TOKEN_FILE", "BearerAuth", "HttpApi", "HttpListener", "bind_http", "is_loopback_host", "parse_bind",
-           "serve_http", "write_token"]
+This package imports nothing itself, so the client does not pull in the server. docs/api.md
+shows how to call the API.
+"""

@@ -16,24 +16,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from node.errors import InvalidRequest, ProviderNotFound
+from node.errors import DaemonError, InvalidRequest, ProviderNotFound
 from node.mesh.errors import error_for
-from node.requests import Result
+from node.requests import RESERVED_KWARGS, Result
+from protocols.inference.messages import ERROR_CODES, Error
 
 __all__ = [
     "IGNORED_FIELDS",
     "MAX_BODY_BYTES",
     "MAX_REQUEST_ID_CHARS",
+    "PASSED_FIELDS",
     "REJECTED_FIELDS",
     "Call",
     "accelmesh_json",
     "chunk_json",
     "completion_json",
+    "error_from_json",
     "error_json",
     "error_response",
     "models_json",
     "parse_call",
     "reserved_from_headers",
+    "result_from_json",
     "result_headers",
 ]
 
@@ -51,8 +55,9 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parall
 REJECTED_FIELDS = frozenset({"tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs",
                              "logit_bias", "response_format", "audio", "modalities", "prediction", "suffix", "echo",
                              "best_of", "reasoning_effort", "web_search_options"})
-_OWN_FIELDS = {"chat": frozenset({"model", "messages", "stream", "stream_options", "max_completion_tokens"}),
-               "completion": frozenset({"model", "prompt", "stream", "stream_options"})}
+_OWN_FIELDS = {"chat": frozenset({"model", "messages", "stream", "stream_options", "max_completion_tokens",
+                                  "accelmesh"}),
+               "completion": frozenset({"model", "prompt", "stream", "stream_options", "accelmesh"})}
 
 
 @dataclass(frozen=True)
@@ -127,12 +132,34 @@ def parse_call(kind: Kind, body: Any) -> Call:
         params["max_tokens"] = body["max_completion_tokens"]
     if params.get("n", 1) != 1:
         raise InvalidRequest("n must be 1 (one choice per request)")
+    params.update(_extra_params(body.get("accelmesh"), params))
     prompt = _messages(body.get("messages")) if kind == "chat" else _prompt(body.get("prompt"))
     return Call(kind, prompt, model, params, stream, bool(options.get("include_usage", False)))
 
 
+def _extra_params(extension: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """`"accelmesh": {"params": {...}}`: provider parameters beyond OpenAI's (e.g. `top_k`), passed
+    as `node.generate_text` passes its keyword arguments (`extra_body=` in the openai SDK)."""
+    if extension is None:
+        return {}
+    if not isinstance(extension, Mapping) or set(extension) - {"params"}:
+        raise InvalidRequest('accelmesh must be an object whose only field is "params"')
+    extra = extension.get("params") or {}
+    if not isinstance(extra, Mapping) or not all(isinstance(name, str) for name in extra):
+        raise InvalidRequest("accelmesh.params must be an object of parameters")
+    both = sorted(set(extra) & set(params))
+    if both:
+        raise InvalidRequest(f"accelmesh.params.{both[0]} is also given as a top-level field: give it once")
+    reserved = sorted(set(extra) & RESERVED_KWARGS)
+    if reserved:
+        raise InvalidRequest(f"accelmesh.params.{reserved[0]} is not a parameter: it has its own x-accelmesh-* "
+                             "header (docs/api.md)")
+    return dict(extra)
+
+
 # Request headers -> the reserved keyword arguments (INTERFACES.md "HTTP").
 HEADER_ARGUMENTS = {
+    "x-accelmesh-timeout": "timeout",
     "x-accelmesh-cache-mode": "cache",
     "x-accelmesh-strategy": "strategy",
     "x-accelmesh-verify": "verify",
@@ -157,6 +184,11 @@ def reserved_from_headers(headers: Mapping[str, str]) -> tuple[str | None, dict[
                 reserved[name] = int(value)
             except ValueError:
                 raise InvalidRequest(f"{header} must be a whole number, got {value!r}") from None
+        elif name == "timeout":
+            try:
+                reserved[name] = float(value)
+            except ValueError:
+                raise InvalidRequest(f"{header} must be a number of seconds, got {value!r}") from None
         elif name == "on_peers":
             reserved[name] = tuple(p.strip() for p in value.split(",") if p.strip())
         else:
@@ -170,7 +202,8 @@ def reserved_from_headers(headers: Mapping[str, str]) -> tuple[str | None, dict[
 def accelmesh_json(result: Result) -> dict[str, Any]:
     """The `accelmesh` object every response body (and the last SSE chunk) carries."""
     return {"key": result.key, "cid": result.cid, "provider": result.provider, "peer": result.peer,
-            "cache": result.cache, "served_from": result.served_from, "request_id": result.request_id}
+            "cache": result.cache, "served_from": result.served_from, "request_id": result.request_id,
+            "agreed": list(result.agreed)}
 
 
 def result_headers(result: Result) -> list[tuple[bytes, bytes]]:
@@ -206,6 +239,26 @@ def completion_json(kind: Kind, result: Result, *, created: int | None = None) -
         obj = "text_completion"
     return {"id": response_id(kind, result.request_id), "object": obj, "created": created, "model": result.model,
             "choices": [choice], "usage": _usage(result), "accelmesh": accelmesh_json(result)}
+
+
+def result_from_json(body: Any, *, latency_ms: float, text: str | None = None,
+                     finish_reason: str | None = None) -> Result:
+    """The inverse of `completion_json` (and, with the streamed `text` and `finish_reason`, of the
+    last SSE chunk): the Result an in-process call returns. A body that is not ours is DaemonError."""
+    try:
+        meta = body["accelmesh"]
+        choice = (body.get("choices") or [{}])[0]
+        if text is None:
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+        usage = body.get("usage") or {}
+        return Result(
+            text=text or "", provider=meta["provider"], model=body.get("model") or "", cache=meta["cache"],
+            key=meta["key"], cid=meta["cid"], request_id=meta.get("request_id") or "", latency_ms=latency_ms,
+            finish_reason=finish_reason or choice.get("finish_reason") or "stop",
+            usage={name: int(usage[name]) for name in ("prompt_tokens", "completion_tokens") if name in usage},
+            peer=meta.get("peer"), served_from=meta.get("served_from"), agreed=tuple(meta.get("agreed") or ()))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise DaemonError(f"the HTTP API answered something that is not an accelmesh completion ({exc!r})") from None
 
 
 def chunk_json(kind: Kind, request_id: str, model: str, created: int, *, text: str | None = None,
@@ -250,8 +303,12 @@ def error_json(message: str, *, type_: str, code: str | None = None, param: str 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: BaseException) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
-    """(status, OpenAI error JSON, extra headers) for an exception raised while answering."""
+def error_response(exc: BaseException, *, peer: str = "") -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+    """(status, OpenAI error JSON, extra headers) for an exception raised while answering at `peer`.
+
+    Beside OpenAI's fields the body carries `"accelmesh": {"peer", "retryable", "retry_after",
+    "answers"}` (the wire Error's fields), so a client raises what an in-process caller would
+    (`error_from_json`)."""
     if isinstance(exc, ProviderNotFound):  # a caller naming a provider this daemon does not have
         return 400, error_json(str(exc), type_="invalid_request_error", code="provider_not_found",
                                param="x-accelmesh-provider"), []
@@ -261,8 +318,34 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any], list[tuple[
     if status == 429:
         retry_after = wire.retry_after if wire.retry_after is not None and math.isfinite(wire.retry_after) else 1.0
         headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
-    return status, error_json(wire.message, type_=type_, code=wire.code,
-                              param="model" if wire.code == "model_not_found" else None), headers
+    body = error_json(wire.message, type_=type_, code=wire.code, param="model" if wire.code == "model_not_found" else None)
+    body["accelmesh"] = {"peer": peer or None, "retryable": wire.retryable, "retry_after": wire.retry_after,
+                         "answers": wire.answers}
+    return status, body, headers
+
+
+def error_from_json(status: int, body: Any, *, retry_after: str | None = None) -> tuple[Error | None, str, str]:
+    """The inverse of `error_response`: (the wire Error, or None when the body names none of its
+    codes; the peer that answered, or ""; the message). `retry_after` is the Retry-After header."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if not isinstance(error, Mapping):
+        return None, "", f"HTTP {status}"
+    message = str(error.get("message") or f"HTTP {status}")
+    code, extension = error.get("code"), body.get("accelmesh")
+    extension = extension if isinstance(extension, Mapping) else {}
+    if code not in ERROR_CODES:
+        return None, str(extension.get("peer") or ""), message
+    after = extension.get("retry_after")
+    if not isinstance(after, (int, float)) and retry_after is not None:
+        try:
+            after = float(retry_after)
+        except ValueError:
+            after = None
+    answers = extension.get("answers")
+    wire = Error(code=code, message=message, retryable=bool(extension.get("retryable", False)),
+                 retry_after=float(after) if isinstance(after, (int, float)) else None,
+                 answers=dict(answers) if isinstance(answers, Mapping) else None)
+    return wire, str(extension.get("peer") or ""), message
 
 
 def models_json(models: Mapping[str, Sequence[str]], *, created: int = 0) -> dict[str, Any]:

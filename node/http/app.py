@@ -43,6 +43,9 @@ log = logging.getLogger("node.http")
 Run = Callable[[RequestContext], AsyncIterator["str | Result"]]
 Models = Callable[[], Mapping[str, Sequence[str]]]
 
+SEND_GRACE = 5.0  # seconds past the request's deadline an answer may take to be written to a slow reader
+BODY_TIMEOUT = 30.0  # seconds a client has to send its request body (a slower one is 408: it holds a task, not a slot)
+
 _REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:-]{{1,{_openai.MAX_REQUEST_ID_CHARS}}}$")
 
 
@@ -98,14 +101,19 @@ class HttpApi:
     nothing else of the daemon."""
 
     def __init__(self, *, run: Run, models: Models, settings: Any, peer_id: str = "",
-                 auth: BearerAuth | None = None, max_body_bytes: int = _openai.MAX_BODY_BYTES) -> None:
+                 auth: BearerAuth | None = None, max_body_bytes: int = _openai.MAX_BODY_BYTES,
+                 cors_origins: Sequence[str] = ()) -> None:
         self.run, self.models, self.settings, self.peer_id = run, models, settings, peer_id
+        self.cors_origins = tuple(cors_origins)
         self.auth = auth if auth is not None else BearerAuth(frozenset(), required=False)
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = BODY_TIMEOUT
+        self.slow_bodies = 0  # requests refused because their body came too slowly (408)
         self.served = 0  # requests answered (any status)
         self.disconnected = 0  # requests whose client went away before the answer was complete
 
-    def app(self) -> Starlette:
+    def app(self) -> Any:
+        """The ASGI app: the routes, behind the key check, behind CORS when origins are configured."""
         routes = [
             Route("/v1/chat/completions", _Endpoint(self, "chat"), methods=["POST"]),
             Route("/v1/completions", _Endpoint(self, "completion"), methods=["POST"]),
@@ -119,7 +127,16 @@ class HttpApi:
                                                    f"{getattr(exc, 'detail', 'error')}",
                                                    type_="invalid_request_error", code=str(status)), status)
 
-        return _Authenticated(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), self.auth)
+        app: Any = _Authenticated(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), self.auth)
+        if self.cors_origins:  # outside the key check: a browser's preflight carries no key
+            from starlette.middleware.cors import CORSMiddleware
+
+            app = CORSMiddleware(app, allow_origins=self.cors_origins, allow_methods=["GET", "POST"],
+                                 allow_headers=["authorization", "content-type", "x-request-id",
+                                                *_openai.HEADER_ARGUMENTS, "x-accelmesh-provider"],
+                                 expose_headers=["x-request-id", "x-accelmesh-peer", "x-accelmesh-cache",
+                                                 "x-accelmesh-cid", "retry-after"], max_age=600)
+        return app
 
     async def _models(self, request: HttpRequest) -> JSONResponse:
         return JSONResponse(_openai.models_json(self.models()))
@@ -157,9 +174,16 @@ class HttpApi:
         rid = [(b"x-request-id", request_id.encode())]
         client = scope.get("client") or ("?", 0)
         try:
-            body = await _read_body(receive, self.max_body_bytes)
+            with trio.fail_after(self.body_timeout):
+                body = await _read_body(receive, self.max_body_bytes)
             call, ctx = self._context(kind, body, headers, request_id, f"http:{client[0]}")
         except _ClientGone:
+            return
+        except trio.TooSlowError:
+            self.slow_bodies += 1
+            await _send_json(send, 408, _openai.error_json(
+                f"the request body did not arrive within {self.body_timeout:g} s", type_="invalid_request_error",
+                code="request_timeout"), [*rid, (b"connection", b"close")])
             return
         except _BodyTooLarge:
             await _send_json(send, 413, _openai.error_json(
@@ -167,20 +191,25 @@ class HttpApi:
                 code="request_too_large"), rid)
             return
         except AccelmeshError as exc:
-            status, body_json, extra = _openai.error_response(exc)
+            status, body_json, extra = _openai.error_response(exc, peer=self.peer_id)
             await _send_json(send, status, body_json, [*rid, *extra])
             return
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            try:
-                if call.stream:
-                    await self._stream(call, ctx, send, rid)
-                else:
-                    await self._whole(call, ctx, send, rid)
-            finally:
-                if nursery.cancel_scope.cancel_called:
-                    self.disconnected += 1
-                nursery.cancel_scope.cancel()
+        # A client that stops reading blocks `send`: bounded by the deadline (plus a grace for the
+        # error answer), after which the connection is dropped and the slot freed.
+        with trio.move_on_at(ctx.deadline + SEND_GRACE) as bounded:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                try:
+                    if call.stream:
+                        await self._stream(call, ctx, send, rid)
+                    else:
+                        await self._whole(call, ctx, send, rid)
+                finally:
+                    if nursery.cancel_scope.cancel_called:
+                        self.disconnected += 1
+                    nursery.cancel_scope.cancel()
+        if bounded.cancelled_caught:
+            log.warning("request %s: the client did not read its answer before the deadline; dropped", request_id)
 
     async def _whole(self, call: _openai.Call, ctx: RequestContext, send: Any, rid: list[tuple[bytes, bytes]]) -> None:
         result: Result | None = None
@@ -202,7 +231,7 @@ class HttpApi:
         exc = _leaf(exc)
         if not isinstance(exc, AccelmeshError):
             log.exception("HTTP request failed", exc_info=exc)
-        status, body, extra = _openai.error_response(exc)
+        status, body, extra = _openai.error_response(exc, peer=self.peer_id)
         await _send_json(send, status, body, [*rid, *extra])
 
     async def _stream(self, call: _openai.Call, ctx: RequestContext, send: Any,
@@ -242,7 +271,7 @@ class HttpApi:
                 leaf = _leaf(exc)
                 if not isinstance(leaf, AccelmeshError):
                     log.exception("HTTP stream failed", exc_info=leaf)
-                await emit(_openai.error_response(leaf)[1])
+                await emit(_openai.error_response(leaf, peer=self.peer_id)[1])
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
         if result is None:

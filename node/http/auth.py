@@ -14,10 +14,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TOKEN_FILE", "BearerAuth", "is_loopback_host", "write_token"]
+__all__ = ["TOKEN_FILE", "BearerAuth", "api_keys", "is_loopback_host", "write_token"]
 
 TOKEN_FILE = "http.token"
 TOKEN_BYTES = 32  # 256 bits of randomness, url-safe base64
+MIN_KEY_CHARS = 16  # a configured API key shorter than this is refused at start
 
 
 def is_loopback_host(host: str) -> bool:
@@ -68,3 +69,25 @@ def write_token(data_dir: Path) -> str:
         tmp.unlink(missing_ok=True)
         raise
     return token
+
+
+def api_keys(keys: tuple[str, ...], keys_file: str, *, source: str | None = None) -> frozenset[str]:
+    """The configured API keys: `http_api_keys` and the lines of `http_api_keys_file` (blank lines
+    and `#` comments skipped). An unreadable file, or a key shorter than 16 characters, is a
+    ConfigError naming the setting."""
+    from node.errors import ConfigError
+
+    found = [(key.strip(), "http_api_keys") for key in keys if key.strip()]
+    if keys_file:
+        try:
+            lines = Path(keys_file).expanduser().read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError("http_api_keys_file", keys_file, f"cannot read it: {exc.strerror or exc}",
+                              source=source) from None
+        found += [(line.strip(), "http_api_keys_file") for line in lines
+                  if line.strip() and not line.lstrip().startswith("#")]
+    for key, setting in found:
+        if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
+            raise ConfigError(setting, "<secret>", f"an API key must be at least {MIN_KEY_CHARS} characters "
+                              "without spaces", source=source if setting == "http_api_keys_file" else None)
+    return frozenset(key for key, _ in found)

@@ -14,8 +14,7 @@ from protocols.canonical import decode_response
 from protocols.cid import cid_of
 from protocols.codec import Any_, Bool, Bytes, Dict, Float, Int, List, Message, Nested, Str, field
 from protocols.errors import CIDMismatch
-from protocols.records import MAX_PEER_ID_LENGTH
-from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES, CACHE_TIERS, TASKS
+from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES, CACHE_TIERS, MAX_PEER_ID_LENGTH, TASKS
 
 __all__ = [
     "PROTOCOL_ID",

@@ -26,7 +26,8 @@ from node.errors import (
     InvalidRequest,
     ModelNotFound,
 )
-from node.http import BearerAuth, is_loopback_host, parse_bind
+from node.http.auth import BearerAuth, is_loopback_host
+from node.http.server import parse_bind
 from node.http._openai import error_response, parse_call
 from tests.mesh.conftest import running_daemon
 
@@ -273,6 +274,30 @@ async def test_a_client_that_disconnects_mid_stream_frees_the_slot_within_a_seco
             assert a.daemon.http.disconnected >= 1
 
 
+async def test_a_slow_client_gets_408_and_the_daemon_serves_others_meanwhile(tmp_path):
+    with trio.fail_after(30):
+        async with api(tmp_path) as a, a.client() as client:
+            a.daemon.http.body_timeout = 1.0  # (30 s in a daemon)
+            host, port = a.url.removeprefix("http://").rsplit(":", 1)
+            slow = await trio.open_tcp_stream(host, int(port))
+            await slow.send_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                b"content-length: 100\r\n\r\n{\"model\": ")  # ...and nothing more
+            started = trio.current_time()
+            for i in range(5):  # the slow one holds a task, not an admission slot
+                r = await client.post("/v1/completions", json={"model": "echo", "prompt": f"fast {i}"})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == f"echo: fast {i}"
+            assert a.daemon.admission.in_flight == 0
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                data = await slow.receive_some()
+                if not data:
+                    break
+                answer += data
+            await slow.aclose()
+            assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+            assert 0.9 <= trio.current_time() - started < 5 and a.daemon.http.slow_bodies == 1
+
+
 async def test_sse_lines_are_data_events_ending_with_done(tmp_path):
     with trio.fail_after(30):
         async with api(tmp_path) as a, a.client() as client:
@@ -305,6 +330,59 @@ async def test_beyond_loopback_a_bearer_token_is_required(tmp_path):
             with pytest.raises(openai.AuthenticationError):
                 await in_thread(lambda: openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0,
                                                       http_client=httpx.Client(trust_env=False)).models.list())
+
+
+async def test_configured_api_keys_and_a_key_file_open_the_api_beyond_loopback(tmp_path):
+    from_env, from_file = "k" * 24, "f" * 32
+    keys = tmp_path / "keys"
+    keys.write_text(f"# team keys\n\n{from_file}\n")
+    with trio.fail_after(30):
+        async with api(tmp_path, http="0.0.0.0:0", ACCELMESH_HTTP_API_KEYS=from_env,
+                       ACCELMESH_HTTP_API_KEYS_FILE=str(keys)) as a:
+            url = f"http://127.0.0.1:{a.url.rsplit(':', 1)[1]}"
+            async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=20) as anon:
+                for key, status in ((from_env, 200), (from_file, 200), (a.token, 200), ("# team keys", 401),
+                                    ("k" * 23, 401)):
+                    r = await anon.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+                    assert r.status_code == status, key
+
+
+async def test_an_unusable_api_key_stops_start_up_naming_the_setting(tmp_path):
+    from node.config import load_settings
+    from tests.mesh.conftest import LOOPBACK
+
+    def daemon(**env: str) -> Daemon:
+        return Daemon(load_settings(env={"ACCELMESH_DATA_DIR": str(tmp_path / "d"), "ACCELMESH_LISTEN": LOOPBACK,
+                                         "ACCELMESH_HTTP": "127.0.0.1:0", **env}))
+
+    with trio.fail_after(30):
+        with pytest.raises(ConfigError, match="http_api_keys=.*at least 16 characters") as short:
+            await daemon(ACCELMESH_HTTP_API_KEYS="short").run()
+        assert "short" not in str(short.value)  # a key is a secret: never in a message
+        with pytest.raises(ConfigError, match="http_api_keys_file=.*cannot read"):
+            await daemon(ACCELMESH_HTTP_API_KEYS_FILE=str(tmp_path / "missing")).run()
+        assert not (tmp_path / "d" / "daemon.json").exists()
+
+
+async def test_cors_headers_only_for_configured_origins_and_preflight_needs_no_key(tmp_path):
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type,x-accelmesh-cache-mode"}
+    with trio.fail_after(30):
+        async with api(tmp_path, "plain") as a, a.client() as client:
+            r = await client.get("/v1/models", headers={"origin": "https://app.example"})
+            assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        async with api(tmp_path, "cors", http="0.0.0.0:0", ACCELMESH_HTTP_CORS_ORIGINS="https://app.example") as a:
+            url = f"http://127.0.0.1:{a.url.rsplit(':', 1)[1]}"
+            async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=20) as anon:
+                r = await anon.options("/v1/chat/completions", headers=preflight)
+                assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+                assert "x-accelmesh-cache-mode" in r.headers["access-control-allow-headers"].lower()
+                r = await anon.options("/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"})
+                assert r.status_code == 400
+                r = await anon.post("/v1/completions", json={"model": "echo", "prompt": "hi"},
+                                    headers={"origin": "https://app.example", "authorization": f"Bearer {a.token}"})
+                assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+                assert "x-accelmesh-cid" in r.headers["access-control-expose-headers"].lower()
 
 
 def test_bearer_auth_compares_every_token_and_loopback_needs_none():
@@ -348,10 +426,33 @@ async def test_the_openai_sdk_example_in_docs_api_md_runs(tmp_path, capsys):
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", doc, re.DOTALL)
+    (example,) = re.findall(r"```python\n(import json\n.*?)```", doc, re.DOTALL)
     with trio.fail_after(30):
         async with api(tmp_path) as a:
             code = example.replace('".data/node"', repr(str(a.daemon.data_dir.path)))
             await in_thread(exec, compile(code, "docs/api.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "echo: hello miss" and out[1] == "echo: hi" and "'echo'" in out[2]
+
+
+async def test_the_curl_examples_in_docs_api_md_run(tmp_path):
+    import os
+    import re
+    import sys
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    (example,) = re.findall(r"```sh\n(URL=.*?)```", doc, re.DOTALL)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    with trio.fail_after(30):
+        async with api(tmp_path) as a:
+            script = example.replace(".data/node", str(a.daemon.data_dir.path))
+            done = await trio.run_process(["bash", "-euo", "pipefail", "-c", script], capture_stdout=True,
+                                          capture_stderr=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    chat, end = json.JSONDecoder().raw_decode(out)  # curl -s prints it without a newline
+    assert chat["choices"][0]["message"]["content"] == "echo: hello" and chat["accelmesh"]["cache"] == "miss"
+    events = [line for line in out[end:].splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["completion_tokens"] >= 1
+    assert "echo" in [m["id"] for m in json.loads(out.splitlines()[-1])["data"]]  # GET /v1/models, printed last
