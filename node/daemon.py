@@ -19,6 +19,7 @@ connections, daemon.json is removed and the lock released.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -451,6 +452,9 @@ class Daemon:
             if provider.available().ok:
                 loaded = await trio.to_thread.run_sync(provider.preload)
                 log.info("hf_local: preloaded %s", ", ".join(loaded))
+                if gc.get_freeze_count():  # the daemon process froze its start-up heap (node.cli.freeze_heap):
+                    gc.freeze()  # the models' objects join it
+
         except Exception as exc:  # a model that fails to load must not take the daemon down
             log.warning("hf_local: preload failed: %s", exc)
 

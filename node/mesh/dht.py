@@ -555,6 +555,8 @@ class ClusterDHT:
         # Members this node is connected to first (a stable sort keeps them closest first): one
         # answers in a millisecond, a dial costs a hundred, and in a cluster of fewer than
         # BUCKET_SIZE members every member holds every record.
+        if not candidates:  # no member to ask (a cluster of one): nothing to set up
+            return None, []
         connected = set(self.host.get_connected_peers())
         candidates.sort(key=lambda peer: peer not in connected)
         answered: list[ID] = []
