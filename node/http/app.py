@@ -85,14 +85,27 @@ def _sse(payload: Any) -> bytes:
                         json.dumps(payload, separators=(",", ":")).encode()) + b"\n\n"
 
 
-async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
-    """Wait for the client to go away, then cancel the work (`scope`)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            log.debug("client disconnected: cancelling its request")
-            scope.cancel()
-            return
+async def _cancel_on_disconnect(receive: Any, work: trio.CancelScope, watching: trio.CancelScope) -> None:
+    """Wait for the client to go away, then cancel the work; until `watching` is cancelled."""
+    with watching:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                log.debug("client disconnected: cancelling its request")
+                work.cancel()
+                return
+
+
+def _watch_until_last(send: Any, watching: trio.CancelScope) -> Any:
+    """`send`, which stops the disconnect watcher before the last message of the answer: once the
+    answer is complete the server itself reports `http.disconnect`, which is not the client leaving."""
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            watching.cancel()
+        await send(message)
+
+    return sending
 
 
 class HttpApi:
@@ -198,7 +211,9 @@ class HttpApi:
         # error answer), after which the connection is dropped and the slot freed.
         with trio.move_on_at(ctx.deadline + SEND_GRACE) as bounded:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                watching = trio.CancelScope()
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, watching)
+                send = _watch_until_last(send, watching)
                 try:
                     if call.stream:
                         await self._stream(call, ctx, send, rid)

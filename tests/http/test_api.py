@@ -286,7 +286,7 @@ async def test_a_slow_client_gets_408_and_the_daemon_serves_others_meanwhile(tmp
             for i in range(5):  # the slow one holds a task, not an admission slot
                 r = await client.post("/v1/completions", json={"model": "echo", "prompt": f"fast {i}"})
                 assert r.status_code == 200 and r.json()["choices"][0]["text"] == f"echo: fast {i}"
-            assert a.daemon.admission.in_flight == 0
+            assert a.daemon.admission.in_flight == 0 and a.daemon.http.disconnected == 0  # answered, not cut
             answer = b""
             while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
                 data = await slow.receive_some()
