@@ -43,6 +43,14 @@ __all__ = ["HttpClient", "SseReader", "http_call", "CONNECT_TIMEOUT", "READ_MARG
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the daemon's API
 READ_MARGIN = 5.0  # seconds past the request's deadline before the client gives up on the daemon's answer
+MAX_CONNECTIONS = 1000  # per event loop, as the openai SDK: the daemon's admission queues and refuses, not
+MAX_IDLE_CONNECTIONS = 100  # the client (httpx's default of 100 would queue calls out of the daemon's sight)
+
+
+def _async_limits() -> Any:
+    import httpx
+
+    return httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_IDLE_CONNECTIONS)
 
 
 def http_call(request: Request, *, provider: str | None, stream: bool, api_key: str | None = None,
@@ -299,7 +307,7 @@ class HttpClient:
         with self._lock:
             client = self._async.get(loop)
             if client is None:
-                client = self._async[loop] = httpx.AsyncClient(trust_env=False)
+                client = self._async[loop] = httpx.AsyncClient(trust_env=False, limits=_async_limits())
             return client
 
     async def aiter_request(self, prompt: Any, *, provider: str | None = None, model_name: str | None = None,
