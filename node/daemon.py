@@ -48,7 +48,7 @@ from node.mesh.host import (
 )
 from node.mesh.pool import StreamPool
 from node.mesh.server import serve_inference_stream
-from node.mesh.streams import FramedStream, StreamGuard, StreamLimits
+from node.mesh.streams import FramedStream, StreamGuard, StreamLimits, Traffic
 from node.serving import FrontDoor
 from protocols.control import messages as control_wire
 
@@ -111,7 +111,8 @@ class Daemon:
         self.settings = settings
         self.data_dir = data_dir or DataDir(settings.data_dir)
         self.limits = _limits(settings)
-        self.guard = StreamGuard(self.limits)
+        self.traffic = Traffic()  # bytes by protocol and direction (node.mesh.streams, the HTTP API)
+        self.guard = StreamGuard(self.limits, traffic=self.traffic)
         self.admission = Admission(settings.limits.max_concurrent, settings.limits.max_queue)
         self.state = "starting"
         self.started_at = time.time()
@@ -143,6 +144,7 @@ class Daemon:
         self.cluster: Any = None  # node.cache.cluster.ClusterCache: the router's cluster tier
         self.http: Any = None  # node.http.HttpApi, with `http`
         self.http_url: str | None = None  # http://HOST:PORT where it listens
+        self.metrics: Any = None  # node.metrics.Metrics, with `http`
         self._http_listener: Any = None  # node.http.HttpListener: bound at start-up, served in the nursery
 
     @property
@@ -179,13 +181,21 @@ class Daemon:
             )
             self.host = make_host(config)
             async with run_host(self.host, self.settings.listen) as host, trio.open_nursery() as nursery:
-                self.front_door = FrontDoor(admission=self.admission, deps=self.deps, peer_id=self.peer_id)
-                self.streams = StreamPool(host, self.limits, max_idle_per_peer=self.settings.mesh.pool_max_idle_per_peer,
+                if self.settings.http:  # served at /metrics
+                    from node.metrics import Metrics
+
+                    self.metrics = Metrics()
+                self.front_door = FrontDoor(admission=self.admission, deps=self.deps, peer_id=self.peer_id,
+                                            record=self.metrics.record if self.metrics is not None else None)
+                self.streams = StreamPool(host, self.limits, traffic=self.traffic,
+                                          max_idle_per_peer=self.settings.mesh.pool_max_idle_per_peer,
                                           max_idle_seconds=self.settings.mesh.pool_max_idle_seconds)
                 self.table = PeerTable(self.peer_id, self.settings.adverts.ttl)
                 self.adverts = self._advert_service(host, self.table)
                 self.mesh = self._mesh(self.front_door, self.streams, self.table, self.adverts)
                 self.control = self._control_context(host, self.table, self.adverts)
+                if self.metrics is not None:
+                    self.metrics.watch(self.control, ready=self.readiness, traffic=self.traffic.snapshot)
                 self._register_handlers(host, self.control, self.front_door)
                 if self.cluster_enabled():
                     await self._start_cluster_cache(host, nursery)
@@ -263,10 +273,20 @@ class Daemon:
         keys = api_keys(self.settings.http_api_keys, self.settings.http_api_keys_file,
                         source=self.settings.sources.get("http_api_keys_file"))
         auth = BearerAuth(frozenset({token, *keys}), required=not is_loopback_host(host) and not self.settings.open)
+        assert self.metrics is not None
         self.http = HttpApi(run=self.front_door.run, models=self.models, settings=self.settings,
-                            peer_id=self.peer_id, auth=auth, cors_origins=self.settings.http_cors_origins)
+                            peer_id=self.peer_id, auth=auth, cors_origins=self.settings.http_cors_origins,
+                            ready=self.readiness, metrics=self.metrics.exposition, traffic=self.traffic)
         await serve_http(self.http.app(), self._http_listener, shutdown_trigger=self._stop.wait,
                          task_status=task_status)
+
+    def readiness(self) -> tuple[bool, str]:
+        """`/readyz`: whether some backend can serve (a ready provider here or on a peer), and why not."""
+        if self.state != "running":
+            return False, f"the daemon is {self.state}"
+        if self.models():
+            return True, "ready"
+        return False, "no ready provider here or on any known peer"
 
     def models(self) -> dict[str, tuple[str, ...]]:
         """Every model a ready provider serves anywhere in the mesh, with the peer ids serving it

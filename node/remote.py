@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -326,6 +327,39 @@ class Client:
     async def agenerate_text(self, prompt: Any, **kwargs: Any) -> str:
         return (await self.acomplete(prompt, **kwargs)).text
 
+    async def aembed_results(self, texts: Any, *, model_name: str | None = None, provider: str | None = None,
+                             **kwargs: Any) -> list[Result]:
+        """`node.aembed` through the daemon: one request per text, all at once; each text's Result."""
+        import trio
+
+        from node.config import current_settings
+        from node.embeddings import embed_requests
+        from node.wire import request_to_wire
+
+        requests = embed_requests(texts, model_name=model_name, kwargs=kwargs,
+                                  default_timeout=current_settings().request_timeout)
+        results: list[Result | None] = [None] * len(requests)
+        errors: list[Exception] = []
+
+        async def one(i: int, request: Any) -> None:
+            try:
+                async with aclosing(self._run(request_to_wire(request, provider=provider, hops=1))) as items:
+                    async for item in items:
+                        if isinstance(item, Result):
+                            results[i] = item
+            except Exception as exc:  # the first failure is raised once every text has ended
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, request in enumerate(requests):
+                nursery.start_soon(one, i, request)
+        if errors:
+            raise errors[0]
+        return [result for result in results if result is not None]
+
+    async def aembed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
+        return [list(r.embedding or ()) for r in await self.aembed_results(texts, **kwargs)]
+
     async def astream_text(self, prompt: Any, **kwargs: Any) -> AsyncIterator[str]:
         async with aclosing(self.aiter_request(prompt, **kwargs)) as items:
             async for item in items:
@@ -384,6 +418,12 @@ class Client:
 
     def generate_text(self, prompt: Any, **kwargs: Any) -> str:
         return self.complete(prompt, **kwargs).text
+
+    def embed_results(self, texts: Any, **kwargs: Any) -> list[Result]:
+        return self._get_portal().run(partial(self.aembed_results, texts, **kwargs))  # type: ignore[no-any-return]
+
+    def embed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
+        return [list(r.embedding or ()) for r in self.embed_results(texts, **kwargs)]
 
     def stream_text(self, prompt: Any, **kwargs: Any) -> Iterator[str]:
         for item in self.iter_request(prompt, **kwargs):

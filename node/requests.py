@@ -46,7 +46,7 @@ _FLOAT_PARAMS = frozenset({"temperature", "top_p", "presence_penalty", "frequenc
 class Request:
     """A normalized request: what determines the answer, and how to get it."""
 
-    task: str  # "generate" (a prompt) or "chat" (messages)
+    task: str  # "generate" (a prompt), "chat" (messages) or "embed" (a text to embed)
     prompt: str | None
     messages: tuple[Mapping[str, Any], ...] | None
     model: str | None  # explicit model, else the configured default, else None (provider's default)
@@ -92,6 +92,7 @@ class Result:
     served_from: str | None = None  # peer that supplied a cluster hit
     agreed: tuple[str, ...] = ()  # verify=k: the nodes (peer ids) that computed this same response CID
     response: bytes = field(default=b"", repr=False)  # the canonical response bytes (their CID is `cid`)
+    embedding: tuple[float, ...] | None = field(default=None, repr=False)  # task "embed": the vector
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,11 +163,21 @@ def build_request(
     kwargs: Mapping[str, Any],
     default_model: str | None = None,
     default_timeout: float = 120.0,
+    task: str | None = None,
 ) -> Request:
-    """Split reserved arguments from parameters, validate them, drop defaults."""
+    """Split reserved arguments from parameters, validate them, drop defaults. `task="embed"`: the
+    prompt is one text to embed (no parameters); else the prompt's type says generate or chat."""
     reserved = {k: v for k, v in kwargs.items() if k in RESERVED_KWARGS}
     params = _params({k: v for k, v in kwargs.items() if k not in RESERVED_KWARGS})
-    if isinstance(prompt, str):
+    if task == "embed":
+        if not isinstance(prompt, str):
+            raise InvalidRequest(f"an embedding's input must be a string, got {type(prompt).__name__}")
+        if params:
+            raise InvalidRequest(f"embeddings take no parameters, got {', '.join(sorted(params))}")
+        task, text, messages = "embed", prompt, None
+    elif task is not None and task not in ("generate", "chat"):
+        raise InvalidRequest(f"task must be generate, chat or embed, got {task!r}")
+    elif isinstance(prompt, str):
         task, text, messages = "generate", prompt, None
     elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
         task, text, messages = "chat", None, _messages(prompt)

@@ -111,19 +111,24 @@ def _serving(deps: RouterDeps, settings: Any, model: str) -> list[str]:
 
 
 def _candidates(
-    name: str | None, deps: RouterDeps, settings: Any, model: str | None = None, *, local_only: bool = False
+    name: str | None, deps: RouterDeps, settings: Any, model: str | None = None, *, local_only: bool = False,
+    task: str = "generate",
 ) -> tuple[list[tuple[str, BaseProvider]], list[tuple[str, BaseException | str]], bool]:
     """(providers to try in order, providers skipped with their reason, whether one was named).
 
     With a model named, the providers that list it come right after the mesh, before the rest
     of the chain (which may still serve model ids it does not list, e.g. an OpenAI-compatible API).
-    With `local_only`, providers that route to other nodes are left out, with the reason.
+    With `local_only`, providers that route to other nodes are left out, with the reason. Only
+    providers serving `task` are candidates: for `embed`, the mesh (if in the chain) and then every
+    registered provider that computes embeddings; for text, the chain less those that do not.
     """
-    chosen = name or settings.provider
+    chosen = name or (settings.provider if task != "embed" else None)
     if chosen:
         provider = deps.get_provider(chosen, settings)
         if local_only and provider.routes_remotely:
             raise ProviderUnavailable(chosen, _LOCAL_ONLY)
+        if task not in provider.tasks:
+            raise ProviderUnavailable(chosen, f"does not serve task {task!r} (it serves {', '.join(provider.tasks)})")
         readiness = provider.available()
         if not readiness.ok:
             raise ProviderUnavailable(chosen, readiness.reason)
@@ -131,6 +136,8 @@ def _candidates(
     ready: list[tuple[str, BaseProvider]] = []
     skipped: list[tuple[str, BaseException | str]] = []
     order = _chain(settings)
+    if task == "embed":
+        order = [*(["mesh"] if order[:1] == ["mesh"] else []), *_serving_task(deps, settings, task)]
     if model:
         listing = _serving(deps, settings, model)
         head = ["mesh"] if order[:1] == ["mesh"] else []
@@ -148,11 +155,27 @@ def _candidates(
         except Exception as exc:  # a provider that cannot even be built is skipped, with the reason
             skipped.append((candidate, f"could not be constructed: {type(exc).__name__}: {exc}"))
             continue
+        if task not in provider.tasks:
+            continue  # (not a failure: this provider serves other tasks)
         if readiness.ok:
             ready.append((candidate, provider))
         else:
             skipped.append((candidate, f"not ready: {readiness.reason}"))
     return ready, skipped, False
+
+
+def _serving_task(deps: RouterDeps, settings: Any, task: str) -> list[str]:
+    """Registered providers (the mesh aside) that serve `task`."""
+    out = []
+    for name in registry.names():
+        if name == "mesh":
+            continue
+        try:
+            if task in deps.get_provider(name, settings).tasks:
+                out.append(name)
+        except Exception:  # a provider that cannot be built serves nothing
+            continue
+    return out
 
 
 def _constrained(
@@ -258,7 +281,7 @@ class _Run:
         self.started = time.monotonic()  # for `Result.latency_ms`, whichever clock the deadline uses
         self.deadline = now() + request.timeout
         candidates, self.failures, self.named = _candidates(
-            provider, deps, settings, request.model, local_only=local_only)
+            provider, deps, settings, request.model, local_only=local_only, task=request.task)
         self.candidates = _constrained(candidates, self.failures, self.named, request)
 
     def left(self) -> float:
@@ -404,7 +427,7 @@ class _Attempt:
             text=body.get("text", ""), provider=self.name, model=body["model"], cache=tier, key=key or self.key,
             cid=cid, request_id=self.request.request_id, latency_ms=(time.monotonic() - self.started) * 1000.0,
             finish_reason=body["finish_reason"], usage=body["usage"], response=data,
-            served_from=found[3] if len(found) > 3 else None,
+            served_from=found[3] if len(found) > 3 else None, embedding=_vector(body),
         )
 
     # running and finishing ----------------------------------------------------------
@@ -413,9 +436,14 @@ class _Attempt:
         """The provider's answer as a `Result` and its canonical bytes, stored as the policy says."""
         if completion.remote is not None:
             return self._finish_remote(completion)
+        embedding = None
+        if self.request.task == "embed":
+            if completion.embedding is None:
+                raise ProviderFailed(self.name, "answered an embedding request without an embedding")
+            embedding = tuple(completion.embedding)  # (equal to the canonical bytes' floats: -0.0 == 0.0)
         data = response_bytes(
-            task=self.request.task, model=self.identity, text=completion.text,
-            finish_reason=completion.finish_reason, usage=completion.usage,
+            task=self.request.task, model=self.identity, text=None if embedding is not None else completion.text,
+            embedding=embedding, finish_reason=completion.finish_reason, usage=completion.usage,
         )
         cid = cid_of(data)
         if self.policy.store and self.cache is not None:
@@ -426,6 +454,7 @@ class _Attempt:
             text=completion.text, provider=self.name, model=self.identity, cache=tier, key=self.key, cid=cid,
             request_id=self.request.request_id, latency_ms=(time.monotonic() - self.started) * 1000.0,
             finish_reason=completion.finish_reason, usage=completion.usage, response=data,
+            embedding=embedding,
         )
         return result, data
 
@@ -442,7 +471,7 @@ class _Attempt:
             cid=remote.cid, request_id=self.request.request_id,
             latency_ms=(time.monotonic() - self.started) * 1000.0, finish_reason=body["finish_reason"],
             usage=body["usage"], response=remote.response, peer=remote.peer, served_from=remote.served_from,
-            agreed=remote.agreed,
+            agreed=remote.agreed, embedding=_vector(body),
         )
         return result, remote.response
 
@@ -480,6 +509,12 @@ def _answers(data: bytes, identity: str, task: str, key: str) -> bool:
         _log().warning("cached value for %s answers %s/%s, not %s", key, body["task"], body["model"], identity)
         return False
     return True
+
+
+def _vector(body: dict[str, Any]) -> tuple[float, ...] | None:
+    """A decoded response's embedding (task embed), else None."""
+    embedding = body.get("embedding")
+    return tuple(embedding) if embedding is not None else None
 
 
 _PASS_THROUGH = (ProviderError, CacheMiss, DeadlineExceeded, InvalidRequest, Busy, Disagreement)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from node.admission import Admission, Slot
 from node.deps import RouterDeps
 from node.errors import DeadlineExceeded
 from node.idempotency import RecentRequests, RequestIdentity, fingerprint
+from node.metrics import Served, outcome_of
 from node.requests import Request, Result
 from node.wire import FORWARDED_HOPS, request_from_wire, result_to_wire
 from protocols.inference.messages import Request as WireRequest
@@ -67,9 +68,10 @@ class FrontDoor:
     router's deps and this node's peer id, and nothing else of the daemon."""
 
     def __init__(self, *, admission: Admission, deps: RouterDeps, peer_id: str,
-                 recent: RecentRequests | None = None) -> None:
+                 recent: RecentRequests | None = None, record: Callable[[Served], None] | None = None) -> None:
         self.admission, self.deps, self.peer_id = admission, deps, peer_id
         self.recent = recent if recent is not None else RecentRequests()  # request ids made idempotent
+        self.record = record  # each finished request, for the metrics (node.metrics.Metrics.record)
 
     def context(self, message: WireRequest, *, caller: str, entry: str) -> RequestContext:
         """The context of a request that arrived now as a protocol message."""
@@ -83,24 +85,56 @@ class FrontDoor:
         then one Result naming the peer that computed it. Time in the queue counts against the
         deadline: a request still waiting when it passes ends with DeadlineExceeded. A repeat of a
         request running or recently finished here gets that one's answer instead (`_repeated`)."""
-        log.debug("request %s from %s by %s", ctx.request.request_id, ctx.caller, ctx.entry,
-                  extra={"request_id": ctx.request.request_id, "peer": ctx.caller, "entry": ctx.entry})
-        identity = (ctx.request.request_id, fingerprint(ctx.request, ctx.provider, ctx.local_only))
-        earlier = await self._repeated(ctx, identity)
-        if earlier is not None:  # node.idempotency: the caller gets that request's answer, not a second one
-            if earlier.text:
-                yield earlier.text
-            yield earlier
-            return
-        flight, result = self.recent.start(identity), None
+        started, first, result, error = trio.current_time(), None, None, None
         try:
-            async with self._admitted(ctx) as slot, aclosing(self._answer(ctx, slot)) as items:
-                async for item in items:
-                    if isinstance(item, Result):
-                        result = item  # kept even if our caller stops listening once it has it
-                    yield item
+            identity = (ctx.request.request_id, fingerprint(ctx.request, ctx.provider, ctx.local_only))
+            earlier = await self._repeated(ctx, identity)
+            if earlier is not None:  # node.idempotency: the caller gets that request's answer, not a second one
+                result = earlier
+                if earlier.text:
+                    yield earlier.text
+                yield earlier
+                return
+            flight = self.recent.start(identity)
+            try:
+                async with self._admitted(ctx) as slot, aclosing(self._answer(ctx, slot)) as items:
+                    async for item in items:
+                        if first is None:
+                            first = trio.current_time()
+                        if isinstance(item, Result):
+                            result = item  # kept even if our caller stops listening once it has it
+                        yield item
+            finally:
+                self.recent.finish(identity, flight, result, trio.current_time())
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            self.recent.finish(identity, flight, result, trio.current_time())
+            self._finished(ctx, started, first, result, None if result is not None else error)
+
+    def _finished(self, ctx: RequestContext, started: float, first: float | None, result: Result | None,
+                  error: BaseException | None) -> None:
+        """One log line per request (its id, how it ended, who answered), and the metrics."""
+        now = trio.current_time()
+        outcome = outcome_of(error if result is None else None)
+        if result is None and error is None:
+            outcome = "cancelled"  # the caller stopped listening before the answer
+        request_id = ctx.request.request_id
+        if result is not None:
+            log.info("request %s by %s: %s from %s via %s (%s) in %.1f ms", request_id, ctx.entry, result.cache,
+                     (result.peer or self.peer_id)[-8:], result.provider, ctx.request.task, (now - started) * 1000,
+                     extra={"request_id": request_id, "entry": ctx.entry, "peer": result.peer,
+                            "provider": result.provider, "cache": result.cache, "outcome": outcome})
+        else:
+            log.info("request %s by %s: %s%s", request_id, ctx.entry, outcome,
+                     f" ({type(error).__name__}: {error})" if isinstance(error, Exception) else "",
+                     extra={"request_id": request_id, "entry": ctx.entry, "outcome": outcome})
+        if self.record is not None:
+            self.record(Served(
+                entry=ctx.entry, outcome=outcome, provider=result.provider if result else None,
+                peer=(result.peer or self.peer_id) if result else None, seconds=now - started,
+                first_seconds=(first if first is not None else now) - started,
+                tokens=int(result.usage.get("completion_tokens", 0)) if result else 0))
 
     async def _repeated(self, ctx: RequestContext, identity: RequestIdentity) -> Result | None:
         """The Result of the request `ctx` repeats: one finished recently, or one running now (waited

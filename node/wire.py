@@ -14,7 +14,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from node.errors import InvalidRequest
 from node.requests import Request, Result, build_request
 from protocols.canonical import decode_response
 from protocols.inference.messages import MAX_HOPS, MAX_TIMEOUT_MS, ChatMessage
@@ -58,8 +57,6 @@ def request_to_wire(request: Any, *, provider: str | None, hops: int, stream: bo
 def request_from_wire(message: WireRequest, *, default_model: str | None = None) -> Request:
     """The Request a node received, validated and normalized exactly as an in-process call's
     arguments are (InvalidRequest names what is wrong); no model named: `default_model`."""
-    if message.task == "embed":
-        raise InvalidRequest("embeddings are not served yet (task 'embed')")
     prompt: Any = message.prompt
     if message.messages is not None:
         prompt = [{"role": m.role, "content": m.content} for m in message.messages]
@@ -74,7 +71,7 @@ def request_from_wire(message: WireRequest, *, default_model: str | None = None)
     if message.verify:
         reserved["verify"] = message.verify
     return build_request(prompt, model_name=message.model, kwargs={**message.params, **reserved},
-                         default_model=default_model)
+                         default_model=default_model, task="embed" if message.task == "embed" else None)
 
 
 def result_to_wire(result: Result, *, peer: str) -> WireResult:
@@ -95,4 +92,5 @@ def result_from_wire(message: WireResult, *, request_id: str, latency_ms: float)
         key=message.key, cid=message.cid, request_id=request_id, latency_ms=latency_ms,
         finish_reason=body["finish_reason"], usage=body["usage"], peer=message.peer,
         served_from=message.served_from, agreed=tuple(message.agreed or ()), response=message.response,
+        embedding=tuple(body["embedding"]) if body.get("embedding") is not None else None,
     )

@@ -50,6 +50,11 @@ def canonicalize(value: Any, path: str = "", depth: int = 0) -> Any:
     if kind is dict or (kind is not list and isinstance(value, Mapping)):
         return _canonical_map(value, path, depth)
     if kind is list or kind is tuple:
+        if value and set(map(type, value)) == {float}:  # a vector (an embedding): checked in C loops
+            if not all(map(math.isfinite, value)):
+                i = next(i for i, item in enumerate(value) if not math.isfinite(item))
+                raise NotCanonical(f"{path}[{i}]", f"{value[i]!r} has no canonical encoding")
+            return [0.0 if item == 0.0 else item for item in value] if 0.0 in value else list(value)  # -0.0 as 0.0
         return [canonicalize(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
     if value is None or kind is bool:
         return value
@@ -140,7 +145,7 @@ def response_bytes(
     if text is not None:
         body["text"] = text
     else:
-        body["embedding"] = [float(x) for x in embedding or ()]
+        body["embedding"] = list(map(float, embedding or ()))
     return encode(body)
 
 

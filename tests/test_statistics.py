@@ -212,6 +212,7 @@ FACTORIES: dict[str, Factory] = {
         "node.providers.echo.EchoProvider",
         "node.providers.copilot_sdk.CopilotSDKProvider",
         "node.providers.hf_local.HFLocalProvider",  # loads nothing (no torch) until a request comes
+        "node.providers.embed.EmbedProvider",  # likewise
     )},
     "node.cache.store.LocalStore": _local_store,
     "node.cache.tiered.TieredCache": _tiered_cache,

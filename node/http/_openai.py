@@ -29,15 +29,19 @@ __all__ = [
     "REJECTED_FIELDS",
     "Call",
     "accelmesh_json",
+    "EmbeddingCall",
     "chunk_json",
+    "embeddings_json",
     "completion_json",
     "error_from_json",
     "error_json",
     "error_response",
     "models_json",
     "parse_call",
+    "parse_embedding_call",
     "reserved_from_headers",
     "result_from_json",
+    "results_from_embeddings",
     "result_headers",
 ]
 
@@ -281,6 +285,88 @@ def chunk_json(kind: Kind, request_id: str, model: str, created: int, *, text: s
     if usage and result is not None:
         chunk["usage"] = _usage(result)
     return chunk
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # texts in one /v1/embeddings request (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class EmbeddingCall:
+    """One /v1/embeddings body, checked."""
+
+    texts: tuple[str, ...]
+    model: str | None
+    base64: bool  # encoding_format "base64": each vector as little-endian float32 bytes, base64
+
+
+def parse_embedding_call(body: Any) -> EmbeddingCall:
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - {"model", "input", "encoding_format", "user", "dimensions"})
+    if unknown:
+        raise InvalidRequest(f"unknown parameter: {unknown[0]}")
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest("input must be a string or a non-empty array of strings (token arrays are not "
+                             "supported)")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"input has {len(texts)} texts; at most {MAX_EMBEDDING_INPUTS} per request")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise InvalidRequest("encoding_format must be float or base64")
+    if body.get("dimensions") is not None:
+        raise InvalidRequest("parameter dimensions is not supported by accelmesh (the model's size is fixed)")
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise InvalidRequest("model must be a non-empty string")
+    return EmbeddingCall(tuple(texts), model, encoding == "base64")
+
+
+def embeddings_json(call: EmbeddingCall, results: Sequence[Result]) -> dict[str, Any]:
+    """OpenAI's embeddings list; `accelmesh` holds each field as a list aligned with `data`."""
+    import base64
+    import struct
+
+    def encoded(vector: Sequence[float]) -> Any:
+        if not call.base64:
+            return list(vector)
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+    tokens = sum(int(r.usage.get("prompt_tokens", 0)) for r in results)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encoded(r.embedding or ())}
+                 for i, r in enumerate(results)],
+        "model": results[0].model.split("/", 1)[-1] if results else (call.model or ""),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "accelmesh": {name: [value[name] for value in (accelmesh_json(r) for r in results)]
+                      for name in ("key", "cid", "provider", "peer", "cache", "served_from", "request_id")},
+    }
+
+
+def results_from_embeddings(body: Any, *, latency_ms: float) -> list[Result]:
+    """The inverse of `embeddings_json` (float or base64): each input's Result, with `.embedding`."""
+    import base64
+    import struct
+
+    try:
+        meta, data = body["accelmesh"], sorted(body["data"], key=lambda item: item["index"])
+        out = []
+        for i, item in enumerate(data):
+            vector = item["embedding"]
+            if isinstance(vector, str):
+                raw = base64.b64decode(vector)
+                vector = struct.unpack(f"<{len(raw) // 4}f", raw)
+            out.append(Result(
+                text="", provider=meta["provider"][i], model=body.get("model") or "", cache=meta["cache"][i],
+                key=meta["key"][i], cid=meta["cid"][i], request_id=meta["request_id"][i], latency_ms=latency_ms,
+                peer=meta["peer"][i], served_from=meta["served_from"][i], embedding=tuple(float(x) for x in vector)))
+        return out
+    except (KeyError, IndexError, TypeError, ValueError, struct.error) as exc:
+        raise DaemonError(f"the HTTP API answered something that is not an accelmesh embeddings list ({exc!r})") from None
 
 
 # -- errors ----------------------------------------------------------------------------------

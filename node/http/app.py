@@ -27,7 +27,7 @@ import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from node.errors import AccelmeshError, InvalidRequest, ModelNotFound
@@ -43,6 +43,7 @@ log = logging.getLogger("node.http")
 Run = Callable[[RequestContext], AsyncIterator["str | Result"]]
 Models = Callable[[], Mapping[str, Sequence[str]]]
 
+EMBED_CONCURRENCY = 64  # texts of one /v1/embeddings request admitted at once (the node's max_concurrent)
 SEND_GRACE = 5.0  # seconds past the request's deadline an answer may take to be written to a slow reader
 BODY_TIMEOUT = 30.0  # seconds a client has to send its request body (a slower one is 408: it holds a task, not a slot)
 
@@ -115,9 +116,13 @@ class HttpApi:
 
     def __init__(self, *, run: Run, models: Models, settings: Any, peer_id: str = "",
                  auth: BearerAuth | None = None, max_body_bytes: int = _openai.MAX_BODY_BYTES,
-                 cors_origins: Sequence[str] = ()) -> None:
+                 cors_origins: Sequence[str] = (), ready: Callable[[], tuple[bool, str]] = lambda: (True, "ready"),
+                 metrics: Callable[[], bytes] | None = None, traffic: Any = None) -> None:
         self.run, self.models, self.settings, self.peer_id = run, models, settings, peer_id
         self.cors_origins = tuple(cors_origins)
+        self.ready = ready  # /readyz: (whether some backend can serve, why not)
+        self.metrics = metrics  # /metrics: the Prometheus exposition (None: 404)
+        self.traffic = traffic  # node.mesh.streams.Traffic: bytes in and out, counted under "http"
         self.auth = auth if auth is not None else BearerAuth(frozenset(), required=False)
         self.max_body_bytes = max_body_bytes
         self.body_timeout = BODY_TIMEOUT
@@ -130,8 +135,11 @@ class HttpApi:
         routes = [
             Route("/v1/chat/completions", _Endpoint(self, "chat"), methods=["POST"]),
             Route("/v1/completions", _Endpoint(self, "completion"), methods=["POST"]),
+            Route("/v1/embeddings", _Endpoint(self, "embeddings"), methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/readyz", self._readyz, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
         ]
 
         async def http_error(request: HttpRequest, exc: Exception) -> JSONResponse:
@@ -141,6 +149,8 @@ class HttpApi:
                                                    type_="invalid_request_error", code=str(status)), status)
 
         app: Any = _Authenticated(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), self.auth)
+        if self.traffic is not None:
+            app = _Counted(app, self.traffic)
         if self.cors_origins:  # outside the key check: a browser's preflight carries no key
             from starlette.middleware.cors import CORSMiddleware
 
@@ -157,15 +167,22 @@ class HttpApi:
     async def _healthz(self, request: HttpRequest) -> JSONResponse:
         return JSONResponse({"ok": True, "peer_id": self.peer_id})
 
+    async def _readyz(self, request: HttpRequest) -> JSONResponse:
+        ready, reason = self.ready()
+        return JSONResponse({"ready": ready, "reason": reason, "peer_id": self.peer_id}, 200 if ready else 503)
+
+    async def _metrics(self, request: HttpRequest) -> Response:
+        if self.metrics is None:
+            raise HTTPException(404, "metrics are off")
+        from node.metrics import CONTENT_TYPE
+
+        return Response(self.metrics(), media_type=CONTENT_TYPE)
+
     # -- completions --------------------------------------------------------------------------
 
     def _context(self, kind: _openai.Kind, body: bytes, headers: Mapping[str, str], request_id: str,
                  caller: str) -> tuple[_openai.Call, RequestContext]:
-        try:
-            decoded = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-        call = _openai.parse_call(kind, decoded)
+        call = _openai.parse_call(kind, _json_body(body))
         provider, reserved = _openai.reserved_from_headers(headers)
         if provider is None and call.model is not None and call.model not in self.models():
             raise ModelNotFound("http", f"the model {call.model!r} is not served anywhere in the mesh "
@@ -178,7 +195,8 @@ class HttpApi:
                              hops=0, caller=caller, entry="http")
         return call, ctx
 
-    async def serve(self, kind: _openai.Kind, scope: Any, receive: Any, send: Any) -> None:
+    async def serve(self, kind: str, scope: Any, receive: Any, send: Any) -> None:
+        """One request to a completions endpoint (`kind`: chat, completion) or to /v1/embeddings."""
         self.served += 1
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         request_id = headers.get("x-request-id", "")
@@ -189,7 +207,11 @@ class HttpApi:
         try:
             with trio.fail_after(self.body_timeout):
                 body = await _read_body(receive, self.max_body_bytes)
-            call, ctx = self._context(kind, body, headers, request_id, f"http:{client[0]}")
+            if kind == "embeddings":
+                call, contexts = self._embedding_contexts(body, headers, request_id, f"http:{client[0]}")
+            else:
+                call, ctx = self._context(kind, body, headers, request_id, f"http:{client[0]}")
+                contexts = [ctx]
         except _ClientGone:
             return
         except trio.TooSlowError:
@@ -209,22 +231,70 @@ class HttpApi:
             return
         # A client that stops reading blocks `send`: bounded by the deadline (plus a grace for the
         # error answer), after which the connection is dropped and the slot freed.
-        with trio.move_on_at(ctx.deadline + SEND_GRACE) as bounded:
+        with trio.move_on_at(contexts[0].deadline + SEND_GRACE) as bounded:
             async with trio.open_nursery() as nursery:
                 watching = trio.CancelScope()
                 nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, watching)
                 send = _watch_until_last(send, watching)
                 try:
-                    if call.stream:
-                        await self._stream(call, ctx, send, rid)
+                    if kind == "embeddings":
+                        await self._embeddings(call, contexts, send, rid)
+                    elif call.stream:
+                        await self._stream(call, contexts[0], send, rid)
                     else:
-                        await self._whole(call, ctx, send, rid)
+                        await self._whole(call, contexts[0], send, rid)
                 finally:
                     if nursery.cancel_scope.cancel_called:
                         self.disconnected += 1
                     nursery.cancel_scope.cancel()
         if bounded.cancelled_caught:
             log.warning("request %s: the client did not read its answer before the deadline; dropped", request_id)
+
+    def _embedding_contexts(self, body: bytes, headers: Mapping[str, str], request_id: str,
+                            caller: str) -> tuple[_openai.EmbeddingCall, list[RequestContext]]:
+        """One context per input text (each its own request: key, CID, admission)."""
+        from node.embeddings import embed_requests
+
+        call = _openai.parse_embedding_call(_json_body(body))
+        provider, reserved = _openai.reserved_from_headers(headers)
+        if provider is None and call.model is not None and call.model not in self.models():
+            raise ModelNotFound("http", f"the model {call.model!r} is not served anywhere in the mesh "
+                                        "(GET /v1/models lists those that are)", retryable=False)
+        requests = embed_requests(list(call.texts), model_name=call.model,
+                                  kwargs={**reserved, "request_id": request_id},
+                                  default_timeout=self.settings.request_timeout)
+        now = trio.current_time()
+        return call, [RequestContext(request=r, provider=provider, deadline=now + r.timeout, hops=0, caller=caller,
+                                     entry="http") for r in requests]
+
+    async def _embeddings(self, call: _openai.EmbeddingCall, contexts: list[RequestContext], send: Any,
+                          rid: list[tuple[bytes, bytes]]) -> None:
+        """Every text at once, at most EMBED_CONCURRENCY admitted together (the texts that reach one
+        node together are one forward pass there); the first failure answers for the request."""
+        results: list[Result | None] = [None] * len(contexts)
+        errors: list[Exception] = []
+        limiter = trio.CapacityLimiter(EMBED_CONCURRENCY)
+
+        async def one(i: int, ctx: RequestContext) -> None:
+            async with limiter:
+                if errors:
+                    return
+                try:
+                    async with aclosing(self.run(ctx)) as items:
+                        async for item in items:
+                            if isinstance(item, Result):
+                                results[i] = item
+                except Exception as exc:
+                    errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, ctx in enumerate(contexts):
+                nursery.start_soon(one, i, ctx)
+        if errors or any(r is None for r in results):
+            await self._send_error(send, errors[0] if errors else RuntimeError("an input got no answer"), rid)
+            return
+        done = [r for r in results if r is not None]
+        await _send_json(send, 200, _openai.embeddings_json(call, done), rid)
 
     async def _whole(self, call: _openai.Call, ctx: RequestContext, send: Any, rid: list[tuple[bytes, bytes]]) -> None:
         result: Result | None = None
@@ -301,6 +371,13 @@ class HttpApi:
         await send({"type": "http.response.body", "body": _sse(b"[DONE]"), "more_body": False})
 
 
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
 def _leaf(exc: BaseException) -> BaseException:
     """The one exception inside (nested) groups of one, else `exc`."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -311,11 +388,37 @@ def _leaf(exc: BaseException) -> BaseException:
 class _Endpoint:
     """A raw ASGI endpoint (Starlette routes to it as an app): the handler owns send and receive."""
 
-    def __init__(self, api: HttpApi, kind: _openai.Kind) -> None:
+    def __init__(self, api: HttpApi, kind: str) -> None:
         self.api, self.kind = api, kind
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.api.serve(self.kind, scope, receive, send)
+
+
+class _Counted:
+    """Bytes of request and response bodies into the node's traffic counts, as protocol `http`."""
+
+    def __init__(self, app: Any, traffic: Any) -> None:
+        self.app, self.traffic = app, traffic
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        add = self.traffic.add
+
+        async def counted_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                add("http", "in", len(message.get("body", b"")))
+            return message
+
+        async def counted_send(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                add("http", "out", len(message.get("body", b"")))
+            await send(message)
+
+        await self.app(scope, counted_receive, counted_send)
 
 
 class _Authenticated:
@@ -325,7 +428,7 @@ class _Authenticated:
         self.app, self.auth = app, auth
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") != "/healthz":
+        if scope["type"] == "http" and scope.get("path") not in ("/healthz", "/readyz"):
             header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"authorization"),
                           None)
             if not self.auth.allows(header):

@@ -195,9 +195,7 @@ class HttpClient:
               stream: bool) -> tuple[Request, str, dict[str, str], bytes]:
         default_provider, default_model, default_timeout = self._defaults
         if default_timeout is None:
-            from node.config import current_settings
-
-            default_timeout = current_settings().request_timeout
+            default_timeout = _settings_timeout()
         request = build_request(prompt, model_name=model_name or default_model, kwargs=kwargs,
                                 default_timeout=default_timeout)
         path, headers, body = http_call(request, provider=provider or default_provider, stream=stream,
@@ -275,6 +273,75 @@ class HttpClient:
 
     def complete(self, prompt: Any, **kwargs: Any) -> Result:
         return _last(self.iter_request(prompt, stream=False, **kwargs))
+
+    def _embedding_call(self, texts: Any, model_name: str | None, provider: str | None, kwargs: dict[str, Any]
+                        ) -> tuple[list[Request], dict[str, str], bytes]:
+        from node.embeddings import embed_requests
+
+        timeout = self._defaults[2] if self._defaults[2] is not None else _settings_timeout()
+        requests = embed_requests(texts, model_name=model_name, kwargs=kwargs, default_timeout=timeout)
+        first = requests[0]
+        _, headers, _ = http_call(first, provider=provider, stream=False, api_key=self._api_key)
+        headers["x-request-id"] = first.request_id.rsplit(":", 1)[0] if kwargs.get("request_id") else first.request_id
+        body: dict[str, Any] = {"input": [r.prompt for r in requests]}
+        if model_name:
+            body["model"] = model_name
+        return requests, headers, json.dumps(body, ensure_ascii=False).encode()
+
+    def embed_results(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[Result]:
+        """`node.embed` over `POST /v1/embeddings`: each text's Result, with `.embedding`."""
+        provider = kwargs.pop("provider", None)
+        requests, headers, body = self._embedding_call(texts, model_name, provider, kwargs)
+        for attempt in range(2):
+            try:
+                conn = self._connection()
+                if conn.sock is None:
+                    conn.connect()
+                conn.sock.settimeout(requests[0].timeout + READ_MARGIN)
+                started = time.monotonic()
+                conn.request("POST", "/v1/embeddings", body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    raise_http_error(response.status, data, _lower(response.getheaders()), self.url)
+                return _openai.results_from_embeddings(json.loads(data), latency_ms=(time.monotonic() - started) * 1e3)
+            except AccelmeshError:
+                raise
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                if attempt or not isinstance(exc, _RETRIED_SYNC):
+                    raise _sync_transport_error(exc, self.url) from None
+                if self.data_dir is not None:
+                    self._resolve()
+                headers = {**headers, **_auth(self._api_key)}
+        raise DaemonError(f"the HTTP API at {self.url} sent no answer")  # pragma: no cover - the loop returns
+
+    def embed(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[list[float]]:
+        return [list(r.embedding or ()) for r in self.embed_results(texts, model_name=model_name, **kwargs)]
+
+    async def aembed_results(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[Result]:
+        import httpx
+
+        provider = kwargs.pop("provider", None)
+        requests, headers, body = self._embedding_call(texts, model_name, provider, kwargs)
+        for attempt in range(2):
+            try:
+                started = time.monotonic()
+                response = await self._aclient().post(self.url + "/v1/embeddings", content=body, headers=headers,
+                                                      timeout=_httpx_timeout(requests[0]))
+                if response.status_code != 200:
+                    raise_http_error(response.status_code, response.content, response.headers, self.url)
+                return _openai.results_from_embeddings(response.json(), latency_ms=(time.monotonic() - started) * 1e3)
+            except httpx.HTTPError as exc:
+                if attempt or not isinstance(exc, _retried_async()):
+                    raise _async_transport_error(exc, self.url) from None
+                if self.data_dir is not None:
+                    self._resolve()
+                headers = {**headers, **_auth(self._api_key)}
+        raise DaemonError(f"the HTTP API at {self.url} sent no answer")  # pragma: no cover - the loop returns
+
+    async def aembed(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[list[float]]:
+        return [list(r.embedding or ()) for r in await self.aembed_results(texts, model_name=model_name, **kwargs)]
 
     def generate_text(self, prompt: Any, **kwargs: Any) -> str:
         return self.complete(prompt, **kwargs).text
@@ -383,6 +450,12 @@ class HttpClient:
 
     def __repr__(self) -> str:
         return f"<node.HttpClient {self._url}>"
+
+
+def _settings_timeout() -> float:
+    from node.config import current_settings
+
+    return float(current_settings().request_timeout)
 
 
 def _base(url: str) -> str:

@@ -48,10 +48,11 @@ class StreamPool:
 
     def __init__(self, host: Any, limits: Any, *, protocol: str = INFER_PROTOCOL,
                  max_idle_per_peer: int = MeshSettings.pool_max_idle_per_peer,
-                 max_idle_seconds: float = MeshSettings.pool_max_idle_seconds) -> None:
+                 max_idle_seconds: float = MeshSettings.pool_max_idle_seconds, traffic: Any = None) -> None:
         if max_idle_per_peer < 0 or max_idle_seconds <= 0:
             raise ValueError("max_idle_per_peer must be >= 0 and max_idle_seconds > 0")
         self.host, self.limits, self.protocol = host, limits, protocol
+        self.traffic = traffic  # node.mesh.streams.Traffic: bytes counted by protocol
         self.max_idle_per_peer, self.max_idle_seconds = max_idle_per_peer, max_idle_seconds
         self._idle: dict[str, list[tuple[float, FramedStream]]] = {}
         self.opened = self.reused = 0
@@ -65,7 +66,8 @@ class StreamPool:
             raise PeerUnreachable(f"peer {peer_id[-8:]}", f"cannot open a stream: {type(exc).__name__}: {exc}",
                                   retryable=True) from exc
         self.opened += 1
-        return FramedStream(stream, self.limits, MAX_INFER_FRAME, decoder=InferenceStream(Role.CLIENT, MAX_INFER_FRAME))
+        return FramedStream(stream, self.limits, MAX_INFER_FRAME, decoder=InferenceStream(Role.CLIENT, MAX_INFER_FRAME),
+                            traffic=self.traffic)
 
     async def _take_idle(self, peer_id: str) -> FramedStream | None:
         idle = self._idle.get(peer_id, [])

@@ -51,7 +51,7 @@ from node.providers.base import AdmissionSlot, BaseProvider, Completion, Provide
 from node.requests import Result
 from node.wire import FORWARDED_HOPS, request_to_wire, result_from_wire
 from protocols.inference.messages import Request as WireRequest
-from protocols.vocabulary import ACCELERATOR_KINDS
+from protocols.vocabulary import ACCELERATOR_KINDS, TASKS
 
 __all__ = ["MeshProvider", "MeshStatistics", "DetachedMesh", "MAX_ATTEMPTS"]
 
@@ -156,6 +156,7 @@ class MeshStatistics:
 
 class MeshProvider(BaseProvider):
     name = "mesh"
+    tasks = TASKS  # every task: the nodes that advertise it serve it
     routes_remotely = True
 
     def __init__(self, *, peer_id: str, manager: BackendManager, run_local: RunLocal, pool: Any,
@@ -522,6 +523,7 @@ class DetachedMesh(BaseProvider):
     """`mesh` outside a daemon: never ready, and says how to get one."""
 
     name = "mesh"
+    tasks = TASKS
 
     def available(self) -> Readiness:
         return Readiness(False, "the mesh needs a daemon: run `accelmesh daemon` (it routes through the mesh), "

@@ -38,6 +38,7 @@ from protocols.errors import ProtocolError
 from protocols.framing import NEED_DATA, FrameDecoder
 
 __all__ = [
+    "Traffic",
     "StreamLimits",
     "Refusal",
     "REFUSAL_REASONS",
@@ -149,8 +150,9 @@ class StreamGuard:
     """Admission control and accounting for inbound streams, shared by every handler of a node."""
 
     def __init__(self, limits: StreamLimits, clock: Callable[[], float] = trio.current_time,
-                 is_member: Callable[[str], bool] = lambda peer: False) -> None:
+                 is_member: Callable[[str], bool] = lambda peer: False, traffic: Traffic | None = None) -> None:
         self.limits = limits
+        self.traffic = traffic
         self._clock = clock
         self.is_member = is_member
         self._peers: dict[str, _PeerState] = {}
@@ -238,7 +240,7 @@ class StreamGuard:
                 self._refuse(stream, peer, protocol, refusal)
                 await _reset(stream)
                 return
-            framed = FramedStream(stream, self.limits, max_frame_size)
+            framed = FramedStream(stream, self.limits, max_frame_size, traffic=self.traffic)
             try:
                 await handler(framed, peer)
                 self.served += 1
@@ -295,16 +297,34 @@ async def _close(stream: Any) -> None:
             pass
 
 
+class Traffic:
+    """Bytes read and written on framed streams, by protocol id and direction (`in`, `out`): a
+    daemon's `accelmesh_stream_bytes_total`. Shared by its stream guard (inbound streams) and its
+    stream pool (outbound inference); the HTTP API adds its own under `http`."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def add(self, protocol: str, direction: str, size: int) -> None:
+        key = (protocol, direction)
+        self.counts[key] = self.counts.get(key, 0) + size
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        return dict(self.counts)
+
+
 class FramedStream:
-    """Frames over a libp2p stream, read under the frame and idle timeouts."""
+    """Frames over a libp2p stream, read under the frame and idle timeouts; bytes counted in `traffic`."""
 
     def __init__(self, stream: Any, limits: StreamLimits, max_frame_size: int | None = None,
-                 decoder: Any = None) -> None:
+                 decoder: Any = None, traffic: Traffic | None = None) -> None:
         self.stream = stream
         self.limits = limits
         self.decoder = decoder if decoder is not None else FrameDecoder(
             min(max_frame_size or limits.max_frame_size, limits.max_frame_size))
         self._frame_started: float | None = None
+        self.traffic = traffic
+        self.protocol = str(stream.get_protocol()) if traffic is not None else ""
 
     @property
     def peer(self) -> str:
@@ -353,9 +373,13 @@ class FramedStream:
                 return None
             if not self.decoder.in_frame:
                 self._frame_started = trio.current_time()
+            if self.traffic is not None:
+                self.traffic.add(self.protocol, "in", len(data))
             self.decoder.receive_data(data)
 
     async def write(self, data: bytes) -> None:
+        if self.traffic is not None:
+            self.traffic.add(self.protocol, "out", len(data))
         try:
             await self.stream.write(data)
         except Exception as exc:  # libp2p: StreamReset, StreamClosed, StreamError, ...

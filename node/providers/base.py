@@ -99,6 +99,7 @@ class Completion:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     remote: RemoteAnswer | None = None  # set by providers that route to other nodes (the mesh)
+    embedding: tuple[float, ...] | None = None  # task "embed": the vector (text is "")
 
     @property
     def usage(self) -> dict[str, int]:
@@ -110,7 +111,7 @@ class Completion:
 class ProviderRequest:
     """One request as a provider sees it: reserved arguments already taken out."""
 
-    task: str  # "generate" or "chat"
+    task: str  # "generate", "chat" or "embed"
     prompt: str | None
     messages: tuple[Mapping[str, Any], ...] | None
     model: str | None

