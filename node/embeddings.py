@@ -19,7 +19,11 @@ from typing import Any
 from node.errors import InvalidRequest
 from node.requests import Request, Result, build_request
 
-__all__ = ["aembed", "aembed_results", "embed", "embed_requests"]
+__all__ = ["EMBED_CONCURRENCY", "aembed", "aembed_results", "embed", "embed_requests"]
+
+# Texts of one call sent to a daemon at once (the rest wait their turn): a node's default
+# max_concurrent, so a long list neither overflows its queue nor its per-peer stream limits.
+EMBED_CONCURRENCY = 64
 
 
 def embed_requests(texts: str | Sequence[str], *, model_name: str | None, kwargs: dict[str, Any],

@@ -26,6 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds: from a cache hit in memory (sub-millisecond) to a long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 NONE = "none"  # the label value where there is no provider or peer (a request refused before one was chosen)
+OTHER = "other"  # a provider not registered here, or a peer not in the table: labels stay bounded
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,34 @@ class Metrics:
                                      ["entry", "provider"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("accelmesh_tokens_generated", "completion tokens in the answers' usage",
                               ["provider"], registry=self.registry)
+        self._view: ControlContext | None = None
 
     def watch(self, view: ControlContext, *, ready: Callable[[], tuple[bool, str]],
               traffic: Callable[[], dict[tuple[str, str], int]] = dict) -> None:
-        """Read the node's other metrics from `view` (and `ready`, `traffic`) at each scrape."""
+        """Read the node's other metrics from `view` (and `ready`, `traffic`) at each scrape; label
+        only the peers in its table (or this node) by their ids."""
+        self._view = view
         self.registry.register(_NodeView(view, ready, traffic))
 
-    def record(self, served: Served) -> None:
+    def _labels(self, served: Served) -> tuple[str, str]:
+        """(provider, peer) as labels, bounded: a name another node sent that is not a provider
+        registered here, or a peer id not in the table, is `other` (a lying peer cannot grow the
+        series)."""
+        from node.providers import registry
+
         provider = served.provider or NONE
-        self.requests.labels(served.entry, provider, served.peer or NONE, served.outcome).inc()
+        if provider != NONE and not registry.is_registered(provider):
+            provider = OTHER
+        peer = served.peer or NONE
+        view = self._view
+        if peer != NONE and view is not None and peer != view.peer_id and \
+                peer not in {entry.advert.peer_id for entry in view.peer_entries()}:
+            peer = OTHER
+        return provider, peer
+
+    def record(self, served: Served) -> None:
+        provider, peer = self._labels(served)
+        self.requests.labels(served.entry, provider, peer, served.outcome).inc()
         if served.outcome == "ok":
             self.duration.labels(served.entry, provider).observe(served.seconds)
             if served.first_seconds is not None:

@@ -333,17 +333,18 @@ class Client:
         import trio
 
         from node.config import current_settings
-        from node.embeddings import embed_requests
+        from node.embeddings import EMBED_CONCURRENCY, embed_requests
         from node.wire import request_to_wire
 
         requests = embed_requests(texts, model_name=model_name, kwargs=kwargs,
                                   default_timeout=current_settings().request_timeout)
         results: list[Result | None] = [None] * len(requests)
         errors: list[Exception] = []
+        limiter = trio.CapacityLimiter(EMBED_CONCURRENCY)
 
         async def one(i: int, request: Any) -> None:
             try:
-                async with aclosing(self._run(request_to_wire(request, provider=provider, hops=1))) as items:
+                async with limiter, aclosing(self._run(request_to_wire(request, provider=provider, hops=1))) as items:
                     async for item in items:
                         if isinstance(item, Result):
                             results[i] = item

@@ -22,7 +22,7 @@ from node.providers.base import AdmissionSlot, ProviderRequest, is_sampled
 from protocols.canonical import canonicalize, request_bytes
 from protocols.cid import request_key
 from protocols.errors import NotCanonical
-from protocols.inference.messages import MAX_VERIFY
+from protocols.inference.messages import MAX_TIMEOUT_MS, MAX_VERIFY
 from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES
 
 __all__ = ["RESERVED_KWARGS", "CACHE_MODES", "PARAM_DEFAULTS", "Request", "Result", "build_request", "request_key_for"]
@@ -38,6 +38,7 @@ PARAM_DEFAULTS: Mapping[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
 }
+MAX_TIMEOUT = MAX_TIMEOUT_MS / 1000.0  # seconds: the longest deadline a request may have (the wire's, 1 hour)
 _FLOAT_PARAMS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
 
 
@@ -195,8 +196,8 @@ def build_request(
         raise InvalidRequest(f"cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}")
     timeout = reserved.get("timeout")
     timeout = default_timeout if timeout is None else timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise InvalidRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise InvalidRequest(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
     on_peers = reserved.get("on_peers") or ()
     on_peers = (on_peers,) if isinstance(on_peers, str) else on_peers
     if not isinstance(on_peers, (list, tuple)) or not all(isinstance(p, str) and p for p in on_peers):

@@ -127,8 +127,9 @@ def _candidates(
         provider = deps.get_provider(chosen, settings)
         if local_only and provider.routes_remotely:
             raise ProviderUnavailable(chosen, _LOCAL_ONLY)
-        if task not in provider.tasks:
-            raise ProviderUnavailable(chosen, f"does not serve task {task!r} (it serves {', '.join(provider.tasks)})")
+        if task not in provider.tasks:  # never will: a bad request (400), not a provider down (503)
+            raise InvalidRequest(f"provider {chosen!r} does not serve task {task!r} (it serves "
+                                 f"{', '.join(provider.tasks)})")
         readiness = provider.available()
         if not readiness.ok:
             raise ProviderUnavailable(chosen, readiness.reason)

@@ -51,6 +51,8 @@ def canonicalize(value: Any, path: str = "", depth: int = 0) -> Any:
         return _canonical_map(value, path, depth)
     if kind is list or kind is tuple:
         if value and set(map(type, value)) == {float}:  # a vector (an embedding): checked in C loops
+            if depth + 1 > MAX_DEPTH:
+                raise NotCanonical(f"{path}[0]", f"nested deeper than {MAX_DEPTH} levels")
             if not all(map(math.isfinite, value)):
                 i = next(i for i, item in enumerate(value) if not math.isfinite(item))
                 raise NotCanonical(f"{path}[{i}]", f"{value[i]!r} has no canonical encoding")

@@ -11,6 +11,7 @@ hears the same failure over HTTP as over the wire.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 from node.errors import DaemonError, InvalidRequest, ProviderNotFound
 from node.mesh.errors import error_for
-from node.requests import RESERVED_KWARGS, Result
+from node.requests import MAX_TIMEOUT, RESERVED_KWARGS, Result
 from protocols.inference.messages import ERROR_CODES, Error
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body above this is refused (413): prompts, not uploads
 MAX_REQUEST_ID_CHARS = 64  # a client's x-request-id longer than this is refused (the wire's id limit)
+REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_CHARS}}}$")  # an x-request-id the API keeps
 
 Kind = Literal["chat", "completion"]
 
@@ -190,9 +192,12 @@ def reserved_from_headers(headers: Mapping[str, str]) -> tuple[str | None, dict[
                 raise InvalidRequest(f"{header} must be a whole number, got {value!r}") from None
         elif name == "timeout":
             try:
-                reserved[name] = float(value)
+                seconds = float(value)
             except ValueError:
-                raise InvalidRequest(f"{header} must be a number of seconds, got {value!r}") from None
+                seconds = math.nan
+            if not 0 < seconds < math.inf:
+                raise InvalidRequest(f"{header} must be a positive, finite number of seconds, got {value!r}")
+            reserved[name] = min(seconds, MAX_TIMEOUT)  # as on the wire: an hour at most
         elif name == "on_peers":
             reserved[name] = tuple(p.strip() for p in value.split(",") if p.strip())
         else:

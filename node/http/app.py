@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -43,11 +42,10 @@ log = logging.getLogger("node.http")
 Run = Callable[[RequestContext], AsyncIterator["str | Result"]]
 Models = Callable[[], Mapping[str, Sequence[str]]]
 
-EMBED_CONCURRENCY = 64  # texts of one /v1/embeddings request admitted at once (the node's max_concurrent)
 SEND_GRACE = 5.0  # seconds past the request's deadline an answer may take to be written to a slow reader
 BODY_TIMEOUT = 30.0  # seconds a client has to send its request body (a slower one is 408: it holds a task, not a slot)
 
-_REQUEST_ID = re.compile(rf"^[A-Za-z0-9._:-]{{1,{_openai.MAX_REQUEST_ID_CHARS}}}$")
+_REQUEST_ID = _openai.REQUEST_ID
 
 
 class _BodyTooLarge(Exception):
@@ -273,7 +271,10 @@ class HttpApi:
         node together are one forward pass there); the first failure answers for the request."""
         results: list[Result | None] = [None] * len(contexts)
         errors: list[Exception] = []
-        limiter = trio.CapacityLimiter(EMBED_CONCURRENCY)
+        from node.embeddings import EMBED_CONCURRENCY
+
+        limits = self.settings.limits  # never more at once than this node admits: the rest wait here, not refused
+        limiter = trio.CapacityLimiter(max(1, min(EMBED_CONCURRENCY, limits.max_concurrent + limits.max_queue)))
 
         async def one(i: int, ctx: RequestContext) -> None:
             async with limiter:

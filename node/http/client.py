@@ -29,8 +29,9 @@ import http.client
 import json
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +58,9 @@ def http_call(request: Request, *, provider: str | None, stream: bool, api_key: 
               ) -> tuple[str, dict[str, str], bytes]:
     """(path, headers, body) of the HTTP request that asks what `request` asks (the inverse of the
     server's `_openai.parse_call` and `reserved_from_headers`)."""
+    if not _openai.REQUEST_ID.match(request.request_id):  # the daemon would replace it: no idempotent retry
+        raise InvalidRequest(f"request_id {request.request_id[:80]!r} must be 1-{_openai.MAX_REQUEST_ID_CHARS} of "
+                             "A-Z a-z 0-9 . _ : - over HTTP")
     body: dict[str, Any] = {"model": request.model} if request.model else {}
     if request.task == "chat":
         path, body["messages"] = "/v1/chat/completions", [dict(m) for m in request.messages or ()]
@@ -124,7 +128,7 @@ class SseReader:
         data = line[5:].strip()
         if data == "[DONE]":
             return []
-        chunk = json.loads(data)
+        chunk = _json(data.encode(), self.url)
         if "error" in chunk:
             raise_http_error(200, data.encode(), {}, self.url)
         out: list[str | Result] = []
@@ -165,9 +169,8 @@ class HttpClient:
         self._api_key = api_key
         self._defaults = (provider, model, timeout)  # the CLI's settings; None: the daemon's
         self._lock = threading.Lock()
-        self._local = threading.local()  # each thread's http.client connection
-        self._threads: set[http.client.HTTPConnection] = set()
-        self._async: dict[Any, Any] = {}  # one httpx.AsyncClient per event loop
+        self._idle: list[http.client.HTTPConnection] = []  # keep-alive connections no call is using
+        self._async: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()  # httpx client per loop
         if self.data_dir is not None:
             self._resolve()
 
@@ -204,72 +207,74 @@ class HttpClient:
 
     # -- blocking (the standard library's http.client: quick to import, for the CLI) ----------------
 
-    def _connection(self) -> http.client.HTTPConnection:
-        """This thread's keep-alive connection to the daemon (a new one if the URL changed)."""
-        conn = getattr(self._local, "conn", None)
+    @contextmanager
+    def _exchange(self, path: str, headers: dict[str, str], body: bytes, timeout: float
+                  ) -> Iterator[http.client.HTTPResponse]:
+        """One POST on a keep-alive connection checked out for the whole exchange (two calls at once,
+        from one thread or several, never share one); it goes back to the idle ones only when its
+        answer was read to the end, and is closed otherwise."""
         host, port = _host_port(self.url)
-        if conn is None or (conn.host, conn.port) != (host, port):
+        with self._lock:
+            conn = next((c for c in self._idle if (c.host, c.port) == (host, port)), None)
+            if conn is not None:
+                self._idle.remove(conn)
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+        reusable = False
+        try:
+            if conn.sock is None:
+                try:
+                    conn.connect()
+                except TimeoutError as exc:  # nobody answered the dial: unreachable, not slow
+                    raise ConnectionError(f"no answer to the connection within {CONNECT_TIMEOUT:g} s") from exc
+            conn.sock.settimeout(timeout)
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            yield response
+            reusable = response.isclosed() and not response.will_close
+        finally:
+            with self._lock:
+                if reusable and len(self._idle) < MAX_IDLE_CONNECTIONS:
+                    self._idle.append(conn)
+                    conn = None
             if conn is not None:
                 conn.close()
-            conn = self._local.conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
-            with self._lock:
-                self._threads.add(conn)
-        return conn
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-            with self._lock:
-                self._threads.discard(conn)
 
     def iter_request(self, prompt: Any, *, provider: str | None = None, model_name: str | None = None,
                      stream: bool = True, **kwargs: Any) -> Iterator[str | Result]:
         """Text chunks (with `stream`), then the Result."""
         request, path, headers, body = self._call(prompt, provider, model_name, kwargs, stream)
         for attempt in range(2):
-            yielded = finished = False
+            yielded = False
             try:
-                conn = self._connection()
-                if conn.sock is None:
-                    conn.connect()
-                conn.sock.settimeout(request.timeout + READ_MARGIN)
                 started = time.monotonic()
-                conn.request("POST", path, body=body, headers=headers)
-                response = conn.getresponse()
-                if response.status == 401 and self.data_dir is not None and not attempt:
-                    response.read()
-                    self._resolve()  # the daemon restarted: a new token
-                    headers = {**headers, **_auth(self._api_key)}
-                    continue
-                if response.status != 200:
-                    raise_http_error(response.status, response.read(), _lower(response.getheaders()), self.url)
-                if not stream:
-                    data = response.read()
-                    finished = True
-                    yield _openai.result_from_json(json.loads(data), latency_ms=(time.monotonic() - started) * 1000.0)
+                with self._exchange(path, headers, body, request.timeout + READ_MARGIN) as response:
+                    if response.status == 401 and self.data_dir is not None and not attempt:
+                        response.read()
+                        self._resolve()  # the daemon restarted: a new token
+                        headers = {**headers, **_auth(self._api_key)}
+                        continue
+                    if response.status != 200:
+                        raise_http_error(response.status, response.read(), _lower(response.getheaders()), self.url)
+                    if not stream:
+                        yield _openai.result_from_json(_json(response.read(), self.url),
+                                                       latency_ms=(time.monotonic() - started) * 1000.0)
+                        return
+                    reader = SseReader(self.url, started)
+                    while line := response.readline():
+                        for item in reader.feed(line.decode().rstrip("\r\n")):
+                            yielded = True
+                            yield item
+                    reader.end()
                     return
-                reader = SseReader(self.url, started)
-                while line := response.readline():
-                    for item in reader.feed(line.decode().rstrip("\r\n")):
-                        yielded = True
-                        yield item
-                finished = True
-                reader.end()
-                return
             except AccelmeshError:  # the daemon's answer (DeadlineExceeded is an OSError too)
                 raise
             except (OSError, http.client.HTTPException) as exc:
-                self._drop()
                 if yielded or attempt or not isinstance(exc, _RETRIED_SYNC):
                     raise _sync_transport_error(exc, self.url) from None
                 if self.data_dir is not None:
                     self._resolve()
                 headers = {**headers, **_auth(self._api_key)}
-            finally:
-                if not finished:  # an error answer, or the caller stopped early: the connection is mid-answer
-                    self._drop()
 
     def complete(self, prompt: Any, **kwargs: Any) -> Result:
         return _last(self.iter_request(prompt, stream=False, **kwargs))
@@ -294,27 +299,26 @@ class HttpClient:
         requests, headers, body = self._embedding_call(texts, model_name, provider, kwargs)
         for attempt in range(2):
             try:
-                conn = self._connection()
-                if conn.sock is None:
-                    conn.connect()
-                conn.sock.settimeout(requests[0].timeout + READ_MARGIN)
                 started = time.monotonic()
-                conn.request("POST", "/v1/embeddings", body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
+                with self._exchange("/v1/embeddings", headers, body, requests[0].timeout + READ_MARGIN) as response:
+                    data = response.read()
+                if response.status == 401 and self.data_dir is not None and not attempt:
+                    self._resolve()  # the daemon restarted: a new token
+                    headers = {**headers, **_auth(self._api_key)}
+                    continue
                 if response.status != 200:
                     raise_http_error(response.status, data, _lower(response.getheaders()), self.url)
-                return _openai.results_from_embeddings(json.loads(data), latency_ms=(time.monotonic() - started) * 1e3)
+                return _openai.results_from_embeddings(_json(data, self.url),
+                                                       latency_ms=(time.monotonic() - started) * 1e3)
             except AccelmeshError:
                 raise
             except (OSError, http.client.HTTPException) as exc:
-                self._drop()
                 if attempt or not isinstance(exc, _RETRIED_SYNC):
                     raise _sync_transport_error(exc, self.url) from None
                 if self.data_dir is not None:
                     self._resolve()
                 headers = {**headers, **_auth(self._api_key)}
-        raise DaemonError(f"the HTTP API at {self.url} sent no answer")  # pragma: no cover - the loop returns
+        raise DaemonError(f"the HTTP API at {self.url} refused the API key twice")
 
     def embed(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[list[float]]:
         return [list(r.embedding or ()) for r in self.embed_results(texts, model_name=model_name, **kwargs)]
@@ -329,16 +333,21 @@ class HttpClient:
                 started = time.monotonic()
                 response = await self._aclient().post(self.url + "/v1/embeddings", content=body, headers=headers,
                                                       timeout=_httpx_timeout(requests[0]))
+                if response.status_code == 401 and self.data_dir is not None and not attempt:
+                    self._resolve()  # the daemon restarted: a new token
+                    headers = {**headers, **_auth(self._api_key)}
+                    continue
                 if response.status_code != 200:
                     raise_http_error(response.status_code, response.content, response.headers, self.url)
-                return _openai.results_from_embeddings(response.json(), latency_ms=(time.monotonic() - started) * 1e3)
+                return _openai.results_from_embeddings(_json(response.content, self.url),
+                                                       latency_ms=(time.monotonic() - started) * 1e3)
             except httpx.HTTPError as exc:
                 if attempt or not isinstance(exc, _retried_async()):
                     raise _async_transport_error(exc, self.url) from None
                 if self.data_dir is not None:
                     self._resolve()
                 headers = {**headers, **_auth(self._api_key)}
-        raise DaemonError(f"the HTTP API at {self.url} sent no answer")  # pragma: no cover - the loop returns
+        raise DaemonError(f"the HTTP API at {self.url} refused the API key twice")
 
     async def aembed(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[list[float]]:
         return [list(r.embedding or ()) for r in await self.aembed_results(texts, model_name=model_name, **kwargs)]
@@ -352,10 +361,11 @@ class HttpClient:
                 yield item
 
     def close(self) -> None:
-        """Close the blocking methods' connections; the async ones close at `aclose()` in their loop."""
+        """Close the blocking methods' idle connections (one in use closes when its call ends); the
+        async ones close at `aclose()` in their loop, or with it."""
         with self._lock:
-            conns, self._threads = self._threads, set()
-        for conn in conns:
+            idle, self._idle = self._idle, []
+        for conn in idle:
             conn.close()
 
     def __enter__(self) -> HttpClient:
@@ -395,7 +405,7 @@ class HttpClient:
                     if response.status_code != 200:
                         raise_http_error(response.status_code, await response.aread(), response.headers, self.url)
                     if not stream:
-                        yield _openai.result_from_json(json.loads(await response.aread()),
+                        yield _openai.result_from_json(_json(await response.aread(), self.url),
                                                        latency_ms=(time.monotonic() - started) * 1000.0)
                         return
                     reader = SseReader(self.url, started)
@@ -488,6 +498,13 @@ def _lower(headers: list[tuple[str, str]]) -> dict[str, str]:
     return {name.lower(): value for name, value in headers}
 
 
+def _json(data: bytes, url: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise DaemonError(f"the HTTP API at {url} answered something that is not JSON: {data[:80]!r}") from None
+
+
 def _sync_transport_error(exc: Exception, url: str) -> Exception:
     if isinstance(exc, TimeoutError):
         return DeadlineExceeded(0.0, f"the HTTP API at {url} (no answer)")
@@ -509,7 +526,7 @@ def _retried_async() -> tuple[type[Exception], ...]:
 def _async_transport_error(exc: Exception, url: str) -> Exception:
     import httpx
 
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
         return DeadlineExceeded(0.0, f"the HTTP API at {url} ({type(exc).__name__})")
     return DaemonError(f"cannot reach the daemon's HTTP API at {url}: {type(exc).__name__}: {exc}")
 

