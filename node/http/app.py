@@ -146,7 +146,12 @@ class HttpApi:
                                                    f"{getattr(exc, 'detail', 'error')}",
                                                    type_="invalid_request_error", code=str(status)), status)
 
-        app: Any = _Authenticated(Starlette(routes=routes, exception_handlers={HTTPException: http_error}), self.auth)
+        # The inference endpoints are dispatched here by exact path, ahead of Starlette's middleware and
+        # routing (they handle their own errors): a tenth of a millisecond per request.
+        fast = {"/v1/chat/completions": _Endpoint(self, "chat"), "/v1/completions": _Endpoint(self, "completion"),
+                "/v1/embeddings": _Endpoint(self, "embeddings")}
+        app: Any = _Authenticated(_Dispatch(fast, Starlette(routes=routes, exception_handlers={HTTPException: http_error})),
+                                  self.auth)
         if self.traffic is not None:
             app = _Counted(app, self.traffic)
         if self.cors_origins:  # outside the key check: a browser's preflight carries no key
@@ -420,6 +425,17 @@ class _Counted:
             await send(message)
 
         await self.app(scope, counted_receive, counted_send)
+
+
+class _Dispatch:
+    """POST to one of `fast`'s paths goes straight to its endpoint; everything else to `app`."""
+
+    def __init__(self, fast: Mapping[str, Any], app: Any) -> None:
+        self.fast, self.app = fast, app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        endpoint = self.fast.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        await (endpoint or self.app)(scope, receive, send)
 
 
 class _Authenticated:
