@@ -11,15 +11,17 @@ those that reach the same provider together are computed in one forward pass
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
-from node.errors import InvalidRequest
+from node.errors import DaemonError, InvalidRequest
 from node.requests import Request, Result, build_request
 
-__all__ = ["EMBED_CONCURRENCY", "aembed", "aembed_results", "embed", "embed_requests"]
+__all__ = ["EMBED_CONCURRENCY", "aembed", "aembed_results", "answer_all", "embed", "embed_requests"]
+
+T = TypeVar("T")
 
 # Texts of one call sent to a daemon at once (the rest wait their turn): a node's default
 # max_concurrent, so a long list neither overflows its queue nor its per-peer stream limits.
@@ -40,35 +42,48 @@ def embed_requests(texts: str | Sequence[str], *, model_name: str | None, kwargs
             for i, text in enumerate(texts)]
 
 
+async def answer_all(items: Sequence[T], answer: Callable[[T], AsyncIterator[Any]], *,
+                     limit: int | None = None) -> list[Result]:
+    """Each item's Result from `answer(item)` (text chunks are dropped), all at once, at most
+    `limit` together; the first failure is raised once every item has ended."""
+    import trio
+
+    results: list[Result | None] = [None] * len(items)
+    errors: list[Exception] = []
+    limiter = trio.CapacityLimiter(limit or max(1, len(items)))
+
+    async def one(i: int, item: T) -> None:
+        try:
+            async with limiter:
+                if errors:  # one failed: the whole call fails, so the rest are not asked
+                    return
+                async with aclosing(answer(item)) as answers:
+                    async for answered in answers:
+                        if isinstance(answered, Result):
+                            results[i] = answered
+        except Exception as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i, item in enumerate(items):
+            nursery.start_soon(one, i, item)
+    if errors:
+        raise errors[0]
+    if any(result is None for result in results):
+        raise DaemonError("an input got no answer")  # (the router and the daemons always end with one)
+    return [result for result in results if result is not None]
+
+
 async def aembed_results(texts: str | Sequence[str], *, model_name: str | None = None, provider: str | None = None,
                          deps: Any = None, **kwargs: Any) -> list[Result]:
     """Each text's `Result` (with `.embedding`, `.key`, `.cid`, `.cache`), in the order given."""
-    import trio
-
     from node import router
     from node.deps import get_default_router_deps
 
     deps = deps if deps is not None else get_default_router_deps()
     requests = embed_requests(texts, model_name=model_name, kwargs=kwargs,
                               default_timeout=deps.current_settings().request_timeout)
-    results: list[Result | None] = [None] * len(requests)
-    errors: list[Exception] = []
-
-    async def one(i: int, request: Request) -> None:
-        try:
-            async with aclosing(router.arun(request, provider=provider, deps=deps)) as items:
-                async for item in items:
-                    if isinstance(item, Result):
-                        results[i] = item
-        except Exception as exc:  # the first failure is raised below, once every text has ended
-            errors.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        for i, request in enumerate(requests):
-            nursery.start_soon(one, i, request)
-    if errors:
-        raise errors[0]
-    return [result for result in results if result is not None]
+    return await answer_all(requests, lambda request: router.arun(request, provider=provider, deps=deps))
 
 
 async def aembed(texts: str | Sequence[str], *, model_name: str | None = None, deps: Any = None,

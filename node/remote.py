@@ -329,34 +329,15 @@ class Client:
 
     async def aembed_results(self, texts: Any, *, model_name: str | None = None, provider: str | None = None,
                              **kwargs: Any) -> list[Result]:
-        """`node.aembed` through the daemon: one request per text, all at once; each text's Result."""
-        import trio
-
+        """`node.aembed` through the daemon: one request per text, EMBED_CONCURRENCY at once; each text's Result."""
         from node.config import current_settings
-        from node.embeddings import EMBED_CONCURRENCY, embed_requests
+        from node.embeddings import EMBED_CONCURRENCY, answer_all, embed_requests
         from node.wire import request_to_wire
 
         requests = embed_requests(texts, model_name=model_name, kwargs=kwargs,
                                   default_timeout=current_settings().request_timeout)
-        results: list[Result | None] = [None] * len(requests)
-        errors: list[Exception] = []
-        limiter = trio.CapacityLimiter(EMBED_CONCURRENCY)
-
-        async def one(i: int, request: Any) -> None:
-            try:
-                async with limiter, aclosing(self._run(request_to_wire(request, provider=provider, hops=1))) as items:
-                    async for item in items:
-                        if isinstance(item, Result):
-                            results[i] = item
-            except Exception as exc:  # the first failure is raised once every text has ended
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, request in enumerate(requests):
-                nursery.start_soon(one, i, request)
-        if errors:
-            raise errors[0]
-        return [result for result in results if result is not None]
+        return await answer_all(requests, lambda request: self._run(request_to_wire(request, provider=provider, hops=1)),
+                                limit=EMBED_CONCURRENCY)
 
     async def aembed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
         return [list(r.embedding or ()) for r in await self.aembed_results(texts, **kwargs)]

@@ -274,32 +274,15 @@ class HttpApi:
                           rid: list[tuple[bytes, bytes]]) -> None:
         """Every text at once, at most EMBED_CONCURRENCY admitted together (the texts that reach one
         node together are one forward pass there); the first failure answers for the request."""
-        results: list[Result | None] = [None] * len(contexts)
-        errors: list[Exception] = []
-        from node.embeddings import EMBED_CONCURRENCY
+        from node.embeddings import EMBED_CONCURRENCY, answer_all
 
         limits = self.settings.limits  # never more at once than this node admits: the rest wait here, not refused
-        limiter = trio.CapacityLimiter(max(1, min(EMBED_CONCURRENCY, limits.max_concurrent + limits.max_queue)))
-
-        async def one(i: int, ctx: RequestContext) -> None:
-            async with limiter:
-                if errors:
-                    return
-                try:
-                    async with aclosing(self.run(ctx)) as items:
-                        async for item in items:
-                            if isinstance(item, Result):
-                                results[i] = item
-                except Exception as exc:
-                    errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, ctx in enumerate(contexts):
-                nursery.start_soon(one, i, ctx)
-        if errors or any(r is None for r in results):
-            await self._send_error(send, errors[0] if errors else RuntimeError("an input got no answer"), rid)
+        try:
+            done = await answer_all(contexts, self.run,
+                                    limit=max(1, min(EMBED_CONCURRENCY, limits.max_concurrent + limits.max_queue)))
+        except Exception as exc:
+            await self._send_error(send, exc, rid)
             return
-        done = [r for r in results if r is not None]
         await _send_json(send, 200, _openai.embeddings_json(call, done), rid)
 
     async def _whole(self, call: _openai.Call, ctx: RequestContext, send: Any, rid: list[tuple[bytes, bytes]]) -> None:
