@@ -44,7 +44,7 @@ from node.requests import Result, build_request
 if TYPE_CHECKING:  # pragma: no cover
     from node.http.client import HttpClient
 
-__all__ = ["connect", "Client", "ClientStatistics"]
+__all__ = ["connect", "Client", "ClientMethods", "ClientStatistics"]
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,36 @@ class _LoopSession:
         return any(_usable(conn) for conn in conns)
 
 
-class Client:
+class ClientMethods:
+    """The convenience methods both kinds of client (`Client`, `node.HttpClient`) derive from their
+    four primitives: `iter_request` / `aiter_request` (text chunks, then the Result), `complete` /
+    `acomplete`, and `embed_results` / `aembed_results`."""
+
+    def generate_text(self, prompt: Any, **kwargs: Any) -> str:
+        return self.complete(prompt, **kwargs).text  # type: ignore[attr-defined,no-any-return]
+
+    async def agenerate_text(self, prompt: Any, **kwargs: Any) -> str:
+        return (await self.acomplete(prompt, **kwargs)).text  # type: ignore[attr-defined,no-any-return]
+
+    def stream_text(self, prompt: Any, **kwargs: Any) -> Iterator[str]:
+        for item in self.iter_request(prompt, **kwargs):  # type: ignore[attr-defined]
+            if isinstance(item, str):
+                yield item
+
+    async def astream_text(self, prompt: Any, **kwargs: Any) -> AsyncIterator[str]:
+        async with aclosing(self.aiter_request(prompt, **kwargs)) as items:  # type: ignore[attr-defined]
+            async for item in items:
+                if isinstance(item, str):
+                    yield item
+
+    def embed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
+        return [list(r.embedding or ()) for r in self.embed_results(texts, **kwargs)]  # type: ignore[attr-defined]
+
+    async def aembed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
+        return [list(r.embedding or ()) for r in await self.aembed_results(texts, **kwargs)]  # type: ignore[attr-defined]
+
+
+class Client(ClientMethods):
     """A daemon's API for a program: one shared connection per trio loop (see the module docstring)."""
 
     def __init__(self, *, data_dir: Path | None, peer: str | None, identity: Any, cluster_key: str | None) -> None:
@@ -324,9 +353,6 @@ class Client:
                     return item
         raise InvalidRequest("the daemon sent no result")  # pragma: no cover - request_inference always ends with one
 
-    async def agenerate_text(self, prompt: Any, **kwargs: Any) -> str:
-        return (await self.acomplete(prompt, **kwargs)).text
-
     async def aembed_results(self, texts: Any, *, model_name: str | None = None, provider: str | None = None,
                              **kwargs: Any) -> list[Result]:
         """`node.aembed` through the daemon: one request per text, EMBED_CONCURRENCY at once; each text's Result."""
@@ -338,15 +364,6 @@ class Client:
                                   default_timeout=current_settings().request_timeout)
         return await answer_all(requests, lambda request: self._run(request_to_wire(request, provider=provider, hops=1)),
                                 limit=EMBED_CONCURRENCY)
-
-    async def aembed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
-        return [list(r.embedding or ()) for r in await self.aembed_results(texts, **kwargs)]
-
-    async def astream_text(self, prompt: Any, **kwargs: Any) -> AsyncIterator[str]:
-        async with aclosing(self.aiter_request(prompt, **kwargs)) as items:
-            async for item in items:
-                if isinstance(item, str):
-                    yield item
 
     async def aclose(self) -> None:
         """Close this Client's connections as `close()` does, and wait until this loop's ones have closed."""
@@ -398,19 +415,8 @@ class Client:
                 return item
         raise InvalidRequest("the daemon sent no result")  # pragma: no cover
 
-    def generate_text(self, prompt: Any, **kwargs: Any) -> str:
-        return self.complete(prompt, **kwargs).text
-
     def embed_results(self, texts: Any, **kwargs: Any) -> list[Result]:
         return self._get_portal().run(partial(self.aembed_results, texts, **kwargs))  # type: ignore[no-any-return]
-
-    def embed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
-        return [list(r.embedding or ()) for r in self.embed_results(texts, **kwargs)]
-
-    def stream_text(self, prompt: Any, **kwargs: Any) -> Iterator[str]:
-        for item in self.iter_request(prompt, **kwargs):
-            if isinstance(item, str):
-                yield item
 
     def _close_portal(self) -> None:
         with self._portal_lock:

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 from node.errors import AccelmeshError, DaemonError, DeadlineExceeded, InvalidRequest, ProviderNotFound
 from node.http import _openai
+from node.remote import ClientMethods
 from node.requests import Request, Result, build_request
 
 __all__ = ["HttpClient", "SseReader", "http_call", "CONNECT_TIMEOUT", "READ_MARGIN"]
@@ -153,7 +154,7 @@ class SseReader:
 _RETRIED_SYNC = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
 
 
-class HttpClient:
+class HttpClient(ClientMethods):
     """A daemon's API over HTTP, with `node.remote.Client`'s methods (see the module docstring).
 
     `url` is the daemon's `http_url` (`http://HOST:PORT`, with or without `/v1`); or `data_dir`,
@@ -320,9 +321,6 @@ class HttpClient:
                 headers = {**headers, **_auth(self._api_key)}
         raise DaemonError(f"the HTTP API at {self.url} refused the API key twice")
 
-    def embed(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[list[float]]:
-        return [list(r.embedding or ()) for r in self.embed_results(texts, model_name=model_name, **kwargs)]
-
     async def aembed_results(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[Result]:
         import httpx
 
@@ -348,17 +346,6 @@ class HttpClient:
                     self._resolve()
                 headers = {**headers, **_auth(self._api_key)}
         raise DaemonError(f"the HTTP API at {self.url} refused the API key twice")
-
-    async def aembed(self, texts: Any, *, model_name: str | None = None, **kwargs: Any) -> list[list[float]]:
-        return [list(r.embedding or ()) for r in await self.aembed_results(texts, model_name=model_name, **kwargs)]
-
-    def generate_text(self, prompt: Any, **kwargs: Any) -> str:
-        return self.complete(prompt, **kwargs).text
-
-    def stream_text(self, prompt: Any, **kwargs: Any) -> Iterator[str]:
-        for item in self.iter_request(prompt, **kwargs):
-            if isinstance(item, str):
-                yield item
 
     def close(self) -> None:
         """Close the blocking methods' idle connections (one in use closes when its call ends); the
@@ -431,15 +418,6 @@ class HttpClient:
         if result is None:
             raise DaemonError(f"the HTTP API at {self.url} sent no answer")
         return result
-
-    async def agenerate_text(self, prompt: Any, **kwargs: Any) -> str:
-        return (await self.acomplete(prompt, **kwargs)).text
-
-    async def astream_text(self, prompt: Any, **kwargs: Any) -> AsyncIterator[str]:
-        async with aclosing(self.aiter_request(prompt, **kwargs)) as items:
-            async for item in items:
-                if isinstance(item, str):
-                    yield item
 
     async def aclose(self) -> None:
         """Close this loop's connections (and the blocking methods' ones)."""
