@@ -195,7 +195,8 @@ class Daemon:
                 self.mesh = self._mesh(self.front_door, self.streams, self.table, self.adverts)
                 self.control = self._control_context(host, self.table, self.adverts)
                 if self.metrics is not None:
-                    self.metrics.watch(self.control, ready=self.readiness, traffic=self.traffic.snapshot)
+                    self.metrics.watch(self.control, ready=self.readiness, known=self.table.__contains__,
+                                       traffic=self.traffic.snapshot)
                 self._register_handlers(host, self.control, self.front_door)
                 if self.cluster_enabled():
                     await self._start_cluster_cache(host, nursery)

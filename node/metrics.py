@@ -77,13 +77,15 @@ class Metrics:
                                      ["entry", "provider"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("accelmesh_tokens_generated", "completion tokens in the answers' usage",
                               ["provider"], registry=self.registry)
-        self._view: ControlContext | None = None
+        self._self_id: str | None = None
+        self._known: Callable[[str], bool] = lambda peer: False
 
     def watch(self, view: ControlContext, *, ready: Callable[[], tuple[bool, str]],
+              known: Callable[[str], bool] = lambda peer: False,
               traffic: Callable[[], dict[tuple[str, str], int]] = dict) -> None:
         """Read the node's other metrics from `view` (and `ready`, `traffic`) at each scrape; label
-        only the peers in its table (or this node) by their ids."""
-        self._view = view
+        only this node and the peers `known` says are in its table by their ids."""
+        self._self_id, self._known = view.peer_id, known
         self.registry.register(_NodeView(view, ready, traffic))
 
     def _labels(self, served: Served) -> tuple[str, str]:
@@ -96,9 +98,7 @@ class Metrics:
         if provider != NONE and not registry.is_registered(provider):
             provider = OTHER
         peer = served.peer or NONE
-        view = self._view
-        if peer != NONE and view is not None and peer != view.peer_id and \
-                peer not in {entry.advert.peer_id for entry in view.peer_entries()}:
+        if peer not in (NONE, self._self_id) and not self._known(peer):
             peer = OTHER
         return provider, peer
 

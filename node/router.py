@@ -96,16 +96,17 @@ def _chain(settings: Any) -> list[str]:
     return order
 
 
-def _serving(deps: RouterDeps, settings: Any, model: str) -> list[str]:
-    """Registered providers (the mesh aside) that list `model` among the models they serve."""
+def _serving(deps: RouterDeps, settings: Any, serves: Callable[[BaseProvider], bool]) -> list[str]:
+    """Registered providers (the mesh aside) for which `serves(provider)` holds: those that list a
+    model, or serve a task. A provider that cannot be built serves nothing (the chain reports why)."""
     out = []
     for name in registry.names():
         if name == "mesh":
             continue
         try:
-            if model in deps.get_provider(name, settings).models():
+            if serves(deps.get_provider(name, settings)):
                 out.append(name)
-        except Exception:  # a provider that cannot be built lists nothing; the chain reports why
+        except Exception:
             continue
     return out
 
@@ -138,9 +139,9 @@ def _candidates(
     skipped: list[tuple[str, BaseException | str]] = []
     order = _chain(settings)
     if task == "embed":
-        order = [*(["mesh"] if order[:1] == ["mesh"] else []), *_serving_task(deps, settings, task)]
+        order = [*(["mesh"] if order[:1] == ["mesh"] else []), *_serving(deps, settings, lambda p: task in p.tasks)]
     if model:
-        listing = _serving(deps, settings, model)
+        listing = _serving(deps, settings, lambda p: model in p.models())
         head = ["mesh"] if order[:1] == ["mesh"] else []
         order = [*head, *listing, *(n for n in order if n not in listing and n not in head)]
     for candidate in order:
@@ -163,20 +164,6 @@ def _candidates(
         else:
             skipped.append((candidate, f"not ready: {readiness.reason}"))
     return ready, skipped, False
-
-
-def _serving_task(deps: RouterDeps, settings: Any, task: str) -> list[str]:
-    """Registered providers (the mesh aside) that serve `task`."""
-    out = []
-    for name in registry.names():
-        if name == "mesh":
-            continue
-        try:
-            if task in deps.get_provider(name, settings).tasks:
-                out.append(name)
-        except Exception:  # a provider that cannot be built serves nothing
-            continue
-    return out
 
 
 def _constrained(

@@ -119,22 +119,27 @@ class FrontDoor:
         outcome = outcome_of(error if result is None else None)
         if result is None and error is None:
             outcome = "cancelled"  # the caller stopped listening before the answer
-        request_id = ctx.request.request_id
-        if result is not None:
-            log.info("request %s by %s: %s from %s via %s (%s) in %.1f ms", request_id, ctx.entry, result.cache,
-                     (result.peer or self.peer_id)[-8:], result.provider, ctx.request.task, (now - started) * 1000,
-                     extra={"request_id": request_id, "entry": ctx.entry, "peer": result.peer,
-                            "provider": result.provider, "cache": result.cache, "outcome": outcome})
-        else:
-            log.info("request %s by %s: %s%s", request_id, ctx.entry, outcome,
-                     f" ({type(error).__name__}: {error})" if isinstance(error, Exception) else "",
-                     extra={"request_id": request_id, "entry": ctx.entry, "outcome": outcome})
+        if log.isEnabledFor(logging.INFO):  # (else nothing is formatted: the hot path of a quiet daemon)
+            self._log(ctx, (now - started) * 1000, outcome, result, error)
         if self.record is not None:
             self.record(Served(
                 entry=ctx.entry, outcome=outcome, provider=result.provider if result else None,
                 peer=(result.peer or self.peer_id) if result else None, seconds=now - started,
                 first_seconds=(first if first is not None else now) - started,
                 tokens=int(result.usage.get("completion_tokens", 0)) if result else 0))
+
+    def _log(self, ctx: RequestContext, ms: float, outcome: str, result: Result | None,
+             error: BaseException | None) -> None:
+        request_id = ctx.request.request_id
+        if result is not None:
+            log.info("request %s by %s: %s from %s via %s (%s) in %.1f ms", request_id, ctx.entry, result.cache,
+                     (result.peer or self.peer_id)[-8:], result.provider, ctx.request.task, ms,
+                     extra={"request_id": request_id, "entry": ctx.entry, "peer": result.peer,
+                            "provider": result.provider, "cache": result.cache, "outcome": outcome})
+        else:
+            log.info("request %s by %s: %s%s", request_id, ctx.entry, outcome,
+                     f" ({type(error).__name__}: {error})" if isinstance(error, Exception) else "",
+                     extra={"request_id": request_id, "entry": ctx.entry, "outcome": outcome})
 
     async def _repeated(self, ctx: RequestContext, identity: RequestIdentity) -> Result | None:
         """The Result of the request `ctx` repeats: one finished recently, or one running now (waited
