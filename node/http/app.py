@@ -7,7 +7,9 @@
 
 The answer is read in the task that serves the HTTP request (never handed to another task: the
 router's cancel scopes belong to it), while a second task waits for the client to disconnect
-and cancels the work when it does (the mesh stream is reset, the admission slot freed).
+and cancels the work when it does (the mesh stream is reset, the admission slot freed). That
+second task is started only for a request still running after WATCH_AFTER (`_Disconnects`): most
+answers are written long before, and a task per request would cost a fifth of a fast answer.
 Errors before the first byte are OpenAI error JSON with their status (`_openai.error_response`);
 an error mid-stream is one `data: {"error": ...}` event, and the stream ends without `[DONE]`.
 """
@@ -19,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import trio
@@ -84,24 +86,95 @@ def _sse(payload: Any) -> bytes:
                         json.dumps(payload, separators=(",", ":")).encode()) + b"\n\n"
 
 
-async def _cancel_on_disconnect(receive: Any, work: trio.CancelScope, watching: trio.CancelScope) -> None:
-    """Wait for the client to go away, then cancel the work; until `watching` is cancelled."""
-    with watching:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                log.debug("client disconnected: cancelling its request")
-                work.cancel()
+class _Watch:
+    """One request's watch for its client leaving: `work` is cancelled when it does."""
+
+    __slots__ = ("receive", "work", "started", "watching", "client_left")
+
+    def __init__(self, receive: Any, work: trio.CancelScope, started: float) -> None:
+        self.receive, self.work, self.started = receive, work, started
+        self.watching: trio.CancelScope | None = None  # the watcher task's scope, once one runs
+        self.client_left = False
+
+    async def watch(self) -> None:
+        """Wait for the client to go away, then cancel the work; until `watching` is cancelled."""
+        assert self.watching is not None
+        with self.watching:
+            try:
+                while (await self.receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # (the server closed the request's channel: nothing more will come)
                 return
+            log.debug("client disconnected: cancelling its request")
+            self.client_left = True
+            self.work.cancel()
+
+    def stop(self) -> None:
+        if self.watching is not None:
+            self.watching.cancel()
 
 
-def _watch_until_last(send: Any, watching: trio.CancelScope) -> Any:
-    """`send`, which stops the disconnect watcher before the last message of the answer: once the
-    answer is complete the server itself reports `http.disconnect`, which is not the client leaving."""
+class _Disconnects:
+    """Cancels a request's work when its client goes away (the server's `http.disconnect`).
+
+    Watching takes a task that waits on the request's `receive`. With a nursery (`run`, in the
+    server's lifespan) a request is watched only once it has run WATCH_AFTER seconds: a sweep
+    every WATCH_AFTER starts the watchers of the requests that old, so a client that leaves is
+    noticed within 2 * WATCH_AFTER, and a fast answer costs no task. Without one (a server that
+    runs no lifespan) each request gets its watcher at once, in a nursery of its own."""
+
+    WATCH_AFTER = 0.25  # seconds
+
+    def __init__(self) -> None:
+        self._nursery: trio.Nursery | None = None
+        self._unwatched: dict[int, _Watch] = {}  # requests running, not yet watched (by id)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The sweeps, and the watchers they start; until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(self.WATCH_AFTER)
+                    due = trio.current_time() - self.WATCH_AFTER
+                    for key, watch in list(self._unwatched.items()):
+                        if watch.started <= due:
+                            del self._unwatched[key]
+                            watch.watching = trio.CancelScope()
+                            nursery.start_soon(watch.watch)
+            finally:
+                self._nursery = None
+
+    @asynccontextmanager
+    async def watching(self, receive: Any, work: trio.CancelScope) -> AsyncIterator[_Watch]:
+        """Watch, while the block runs, for the client leaving: `work` is then cancelled."""
+        watch = _Watch(receive, work, trio.current_time())
+        if self._nursery is None:
+            async with trio.open_nursery() as nursery:
+                watch.watching = trio.CancelScope()
+                nursery.start_soon(watch.watch)
+                try:
+                    yield watch
+                finally:
+                    watch.stop()
+            return
+        key = id(watch)
+        self._unwatched[key] = watch
+        try:
+            yield watch
+        finally:
+            self._unwatched.pop(key, None)
+            watch.stop()
+
+
+def _until_last(send: Any, watch: _Watch) -> Any:
+    """`send`, which stops watching before the last message of the answer: once the answer is
+    complete the server itself reports `http.disconnect`, which is not the client leaving."""
 
     async def sending(message: Any) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
-            watching.cancel()
+            watch.stop()
         await send(message)
 
     return sending
@@ -127,9 +200,11 @@ class HttpApi:
         self.slow_bodies = 0  # requests refused because their body came too slowly (408)
         self.served = 0  # requests answered (any status)
         self.disconnected = 0  # requests whose client went away before the answer was complete
+        self.disconnects = _Disconnects()  # its sweeps run in the server's lifespan (`_Lifespan`)
 
     def app(self) -> Any:
-        """The ASGI app: the routes, behind the key check, behind CORS when origins are configured."""
+        """The ASGI app: the routes, behind the key check, behind CORS when origins are configured;
+        the server's lifespan runs the disconnect sweeps."""
         # The inference endpoints: dispatched by exact path ahead of Starlette's middleware and routing
         # (`_Dispatch`: they answer their own errors, a tenth of a millisecond per request); also routed
         # below, so that another method on their path is answered 405.
@@ -161,7 +236,7 @@ class HttpApi:
                                                 *_openai.HEADER_ARGUMENTS, "x-accelmesh-provider"],
                                  expose_headers=["x-request-id", "x-accelmesh-peer", "x-accelmesh-cache",
                                                  "x-accelmesh-cid", "retry-after"], max_age=600)
-        return app
+        return _Lifespan(app, self.disconnects.run)
 
     async def _models(self, request: HttpRequest) -> JSONResponse:
         return JSONResponse(_openai.models_json(self.models()))
@@ -234,22 +309,17 @@ class HttpApi:
         # A client that stops reading blocks `send`: bounded by the deadline (plus a grace for the
         # error answer), after which the connection is dropped and the slot freed.
         with trio.move_on_at(contexts[0].deadline + SEND_GRACE) as bounded:
-            async with trio.open_nursery() as nursery:
-                watching = trio.CancelScope()
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope, watching)
-                send = _watch_until_last(send, watching)
-                try:
-                    if kind == "embeddings":
-                        await self._embeddings(call, contexts, send, rid)
-                    elif call.stream:
-                        await self._stream(call, contexts[0], send, rid)
-                    else:
-                        await self._whole(call, contexts[0], send, rid)
-                finally:
-                    if nursery.cancel_scope.cancel_called:
-                        self.disconnected += 1
-                    nursery.cancel_scope.cancel()
-        if bounded.cancelled_caught:
+            async with self.disconnects.watching(receive, bounded) as watch:
+                send = _until_last(send, watch)
+                if kind == "embeddings":
+                    await self._embeddings(call, contexts, send, rid)
+                elif call.stream:
+                    await self._stream(call, contexts[0], send, rid)
+                else:
+                    await self._whole(call, contexts[0], send, rid)
+        if watch.client_left:
+            self.disconnected += 1
+        elif bounded.cancelled_caught:
             log.warning("request %s: the client did not read its answer before the deadline; dropped", request_id)
 
     def _embedding_contexts(self, body: bytes, headers: Mapping[str, str], request_id: str,
@@ -407,6 +477,25 @@ class _Counted:
             await send(message)
 
         await self.app(scope, counted_receive, counted_send)
+
+
+class _Lifespan:
+    """ASGI lifespan: `run` (started at start-up, cancelled at shut-down) alongside `app`."""
+
+    def __init__(self, app: Any, run: Callable[..., Any]) -> None:
+        self.app, self.run = app, run
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        async with trio.open_nursery() as nursery:
+            await receive()  # lifespan.startup
+            await nursery.start(self.run)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown: every request has ended
+            nursery.cancel_scope.cancel()
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 class _Dispatch:

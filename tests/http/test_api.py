@@ -17,6 +17,7 @@ import openai
 import pytest
 import trio
 
+from node.config import load_settings
 from node.daemon import Daemon
 from node.errors import (
     AllProvidersFailed,
@@ -272,6 +273,61 @@ async def test_a_client_that_disconnects_mid_stream_frees_the_slot_within_a_seco
                 while a.daemon.admission.in_flight:
                     await trio.sleep(0.01)
             assert a.daemon.http.disconnected >= 1
+
+
+async def test_a_client_that_leaves_before_a_whole_answer_frees_the_slot_within_a_second(tmp_path):
+    # Watched from WATCH_AFTER on (a sweep starts the watcher): a client gone at once is noticed
+    # within two sweeps; one gone later, within one.
+    with trio.fail_after(30):
+        async with api(tmp_path, ACCELMESH_ECHO_LATENCY_MS="20000") as a:
+            for wait_before_leaving in (0.0, 1.0):
+                async with a.client() as client:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(partial(client.post, "/v1/completions", json={
+                            "model": "echo", "prompt": f"left after {wait_before_leaving}"}))
+                        with trio.fail_after(5):
+                            while a.daemon.admission.in_flight < 1:
+                                await trio.sleep(0.01)
+                        await trio.sleep(wait_before_leaving)
+                        nursery.cancel_scope.cancel()  # closes the connection
+                with trio.fail_after(1):
+                    while a.daemon.admission.in_flight:
+                        await trio.sleep(0.01)
+            assert a.daemon.http.disconnected == 2
+
+
+async def test_without_a_lifespan_each_request_is_watched_at_once(tmp_path):
+    """A server that runs no ASGI lifespan: the app watches every request from its start."""
+    from node.http.app import HttpApi
+    from node.http.server import bind_http, serve_http
+
+    left = trio.Event()
+    started = trio.Event()
+
+    async def run(ctx):
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            left.set()
+        yield ""  # (an async generator, as FrontDoor.run)
+
+    settings = load_settings(env={})
+    http = HttpApi(run=run, models=lambda: {"echo": ("me",)}, settings=settings)
+    app = http.app().app  # past _Lifespan: the server never starts the sweeps
+    listener = bind_http("127.0.0.1:0")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(lambda task_status: serve_http(app, listener, task_status=task_status))
+            async with httpx.AsyncClient(base_url=url) as client, trio.open_nursery() as requests:
+                requests.start_soon(partial(client.post, "/v1/completions", json={"model": "echo", "prompt": "x"}))
+                await started.wait()
+                requests.cancel_scope.cancel()
+            with trio.fail_after(1):
+                await left.wait()  # the work cancelled...
+                while not http.disconnected:  # ...and counted as the client's leaving
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_slow_client_gets_408_and_the_daemon_serves_others_meanwhile(tmp_path):
