@@ -301,7 +301,7 @@ class _Attempt:
     """One provider's try at a request: its key and cache policy, lookups, single flight, finishing."""
 
     __slots__ = ("request", "name", "provider", "deps", "started", "identity", "key", "policy", "cache", "flight",
-                 "ahead")
+                 "ahead", "asks_cluster")
 
     def __init__(self, run: _Run, name: str, provider: BaseProvider) -> None:
         request, deps, settings = run.request, run.deps, run.settings
@@ -314,6 +314,8 @@ class _Attempt:
         self.cache = deps.get_response_cache(settings) if enabled else None
         self.flight: Flight | None = None  # the single flight this attempt leads, until it lands
         self.ahead = self._keys_ahead(settings) if enabled else {}
+        cluster = deps.cluster_cache  # a daemon's cluster tier, looked up (`cluster_get`) unless a cluster of one
+        self.asks_cluster: bool = self.policy.lookup and cluster is not None and not cluster.alone()
 
     def _keys_ahead(self, settings: Any) -> dict[str, str]:
         """For a provider that sends the request to another node (the mesh): the request keys of the
@@ -339,11 +341,6 @@ class _Attempt:
         hit = self.cache.lookup(key or self.key)
         return (hit.data, hit.cid, hit.tier) if hit else None
 
-    @property
-    def asks_cluster(self) -> bool:
-        """Whether a daemon's cluster tier is looked up (async: `cluster_get`)."""
-        return self.policy.lookup and self.deps.cluster_cache is not None
-
     async def cluster_get(self, key: str | None = None, identity: str | None = None) -> tuple[Any, ...] | None:
         """The cluster's answer under `key` (default: this attempt's) for the model `identity`, its
         bytes already checked against their CID, kept locally."""
@@ -360,7 +357,7 @@ class _Attempt:
         cluster, under the key of a model that would answer. A hit is no inference anywhere."""
         for key, identity in self.ahead.items():
             found = self.local_lookup(key)
-            if found is None and self.deps.cluster_cache is not None:
+            if found is None and self.deps.cluster_cache is not None and not self.deps.cluster_cache.alone():
                 found = await self.cluster_get(key, identity)
             if found is not None:
                 return self.hit(found, key=key)

@@ -35,6 +35,9 @@ class DictDHT:
         self.provided: list[tuple[float, str]] = []
         self.slow = False
 
+    def alone(self) -> bool:
+        return False  # (a cluster of many, behind the dicts)
+
     async def get_record(self, request_key: str) -> CacheRecord | None:
         self.gets += 1
         await trio.sleep(0.002)

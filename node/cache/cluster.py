@@ -52,6 +52,7 @@ FETCH_PEERS = 4  # peers asked for one block at most (publisher first, then prov
 
 
 class DHT(Protocol):
+    def alone(self) -> bool: ...  # no member to ask
     async def get_record(self, request_key: str) -> CacheRecord | None: ...
     async def put_record(self, record: CacheRecord) -> None: ...
     async def provide(self, cid: str) -> None: ...
@@ -113,6 +114,10 @@ class ClusterCache:
         self.published = self.announced = self.dropped = 0
 
     # -- lookups -------------------------------------------------------------------------------
+
+    def alone(self) -> bool:
+        """A cluster of one: no member to ask, so no lookup (the router skips them)."""
+        return self.dht.alone()
 
     async def lookup(self, key: str) -> ClusterHit | None:
         """The answer under request key `key` from the cluster, or None (no record within the budget,

@@ -402,6 +402,12 @@ class ClusterDHT:
         except Exception:  # PeerStoreError: not known (yet)
             return []
 
+    def alone(self) -> bool:
+        """Whether there is no member to ask (a cluster of one): the routing table is empty and no
+        member is connected. Then a lookup can find only bytes this node already holds."""
+        return self.kad.routing_table.size() == 0 and not any(
+            self.is_member(str(peer)) for peer in self.host.get_connected_peers())
+
     # -- records -------------------------------------------------------------------------------
 
     async def get_record(self, request_key: str) -> CacheRecord | None:

@@ -268,6 +268,15 @@ async def test_an_absent_key_returns_none_promptly():
         assert max(elapsed) < 2.0, "a sanity bound, not a speed target: far below the DHT's 10 s query timeout"
 
 
+async def test_a_node_is_alone_until_a_member_is_connected_or_in_its_table():
+    async with line(1) as (single,):
+        assert single.alone()
+    async with line(2, is_member=lambda peer: False) as nodes:  # connected, but not members
+        assert all(node.alone() for node in nodes)
+    async with line(2) as nodes:
+        assert not any(node.alone() for node in nodes)
+
+
 async def test_lookups_reuse_one_stream_per_member():
     async with line(3) as nodes:
         records = [record(n=f"reuse {i}") for i in range(20)]
