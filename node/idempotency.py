@@ -22,14 +22,13 @@ another prompt is another request. Only Results are remembered: a failure is nev
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
 
-from node.requests import Request, Result
+from node.requests import Request, Result, evolve
 
 __all__ = ["RECENT_BYTES", "RECENT_RESULTS", "RECENT_SECONDS", "Flight", "RecentRequests", "RecentStatistics",
            "RequestIdentity", "fingerprint"]
@@ -47,7 +46,7 @@ def fingerprint(request: Request, provider: str | None, local_only: bool) -> str
     providers may serve. The repr of the whole frozen Request, so a field added to it later is
     covered without a change here; two equal requests whose reprs differ (chat messages with their
     keys in another order) only miss a replay, and run."""
-    same = dataclasses.replace(request, request_id="", timeout=0.0)
+    same = evolve(request, request_id="", timeout=0.0)
     return hashlib.sha256(repr((same, provider, local_only)).encode()).hexdigest()
 
 

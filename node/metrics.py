@@ -79,6 +79,7 @@ class Metrics:
                               ["provider"], registry=self.registry)
         self._self_id: str | None = None
         self._known: Callable[[str], bool] = lambda peer: False
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # (metric, label values) -> its child
 
     def watch(self, view: ControlContext, *, ready: Callable[[], tuple[bool, str]],
               known: Callable[[str], bool] = lambda peer: False,
@@ -102,15 +103,23 @@ class Metrics:
             peer = OTHER
         return provider, peer
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: the label sets are few (bounded by `_labels`), and
+        looking one up again costs more than the increment."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
+
     def record(self, served: Served) -> None:
         provider, peer = self._labels(served)
-        self.requests.labels(served.entry, provider, peer, served.outcome).inc()
+        self._child(self.requests, served.entry, provider, peer, served.outcome).inc()
         if served.outcome == "ok":
-            self.duration.labels(served.entry, provider).observe(served.seconds)
+            self._child(self.duration, served.entry, provider).observe(served.seconds)
             if served.first_seconds is not None:
-                self.first_token.labels(served.entry, provider).observe(served.first_seconds)
+                self._child(self.first_token, served.entry, provider).observe(served.first_seconds)
             if served.tokens:
-                self.tokens.labels(provider).inc(served.tokens)
+                self._child(self.tokens, provider).inc(served.tokens)
 
     def exposition(self) -> bytes:
         from prometheus_client import generate_latest

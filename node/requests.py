@@ -14,7 +14,7 @@ import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from node.config import LOAD_BALANCING_STRATEGIES
 from node.errors import InvalidRequest
@@ -25,7 +25,10 @@ from protocols.errors import NotCanonical
 from protocols.inference.messages import MAX_TIMEOUT_MS, MAX_VERIFY
 from protocols.vocabulary import ACCELERATOR_KINDS, CACHE_MODES
 
-__all__ = ["RESERVED_KWARGS", "CACHE_MODES", "PARAM_DEFAULTS", "Request", "Result", "build_request", "request_key_for"]
+__all__ = ["RESERVED_KWARGS", "CACHE_MODES", "PARAM_DEFAULTS", "Request", "Result", "build_request", "evolve",
+           "request_key_for"]
+
+_Frozen = TypeVar("_Frozen", "Request", "Result")
 
 # Never sent to a provider, never part of a request key (INTERFACES.md "Python API").
 RESERVED_KWARGS = frozenset({"timeout", "cache", "stream", "request_id", "deps", "on_peers", "accelerator", "strategy",
@@ -41,6 +44,16 @@ PARAM_DEFAULTS: Mapping[str, Any] = {
 MAX_TIMEOUT = MAX_TIMEOUT_MS / 1000.0  # seconds: the longest deadline a request may have (the wire's, 1 hour)
 _FLOAT_PARAMS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
 
+
+
+def evolve(value: _Frozen, **changes: Any) -> _Frozen:
+    """`dataclasses.replace` for Request and Result (frozen, no __post_init__): a copy of the fields
+    with `changes`, without re-running __init__ field by field (a fifth of replace's cost; the
+    front door makes three copies per request)."""
+    assert changes.keys() <= value.__dict__.keys(), f"not fields of {type(value).__name__}: {sorted(changes)}"
+    copy = object.__new__(type(value))
+    copy.__dict__.update(value.__dict__, **changes)
+    return copy
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ In-process calls with no daemon (`node.generate_text`) go straight to the router
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -36,7 +35,7 @@ from node.deps import RouterDeps
 from node.errors import DeadlineExceeded
 from node.idempotency import RecentRequests, RequestIdentity, fingerprint
 from node.metrics import Served, outcome_of
-from node.requests import Request, Result
+from node.requests import Request, Result, evolve
 from node.wire import FORWARDED_HOPS, request_from_wire, result_to_wire
 from protocols.inference.messages import Request as WireRequest
 from protocols.inference.messages import Result as WireResult
@@ -102,7 +101,7 @@ class FrontDoor:
                         if first is None:
                             first = trio.current_time()
                         if isinstance(item, Result):
-                            result = item  # kept even if our caller stops listening once it has it
+                            item = result = self._computed_here(item)  # kept even if our caller stops listening now
                         yield item
             finally:
                 self.recent.finish(identity, flight, result, trio.current_time())
@@ -182,19 +181,19 @@ class FrontDoor:
         ctx = self.context(message, caller=self.peer_id, entry=SELF)
         async with aclosing(self._answer(ctx, slot)) as items:
             async for item in items:
-                yield item
+                yield self._computed_here(item) if isinstance(item, Result) else item
 
-    async def _answer(self, ctx: RequestContext, slot: Slot | None) -> AsyncIterator[str | Result]:
+    def _answer(self, ctx: RequestContext, slot: Slot | None) -> AsyncIterator[str | Result]:
+        """The router's answer to `ctx` within what is left of its deadline (a generator to close)."""
         remaining = ctx.deadline - trio.current_time()
         if remaining <= 0:
             raise DeadlineExceeded(ctx.request.timeout)
-        request = dataclasses.replace(ctx.request, timeout=remaining)
-        async with aclosing(router.arun(request, provider=ctx.provider, deps=self.deps, slot=slot,
-                                        local_only=ctx.local_only)) as items:
-            async for item in items:
-                if isinstance(item, Result):
-                    item = dataclasses.replace(item, peer=item.peer or self.peer_id)
-                yield item
+        return router.arun(evolve(ctx.request, timeout=remaining), provider=ctx.provider, deps=self.deps, slot=slot,
+                           local_only=ctx.local_only)
+
+    def _computed_here(self, result: Result) -> Result:
+        """`result` naming this node as the one that computed it, unless a peer did."""
+        return result if result.peer else evolve(result, peer=self.peer_id)
 
     def runner(self, entry: str) -> Any:
         """The inference server's runner for requests coming in by `entry` (node.mesh.server)."""
