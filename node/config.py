@@ -362,7 +362,15 @@ class HFLocalSettings:
     preload: bool = setting(False, "load every model of `models` when the daemon starts (with a progress bar)",
                             kind="bool")
     max_new_tokens: int = setting(256, "tokens generated when a request gives no max_tokens", kind="int", minimum=1)
-    concurrency: int = setting(1, "generations at once per device (others queue)", kind="int", minimum=1)
+    concurrency: int = setting(1, "generations at once per device without batching (others queue)", kind="int",
+                               minimum=1)
+    batching: str = setting("auto", "continuous batching of greedy requests (transformers' manager): on, off, or "
+                            "auto (on for every device: a gain on CPU too, docs/performance.md)", kind="str",
+                            choices=("auto", "on", "off"))
+    batch_concurrency: int = setting(16, "requests in a model's batch at once when batching (others queue); "
+                                     "the provider's advertised capacity", kind="int", minimum=1)
+    max_batch_tokens: int = setting(0, "tokens one batching step processes at most (0: transformers' choice on a "
+                                    "GPU, 512 on a CPU)", kind="int", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,8 @@ FACTORIES: dict[str, Factory] = {
     "node.cache.exchange.BlockExchange": _block_exchange,
     "node.cache.cluster.ClusterCache": _cluster_cache,
     "node.mesh.dht.ClusterDHT": _cluster_dht,
+    "node.providers.hf_batching.Batcher": lambda tmp_path, stack: _load("node.providers.hf_batching.Batcher")(
+        None, None, concurrency=4, max_batch_tokens=0, max_length=64),  # starts nothing until start()
 }
 
 # Classes too heavy to build in a unit test, with the reason: only their annotation is checked.

@@ -16,6 +16,11 @@
   stops generating at ``request.timeout`` (a time-based stopping criterion, checked every
   token; also while loading and queued) and raises `ProviderTimeout`. The async path is
   stopped by cancellation (the router cancels at its deadline).
+- Continuous batching (``[providers.hf_local] batching``, node.providers.hf_batching): greedy
+  requests to a model share transformers' continuous batching manager, up to
+  ``batch_concurrency`` at once (the provider's capacity, advertised); sampled ones run
+  unbatched beside it. ``auto`` turns it on for every device (docs/performance.md: a gain on
+  CPU too). Where the manager cannot run a model, one log line, and that model runs unbatched.
 - Only the models this provider serves (`models()`: the configured ones and the default) are
   loaded; a request for any other model, a path or hub id included, is refused with
   `ModelNotFound` before anything is read from disk, so a mesh peer cannot make a node load
@@ -37,6 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,7 +123,9 @@ class _Loaded:
     device: str
     tokenizer: Any
     model: Any
-    slots: threading.BoundedSemaphore  # generations at once on this device
+    slots: threading.BoundedSemaphore  # generations at once on this device (unbatched)
+    batcher: Any = None  # node.providers.hf_batching.Batcher: its greedy requests, batched
+    batch_slots: threading.BoundedSemaphore | None = None  # requests in the batch at once
 
 
 class _StopOnEvent:
@@ -167,8 +175,9 @@ class _StopOnStrings:
         return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
 
 
-def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
-    """A transformers streamer that hands each decoded piece of new text to `on_text`."""
+def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None], *, skip_prompt: bool = True) -> Any:
+    """A transformers streamer that hands each decoded piece of new text to `on_text` (fed the
+    prompt first, as `generate` feeds it, unless `skip_prompt` is off)."""
     from transformers.generation.streamers import TextStreamer
 
     class CallbackStreamer(TextStreamer):
@@ -176,7 +185,7 @@ def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
             if text:
                 on_text(text)
 
-    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return CallbackStreamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
 
 
 class _StopFilter:
@@ -247,6 +256,8 @@ class HFLocalStatistics:
 
     loaded: tuple[str, ...]  # models in memory, as "MODEL@DEVICE", sorted
     default: str  # the model used when a request names none
+    batched: tuple[str, ...] = ()  # of those, the ones served with continuous batching
+    capacity: int = 1  # requests run at once (the batch's size when batching)
 
 
 class HFLocalProvider(BaseProvider):
@@ -260,12 +271,19 @@ class HFLocalProvider(BaseProvider):
         device: str = "auto",
         max_new_tokens: int = 256,
         concurrency: int = 1,
+        batching: str = "auto",
+        batch_concurrency: int = 16,
+        max_batch_tokens: int = 0,
     ) -> None:
         self.configured = tuple(models)
         self.default = default_model or (self.configured[0] if self.configured else EMBEDDED_MODEL)
         self.device_setting = device
         self.max_new_tokens = max_new_tokens
         self.concurrency = concurrency
+        self.batching = batching  # auto | on | off
+        self.batch_concurrency = batch_concurrency
+        self.max_batch_tokens = max_batch_tokens  # 0: transformers' choice on a GPU, CPU_MAX_BATCH_TOKENS on a CPU
+        self._unbatchable: set[str] = set()  # models whose batching manager could not start
         self._loaded: dict[tuple[str, str], _Loaded] = {}
         self._load_lock = threading.Lock()
         self._device_slots: dict[str, threading.BoundedSemaphore] = {}
@@ -276,7 +294,8 @@ class HFLocalProvider(BaseProvider):
         s = settings.providers.hf_local
         return cls(
             models=s.models, default_model=s.default_model, device=s.device,
-            max_new_tokens=s.max_new_tokens, concurrency=s.concurrency,
+            max_new_tokens=s.max_new_tokens, concurrency=s.concurrency, batching=s.batching,
+            batch_concurrency=s.batch_concurrency, max_batch_tokens=s.max_batch_tokens,
         )
 
     # -- readiness and models ----------------------------------------------------------
@@ -352,9 +371,15 @@ class HFLocalProvider(BaseProvider):
             return "rocm" if getattr(torch.version, "hip", None) else "cuda"
         return device
 
+    def batches(self) -> bool:
+        """Whether greedy requests to the default model are batched: `batching` on, or auto (every
+        device), unless its manager could not start."""
+        return self.batching != "off" and self.default not in self._unbatchable
+
     def capacity(self) -> int:
-        """`concurrency`: generations at once on this provider's one device (every model on it shares them)."""
-        return self.concurrency
+        """Requests run at once: `batch_concurrency` when batching (per model), else `concurrency`
+        (generations at once on this provider's one device, shared by every model on it)."""
+        return self.batch_concurrency if self.batches() else self.concurrency
 
     def load(self, model: str | None = None, *, progress: bool = False) -> _Loaded:
         """Load (once) and return `model` on this provider's device. Blocking: call in a thread.
@@ -391,9 +416,28 @@ class HFLocalProvider(BaseProvider):
                 tokenizer.pad_token = tokenizer.eos_token
             slots = self._device_slots.setdefault(device, threading.BoundedSemaphore(self.concurrency))
             loaded = _Loaded(model, device, tokenizer, lm, slots)
+            if self.batching != "off":
+                self._start_batching(loaded)
             self._loaded[key] = loaded
         self.model_identity(model)  # known from now on, so the advert carries it (advertised_identity)
         return loaded
+
+    def _start_batching(self, loaded: _Loaded) -> None:
+        """Give `loaded` its continuous batching manager; where it cannot run, one log line and none."""
+        from node.providers.hf_batching import Batcher
+
+        batcher = Batcher(loaded.model, loaded.tokenizer, concurrency=self.batch_concurrency,
+                          max_batch_tokens=self.max_batch_tokens,
+                          max_length=_context_length(loaded.model) or 2 * self.max_new_tokens)
+        try:
+            batcher.start()
+        except Exception as exc:  # unsupported attention or architecture, out of memory for its cache
+            self._unbatchable.add(loaded.model_id)
+            log.warning("hf_local: continuous batching cannot run %s on %s (%s: %s); serving it unbatched",
+                        loaded.model_id, loaded.device, type(exc).__name__, exc)
+            return
+        loaded.batcher = batcher
+        loaded.batch_slots = threading.BoundedSemaphore(self.batch_concurrency)
 
     def preload(self, models: tuple[str, ...] | None = None, *, progress: bool = True) -> list[str]:
         """Load every configured model now (the daemon calls this in a thread at start)."""
@@ -436,21 +480,19 @@ class HFLocalProvider(BaseProvider):
         stop_event: threading.Event | None = None,
         deadline: float | None = None,
     ) -> Completion:
-        """Run one generation in the calling thread (queued behind the device's slots).
+        """Run one generation in the calling thread: in the model's batch when it has one and the
+        request is greedy, else alone (queued behind the device's slots).
 
         With a `deadline` (``time.monotonic()`` seconds) the generation stops there and raises
         `ProviderTimeout`: while loading, while queued, or within one token while generating.
         """
-        import torch
-        from transformers import StoppingCriteriaList
-
         loaded = self.load(request.model)
         if deadline is not None and time.monotonic() >= deadline:
             raise self._timeout(request, "while the model was loading")
         params = request.params
         max_new = int(params.get("max_tokens") or self.max_new_tokens)
         temperature = float(params.get("temperature", 0.0))
-        stops = params.get("stop") or []
+        stops = list(params.get("stop") or [])
         stop_event = stop_event or threading.Event()
         inputs = self._inputs(loaded, request)
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -460,47 +502,18 @@ class HFLocalProvider(BaseProvider):
                 raise ProviderFailed(self.name, f"prompt of {prompt_tokens} tokens does not fit the context of "
                                                 f"{loaded.model_id} ({context} tokens)")
             max_new = min(max_new, context - prompt_tokens)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "pad_token_id": loaded.tokenizer.pad_token_id,
-            "stopping_criteria": StoppingCriteriaList([_StopOnEvent(stop_event)]),
-        }
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=float(params.get("top_p", 1.0)))
-        else:
-            kwargs["do_sample"] = False  # (passing temperature=None etc. as well costs ~10% on CPU)
-        if stops:
-            kwargs["stopping_criteria"].append(_StopOnStrings(loaded.tokenizer, prompt_tokens, list(stops)))
-        at_deadline = _StopAtDeadline(deadline) if deadline is not None else None
-        if at_deadline is not None:
-            kwargs["stopping_criteria"].append(at_deadline)
-        stream_filter = _StopFilter(list(stops))
-        if on_text is not None:
+        stream_filter = _StopFilter(stops)
 
-            def filtered(piece: str) -> None:
-                out = stream_filter.feed(piece)
-                if out:
-                    on_text(out)
+        def filtered(piece: str) -> None:
+            out = stream_filter.feed(piece)
+            if out and on_text is not None:
+                on_text(out)
 
-            kwargs["streamer"] = _callback_streamer(loaded.tokenizer, filtered)
-
-        while not loaded.slots.acquire(timeout=0.05):
-            if stop_event.is_set():
-                raise ProviderFailed(self.name, "cancelled while queued")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise self._timeout(request, "while queued for the device")
-        try:
-            with torch.inference_mode():
-                if "seed" in params:
-                    torch.manual_seed(int(params["seed"]))
-                output = loaded.model.generate(**inputs, **kwargs)
-        except (RuntimeError, ValueError) as exc:
-            raise ProviderFailed(self.name, f"generation failed: {exc}") from exc
-        finally:
-            loaded.slots.release()
-
-        new_ids = output[0][prompt_tokens:]
-        if at_deadline is not None and at_deadline.hit and not stop_event.is_set():
+        emit = filtered if on_text is not None else None
+        run = self._run_batched if loaded.batcher is not None and temperature <= 0 else self._run_alone
+        new_ids, timed_out = run(loaded, request, inputs, max_new=max_new, stops=stops, emit=emit,
+                                 stop_event=stop_event, deadline=deadline)
+        if timed_out:
             raise self._timeout(request, f"after {len(new_ids)} of {max_new} tokens; generation stopped")
         text = loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
         finish = "length" if len(new_ids) >= max_new else "stop"
@@ -514,6 +527,107 @@ class HFLocalProvider(BaseProvider):
                 on_text(tail)
         return Completion(text=text, model=loaded.model_id, finish_reason=finish,
                           prompt_tokens=prompt_tokens, completion_tokens=int(len(new_ids)))
+
+    def _queue_for(self, slots: threading.BoundedSemaphore, request: ProviderRequest, stop_event: threading.Event,
+                   deadline: float | None) -> None:
+        """Take one of `slots`, waiting while stop_event is clear and the deadline is ahead."""
+        while not slots.acquire(timeout=0.05):
+            if stop_event.is_set():
+                raise ProviderFailed(self.name, "cancelled while queued")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._timeout(request, "while queued for the device")
+
+    def _run_alone(self, loaded: _Loaded, request: ProviderRequest, inputs: Any, *, max_new: int, stops: list[str],
+                   emit: Callable[[str], None] | None, stop_event: threading.Event,
+                   deadline: float | None) -> tuple[Any, bool]:
+        """One `model.generate`: (the new token ids, whether it stopped at the deadline)."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        params = request.params
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": loaded.tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([_StopOnEvent(stop_event)]),
+        }
+        temperature = float(params.get("temperature", 0.0))
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=float(params.get("top_p", 1.0)))
+        else:
+            kwargs["do_sample"] = False  # (passing temperature=None etc. as well costs ~10% on CPU)
+        if stops:
+            kwargs["stopping_criteria"].append(_StopOnStrings(loaded.tokenizer, prompt_tokens, stops))
+        at_deadline = _StopAtDeadline(deadline) if deadline is not None else None
+        if at_deadline is not None:
+            kwargs["stopping_criteria"].append(at_deadline)
+        if emit is not None:
+            kwargs["streamer"] = _callback_streamer(loaded.tokenizer, emit)
+        self._queue_for(loaded.slots, request, stop_event, deadline)
+        try:
+            with torch.inference_mode(), loaded.batcher.paused() if loaded.batcher is not None else nullcontext():
+                if "seed" in params:
+                    torch.manual_seed(int(params["seed"]))
+                output = loaded.model.generate(**inputs, **kwargs)
+        except (RuntimeError, ValueError) as exc:
+            raise ProviderFailed(self.name, f"generation failed: {exc}") from exc
+        finally:
+            loaded.slots.release()
+        return output[0][prompt_tokens:], bool(at_deadline and at_deadline.hit and not stop_event.is_set())
+
+    def _run_batched(self, loaded: _Loaded, request: ProviderRequest, inputs: Any, *, max_new: int,
+                     stops: list[str], emit: Callable[[str], None] | None, stop_event: threading.Event,
+                     deadline: float | None) -> tuple[list[int], bool]:
+        """The request in the model's batch: (the new token ids, whether it stopped at the deadline).
+
+        The tokens are taken one by one as `model.generate` would produce them: streamed, checked
+        for a stop string over the same window (`_StopOnStrings`), so that the answer, its usage
+        and its CID are those of an unbatched generation. Leaving early (stop string, cancel,
+        deadline) takes the request out of the batch at the next step."""
+        import torch
+
+        assert loaded.batcher is not None and loaded.batch_slots is not None
+        streamer = _callback_streamer(loaded.tokenizer, emit, skip_prompt=False) if emit is not None else None
+        window = max(len(s) for s in stops) + 2 if stops else 0
+        generated: list[int] = []
+        self._queue_for(loaded.batch_slots, request, stop_event, deadline)
+        request_id: str | None = None
+        try:
+            try:
+                request_id, outputs = loaded.batcher.submit(inputs["input_ids"][0].tolist(), max_new)
+            except Exception as exc:  # the manager stopped, or could not start again
+                raise ProviderFailed(self.name, f"continuous batching: {exc}", retryable=True) from exc
+            while True:
+                if stop_event.is_set():
+                    return generated, False
+                if deadline is not None and time.monotonic() >= deadline:
+                    return generated, True
+                try:
+                    output = outputs.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                error = output if isinstance(output, BaseException) else output.error
+                if error is not None:  # a step failed (out of memory): every request in it fails, retryably
+                    request_id = None
+                    raise ProviderFailed(self.name, f"generation failed in the batch: {error}", retryable=True)
+                for token in output.generated_tokens[len(generated):]:
+                    generated.append(int(token))
+                    if streamer is not None:
+                        streamer.put(torch.tensor([token]))
+                    if stops:
+                        tail = loaded.tokenizer.decode(generated[-window:], skip_special_tokens=True)
+                        if any(stop in tail for stop in stops):
+                            output = None  # stopped here, as _StopOnStrings stops generate
+                            break
+                if output is None or output.is_finished():
+                    request_id = None if output is not None else request_id
+                    if streamer is not None:
+                        streamer.end()
+                    return generated, False
+        finally:
+            if request_id is not None:
+                loaded.batcher.cancel(request_id)
+            loaded.batch_slots.release()
 
     def _timeout(self, request: ProviderRequest, when: str) -> ProviderTimeout:
         return ProviderTimeout(self.name, f"no answer within {request.timeout:g} s ({when})")
@@ -562,10 +676,12 @@ class HFLocalProvider(BaseProvider):
                 await trio.to_thread.run_sync(worker.join)
 
     def statistics(self) -> HFLocalStatistics:
-        loaded = tuple(self._loaded)  # one C-level copy: a load finishing meanwhile cannot break the iteration
-        return HFLocalStatistics(loaded=tuple(sorted(f"{m}@{d}" for m, d in loaded)), default=self.default)
+        loaded = tuple(self._loaded.items())  # one C-level copy: a load finishing meanwhile cannot break the iteration
+        return HFLocalStatistics(loaded=tuple(sorted(f"{m}@{d}" for (m, d), _ in loaded)), default=self.default,
+                                 batched=tuple(sorted(f"{m}@{d}" for (m, d), one in loaded if one.batcher is not None)),
+                                 capacity=self.capacity())
 
     def __repr__(self) -> str:
         s = self.statistics()
         return (f"<HFLocalProvider default={s.default!r} device={self.device_setting!r} "
-                f"loaded={list(s.loaded)} concurrency={self.concurrency}>")
+                f"loaded={list(s.loaded)} batching={self.batching} capacity={s.capacity}>")

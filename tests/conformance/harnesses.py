@@ -107,18 +107,18 @@ PLAIN = Harness(
 _hf: dict[str, Any] = {}
 
 
-def _hf_provider() -> BaseProvider:
+def _hf_provider(batching: str) -> BaseProvider:
     from node.providers.hf_local import HFLocalProvider
 
-    if "p" not in _hf:  # one loaded model for the whole session
-        _hf["p"] = HFLocalProvider(max_new_tokens=16)
-    return _hf["p"]
+    if batching not in _hf:  # one loaded model per mode for the whole session
+        _hf[batching] = HFLocalProvider(max_new_tokens=16, batching=batching)
+    return _hf[batching]
 
 
-def _hf_case(req: ProviderRequest) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+def _hf_case(req: ProviderRequest, batching: str) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
     @contextlib.contextmanager
     def make(tmp: Path) -> Iterator[Case]:
-        yield Case(_hf_provider(), req)
+        yield Case(_hf_provider(batching), req)
 
     return make
 
@@ -126,14 +126,19 @@ def _hf_case(req: ProviderRequest) -> Callable[[Path], contextlib.AbstractContex
 HF_SLOW_TOKEN_SECONDS = 0.05  # each forward pass of the slow case sleeps this long, on any CPU
 
 
+def _hf_slow(batching: str) -> Callable[[Path], contextlib.AbstractContextManager[Case]]:
+    return lambda tmp: _hf_slow_case(batching)
+
+
 @contextlib.contextmanager
-def _hf_slow(tmp: Path) -> Iterator[Case]:
+def _hf_slow_case(batching: str) -> Iterator[Case]:
     """The real embedded model, made slow: every forward pass sleeps, and end-of-text cannot come
-    before 900 tokens (min_new_tokens), so the answer takes >= 900 x 0.05 s = 45 s however
-    fast the CPU, unless it is stopped."""
+    before 900 tokens (min_new_tokens; batched, where the manager's own config applies: the
+    embedded model's greedy answer has none), so the answer takes many seconds however fast the
+    CPU, unless it is stopped."""
     from node.providers.hf_local import HFLocalProvider
 
-    provider = HFLocalProvider(max_new_tokens=16)  # its own copy of the model: the hook stays private
+    provider = HFLocalProvider(max_new_tokens=16, batching=batching)  # its own model: the hook stays private
     loaded = provider.load()
     loaded.model.generation_config.min_new_tokens = 900
 
@@ -154,8 +159,13 @@ def _hf_unready(tmp: Path) -> BaseProvider:
 
 
 HF_LOCAL = Harness(
-    "hf_local", ready=_hf_case(request()), slow=_hf_slow,
-    failing=_hf_case(request(model="/nonexistent/model")), error=ModelNotFound,
+    "hf_local", ready=_hf_case(request(), "on"), slow=_hf_slow("on"),
+    failing=_hf_case(request(model="/nonexistent/model"), "on"), error=ModelNotFound,
+    unready=_hf_unready, unready_hint="not available locally",
+)
+HF_LOCAL_UNBATCHED = Harness(
+    "hf_local_unbatched", ready=_hf_case(request(), "off"), slow=_hf_slow("off"),
+    failing=_hf_case(request(model="/nonexistent/model"), "off"), error=ModelNotFound,
     unready=_hf_unready, unready_hint="not available locally",
 )
 
@@ -260,7 +270,7 @@ CLI_HARNESSES = [
     ]
 ]
 
-HARNESSES = [ECHO, PLAIN, HF_LOCAL, OPENAI, COPILOT_SDK, *CLI_HARNESSES]
+HARNESSES = [ECHO, PLAIN, HF_LOCAL, HF_LOCAL_UNBATCHED, OPENAI, COPILOT_SDK, *CLI_HARNESSES]
 
 
 def unready_readiness(h: Harness, tmp: Path) -> Readiness:

@@ -120,7 +120,9 @@ async def test_streaming_chunks_rebuild_the_answer(provider):
 
 
 async def test_closing_the_stream_stops_generation_within_one_token():
-    provider = HFLocalProvider(max_new_tokens=200)
+    # Unbatched: a reader that falls behind pauses the generation (Handoff), so nothing runs ahead of
+    # it. (Batched, the batch runs on for the others: tests/providers/test_hf_batching.py.)
+    provider = HFLocalProvider(max_new_tokens=200, batching="off")
     loaded = provider.load()
     forwards = []
     lock = threading.Lock()
@@ -138,12 +140,19 @@ async def test_closing_the_stream_stops_generation_within_one_token():
         handle.remove()
 
 
-async def test_router_deadline_cancels_a_generation():
-    deps = RouterDeps(settings=load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_MAX_NEW_TOKENS": "250"}))
+@pytest.mark.parametrize("batching", ["off", "on"])
+async def test_router_deadline_cancels_a_generation(batching):
+    deps = RouterDeps(settings=load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_MAX_NEW_TOKENS": "250",
+                                                  "ACCELMESH_PROVIDERS_HF_LOCAL_BATCHING": batching}))
     provider = deps.get_provider("hf_local", deps.current_settings())
     loaded = await trio.to_thread.run_sync(provider.load)
     forwards = []
-    handle = loaded.model.register_forward_hook(lambda *a: forwards.append(1))
+
+    def counted(*args) -> None:  # 250 tokens take at least 0.25 s, five times the deadline
+        forwards.append(1)
+        time.sleep(0.001)
+
+    handle = loaded.model.register_forward_hook(counted)
     try:
         with trio.fail_after(30), pytest.raises(node.DeadlineExceeded):
             await node.acomplete("x", provider="hf_local", deps=deps, timeout=0.05, cache="no-cache")
@@ -231,9 +240,13 @@ def test_accelerator_is_the_device_kind(provider):
     assert HFLocalProvider(device="mps").accelerator() == "mps"
 
 
-def test_capacity_is_the_concurrency_setting_generations_at_once_on_its_device():
-    assert HFLocalProvider().capacity() == 1  # the default: one generation at a time
-    settings = load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_CONCURRENCY": "3"})
+def test_capacity_is_the_batch_size_or_unbatched_the_concurrency_setting():
+    assert HFLocalProvider().capacity() == 16  # the default: batching, 16 requests in the batch
+    settings = load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_BATCH_CONCURRENCY": "24"})
+    assert HFLocalProvider.from_settings(settings).capacity() == 24
+    assert HFLocalProvider(batching="off").capacity() == 1  # unbatched: one generation at a time
+    settings = load_settings(env={"ACCELMESH_PROVIDERS_HF_LOCAL_CONCURRENCY": "3",
+                                  "ACCELMESH_PROVIDERS_HF_LOCAL_BATCHING": "off"})
     assert HFLocalProvider.from_settings(settings).capacity() == 3
 
 
