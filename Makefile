@@ -3,6 +3,8 @@
 #   make test   install what is missing, then run the whole test suite (CI runs exactly this)
 #   make demo   a 3-node cluster on loopback: prompts streamed through one node, served by all three
 #   make bench  run the benchmarks and rewrite docs/performance.md
+#   make image         the CPU container image, built without an image registry (deploy/docker/cluster.sh)
+#   make cluster-test  that image as a 3-node cluster on loopback, checked, then removed (not part of `make test`)
 
 PYTHON      ?= python3.11
 VENV        := .venv
@@ -11,11 +13,11 @@ STAMP       := $(VENV)/.accelmesh-installed
 SYS_STAMP   := $(VENV)/.accelmesh-system-packages
 # Debian/Ubuntu's venv support for $(PYTHON) (ensurepip) is a package of its own.
 VENV_PACKAGE := $(notdir $(PYTHON))-venv
-SYSTEM_PACKAGES := build-essential python3-dev $(VENV_PACKAGE) libgmp-dev systemd curl
+SYSTEM_PACKAGES := build-essential python3-dev $(VENV_PACKAGE) libgmp-dev systemd curl prometheus shellcheck
 TORCH_PIN   := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test test-lan bench demo venv clean system-packages
+.PHONY: run test test-lan bench demo venv clean system-packages image cluster-test
 
 venv: $(STAMP)
 
@@ -24,7 +26,9 @@ system-packages: $(SYS_STAMP)
 # System packages that pip cannot provide: a compiler and GMP for fastecdsa (a libp2p dependency),
 # python3.11-venv so that `$(PYTHON) -m venv` works (it counts as present when $(PYTHON) can
 # already make a venv, e.g. a pyenv or source build), systemd for `systemd-analyze verify` of
-# deploy/systemd/accelmesh.service in the tests, and Node.js with npm (>= 20.19) for the
+# deploy/systemd/accelmesh.service in the tests, prometheus for `promtool check rules|config` and
+# shellcheck for deploy/docker/cluster.sh in tests/deploy (Debian's prometheus package also installs
+# the Prometheus server as a service), and Node.js with npm (>= 20.19) for the
 # js-libp2p interop test (a NodeSource nodejs ships npm itself). Checked once: the stamp in
 # $(VENV) makes later runs a no-op (`make clean` removes it).
 $(SYS_STAMP):
@@ -78,6 +82,16 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.run
+
+# The CPU image and a 3-node cluster from it, without an image registry: a debootstrapped Debian base,
+# a wheelhouse filled on the host, `docker build`, three containers on the host network (loopback).
+# Needs dockerd running, debootstrap and root (apt-get install docker.io debootstrap); about 10
+# minutes the first time. Not part of `make test`.
+image: $(STAMP)
+	TORCH_PIN=$(TORCH_PIN) PYTHON=$(BIN)/python deploy/docker/cluster.sh image
+
+cluster-test: $(STAMP)
+	TORCH_PIN=$(TORCH_PIN) PYTHON=$(BIN)/python deploy/docker/cluster.sh test
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

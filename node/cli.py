@@ -426,6 +426,8 @@ def cmd_keygen(args: argparse.Namespace, settings: Any) -> int:
         fd = os.open(args.key_file, flags, 0o600)
     except FileExistsError:
         raise _UsageError(f"{args.key_file} exists; pass --force to overwrite it") from None
+    except OSError as exc:  # a directory that is not there or not writable
+        raise _UsageError(f"cannot write {args.key_file}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "w") as fh:
         fh.write(make_swarm_key())
     print(f"wrote cluster key {args.key_file} (give it to every node of the cluster: --cluster-key)")

@@ -127,3 +127,9 @@ def test_data_dir_and_peer_are_alternatives(accelmesh, tmp_path):
                     check=False)
     assert out.returncode == 2 and "--data-dir and --peer are alternatives" in out.stderr
     assert list(tmp_path.iterdir()) == [], "nothing was dialed or written"
+
+
+def test_keygen_into_a_directory_that_is_not_there_is_one_error_line(accelmesh, tmp_path):
+    out = accelmesh("keygen", "--cluster-key", str(tmp_path / "missing" / "swarm.key"), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"cannot write {tmp_path / 'missing' / 'swarm.key'}: No such file or directory" in out.stderr
