@@ -88,6 +88,21 @@ class Admission:
         self.changed.set()
         self.changed = trio.Event()
 
+    def enter_now(self) -> Slot | None:
+        """A slot if one is free now, without waiting (release it with `hold`); None otherwise:
+        then `enter` queues for one."""
+        if not self.limiter.available_tokens:
+            return None
+        slot = Slot(self)
+        self.limiter.acquire_on_behalf_of_nowait(slot)
+        self._held(slot)
+        self._touch()
+        return slot
+
+    def _held(self, slot: Slot) -> None:
+        slot.held, slot.since = True, trio.current_time()
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
     async def _admit(self, slot: Slot) -> None:
         """A slot for `slot` now, or a place in the queue; Busy when the queue is full too."""
         if self.limiter.available_tokens:
@@ -104,8 +119,7 @@ class Admission:
             finally:
                 self.queued -= 1
                 self._touch()  # also when cancelled while waiting: a drain may be waiting for this
-        slot.held, slot.since = True, trio.current_time()
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self._held(slot)
 
     def _release(self, slot: Slot, *, finished: bool) -> None:
         self.limiter.release_on_behalf_of(slot)
@@ -179,11 +193,25 @@ class Slot:
             self.admission.forwarding -= 1
             self.admission._touch()
 
-    @asynccontextmanager
-    async def local(self) -> AsyncIterator[None]:
+    def local(self) -> _Local:
         """Hold the slot around work done here (`take_back` first if it was handed off)."""
-        await self.take_back()
-        yield
+        return _Local(self)
 
     def __repr__(self) -> str:
         return f"<Slot {'held' if self.held else 'handed off'}>"
+
+
+class _Local:
+    """`Slot.local()`: an async context manager of its own (not a generator's: every local request
+    enters one)."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+
+    async def __aenter__(self) -> None:
+        await self.slot.take_back()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None

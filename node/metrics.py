@@ -73,7 +73,8 @@ class Metrics:
                                 ["entry", "provider", "peer", "outcome"], registry=self.registry)
         self.duration = Histogram("accelmesh_request_duration_seconds", "front door to the answer's end (ok requests)",
                                   ["entry", "provider"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.first_token = Histogram("accelmesh_time_to_first_token_seconds", "front door to the first text chunk",
+        self.first_token = Histogram("accelmesh_time_to_first_token_seconds",
+                                     "front door to the first text chunk (the answer, asked whole)",
                                      ["entry", "provider"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("accelmesh_tokens_generated", "completion tokens in the answers' usage",
                               ["provider"], registry=self.registry)

@@ -623,14 +623,17 @@ async def arun(
     deps: RouterDeps,
     slot: AdmissionSlot | None = None,
     local_only: bool = False,
+    chunks: bool = True,
 ) -> AsyncIterator[str | Result]:
     """Run an already-built `Request`: yield text chunks as they come, then exactly one `Result`.
 
-    `slot` (a daemon's admission slot; None in-process) is held with `slot.local()` while a
-    local provider works, and handed to every provider as `ProviderRequest.slot` (the mesh gives
-    it back while another node serves). `local_only` leaves out providers that route to other
-    nodes (a request forwarded by another node: the hop limit). Use with `contextlib.aclosing`
-    when you may stop early; closing cancels the provider.
+    `slot` (a daemon's admission slot; None in-process) is held with `slot.local()` (taken back
+    first if it was handed off) while a local provider works, and handed to every provider as `ProviderRequest.slot`
+    (the mesh gives it back while another node serves). `local_only` leaves out providers that
+    route to other nodes (a request forwarded by another node: the hop limit). `chunks=False`
+    (a caller that wants the answer whole): the Result alone, the provider's stream read to its
+    end under one deadline instead of one per chunk. Use with `contextlib.aclosing` when you may
+    stop early; closing cancels the provider.
     """
     import trio
 
@@ -639,7 +642,7 @@ async def arun(
         run.check_deadline()
         emitted = False
         try:  # (keying inside the try: a provider may refuse the model, ModelNotFound)
-            async with aclosing(_attempt_async(_Attempt(run, name, candidate), run, slot)) as items:
+            async with aclosing(_attempt_async(_Attempt(run, name, candidate), run, slot, chunks)) as items:
                 async for item in items:
                     emitted = emitted or isinstance(item, str)
                     yield item
@@ -667,13 +670,15 @@ async def aiter_request(
             yield item
 
 
-async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | None) -> AsyncIterator[str | Result]:
+async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | None,
+                         chunks: bool = True) -> AsyncIterator[str | Result]:
     import trio
 
     if attempt.ahead:  # the mesh: an answer already cached here or in the cluster needs no node
         ahead = await attempt.lookup_ahead()
         if ahead is not None:
-            yield ahead.text
+            if chunks:
+                yield ahead.text
             yield ahead
             return
     while True:
@@ -694,20 +699,22 @@ async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | Non
             if found is not None:
                 attempt.land()
                 hit = attempt.hit(found)
-                yield hit.text
+                if chunks:
+                    yield hit.text
                 yield hit
                 return
         if step is None:
             break
         if isinstance(step, Result):
-            yield step.text
+            if chunks:
+                yield step.text
             yield step
             return
         await attempt.deps.inflight.await_(step, run.deadline)
         run.check_deadline()
     try:
         holds_slot = slot is not None and not attempt.provider.routes_remotely
-        if holds_slot:  # a slot the mesh handed off is taken back, through the queue, within the deadline
+        if holds_slot and not slot.held:  # the mesh handed it off: taken back through the queue, within the deadline
             with trio.move_on_at(run.deadline) as waiting:
                 await slot.take_back()
             if waiting.cancelled_caught:
@@ -720,6 +727,8 @@ async def _attempt_async(attempt: _Attempt, run: _Run, slot: AdmissionSlot | Non
                     with trio.move_on_at(run.deadline) as scope:
                         try:
                             item = await stream.__anext__()
+                            while not chunks and not isinstance(item, Completion):  # (whole: one deadline for all)
+                                item = await stream.__anext__()
                         except StopAsyncIteration:
                             break
                         except _PASS_THROUGH:

@@ -56,6 +56,8 @@ class RequestContext:
     hops: int  # network crossings so far; FORWARDED_HOPS: served by local providers only
     caller: str  # the peer id that sent it
     entry: str  # one of ENTRY_POINTS, or SELF
+    stream: bool = True  # False: the caller wants the answer whole (only the Result is yielded)
+    repeatable: bool = True  # False: this node made the request id, so no repeat can carry it (no replay)
 
     @property
     def local_only(self) -> bool:
@@ -86,15 +88,16 @@ class FrontDoor:
         request running or recently finished here gets that one's answer instead (`_repeated`)."""
         started, first, result, error = trio.current_time(), None, None, None
         try:
-            identity = (ctx.request.request_id, fingerprint(ctx.request, ctx.provider, ctx.local_only))
-            earlier = await self._repeated(ctx, identity)
+            identity = (ctx.request.request_id, fingerprint(ctx.request, ctx.provider, ctx.local_only)
+                        ) if ctx.repeatable else None
+            earlier = await self._repeated(ctx, identity) if identity is not None else None
             if earlier is not None:  # node.idempotency: the caller gets that request's answer, not a second one
                 result = earlier
                 if earlier.text:
                     yield earlier.text
                 yield earlier
                 return
-            flight = self.recent.start(identity)
+            flight = self.recent.start(identity) if identity is not None else None
             try:
                 async with self._admitted(ctx) as slot, aclosing(self._answer(ctx, slot)) as items:
                     async for item in items:
@@ -104,7 +107,8 @@ class FrontDoor:
                             item = result = self._computed_here(item)  # kept even if our caller stops listening now
                         yield item
             finally:
-                self.recent.finish(identity, flight, result, trio.current_time())
+                if identity is not None:
+                    self.recent.finish(identity, flight, result, trio.current_time())
         except BaseException as exc:
             error = exc
             raise
@@ -167,10 +171,12 @@ class FrontDoor:
 
     @asynccontextmanager
     async def _admitted(self, ctx: RequestContext) -> AsyncIterator[Slot]:
-        with trio.move_on_at(ctx.deadline) as waiting:
-            slot = await self.admission.enter()
-        if waiting.cancelled_caught:
-            raise DeadlineExceeded(ctx.request.timeout)  # it waited its whole deadline in the queue
+        slot = self.admission.enter_now()
+        if slot is None:  # none free: the queue, within the deadline
+            with trio.move_on_at(ctx.deadline) as waiting:
+                slot = await self.admission.enter()
+            if waiting.cancelled_caught:
+                raise DeadlineExceeded(ctx.request.timeout)  # it waited its whole deadline in the queue
         async with self.admission.hold(slot):
             yield slot
 
@@ -189,7 +195,7 @@ class FrontDoor:
         if remaining <= 0:
             raise DeadlineExceeded(ctx.request.timeout)
         return router.arun(evolve(ctx.request, timeout=remaining), provider=ctx.provider, deps=self.deps, slot=slot,
-                           local_only=ctx.local_only)
+                           local_only=ctx.local_only, chunks=ctx.stream)
 
     def _computed_here(self, result: Result) -> Result:
         """`result` naming this node as the one that computed it, unless a peer did."""

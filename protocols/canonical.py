@@ -45,8 +45,8 @@ def canonicalize(value: Any, path: str = "", depth: int = 0) -> Any:
     if depth > MAX_DEPTH:
         raise NotCanonical(path, f"nested deeper than {MAX_DEPTH} levels")
     kind = type(value)  # exact types first (the common case), then subclasses
-    if kind is str:
-        return value if unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)
+    if kind is str:  # (ASCII is NFC already: a constant-time check before the scan)
+        return value if value.isascii() or unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)
     if kind is dict or (kind is not list and isinstance(value, Mapping)):
         return _canonical_map(value, path, depth)
     if kind is list or kind is tuple:
@@ -80,6 +80,19 @@ def canonicalize(value: Any, path: str = "", depth: int = 0) -> Any:
 
 
 def _canonical_map(value: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
+    if all(type(key) is str and key.isascii() for key in value):
+        # The common case: ASCII keys are NFC already and cannot collide after normalizing, and
+        # their order as strings is their UTF-8 byte order. ASCII strings and 64-bit integers
+        # are canonical as they are.
+        out: dict[str, Any] = {}
+        for key in sorted(value):
+            item = value[key]
+            kind = type(item)
+            if (kind is str and item.isascii()) or item is None or (kind is int and _INT_MIN <= item <= _INT_MAX):
+                out[key] = item
+            else:
+                out[key] = canonicalize(item, f"{path}.{key}" if path else key, depth + 1)
+        return out
     items: dict[bytes, tuple[str, Any]] = {}
     for key, item in value.items():
         if type(key) is not str and not isinstance(key, str):

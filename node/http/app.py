@@ -258,7 +258,7 @@ class HttpApi:
     # -- completions --------------------------------------------------------------------------
 
     def _context(self, kind: _openai.Kind, body: bytes, headers: Mapping[str, str], request_id: str,
-                 caller: str) -> tuple[_openai.Call, RequestContext]:
+                 caller: str, repeatable: bool = True) -> tuple[_openai.Call, RequestContext]:
         call = _openai.parse_call(kind, _json_body(body))
         provider, reserved = _openai.reserved_from_headers(headers)
         if provider is None and call.model is not None and call.model not in self.models():
@@ -269,7 +269,7 @@ class HttpApi:
                                          default_model=self.settings.model,
                                          default_timeout=self.settings.request_timeout)
         ctx = RequestContext(request=request, provider=provider, deadline=trio.current_time() + request.timeout,
-                             hops=0, caller=caller, entry="http")
+                             hops=0, caller=caller, entry="http", stream=call.stream, repeatable=repeatable)
         return call, ctx
 
     async def serve(self, kind: str, scope: Any, receive: Any, send: Any) -> None:
@@ -277,7 +277,8 @@ class HttpApi:
         self.served += 1
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         request_id = headers.get("x-request-id", "")
-        if not _REQUEST_ID.match(request_id):
+        repeatable = bool(_REQUEST_ID.match(request_id))  # (an id made here cannot come again: no replay)
+        if not repeatable:
             request_id = uuid.uuid4().hex
         rid = [(b"x-request-id", request_id.encode())]
         client = scope.get("client") or ("?", 0)
@@ -285,9 +286,9 @@ class HttpApi:
             with trio.fail_after(self.body_timeout):
                 body = await _read_body(receive, self.max_body_bytes)
             if kind == "embeddings":
-                call, contexts = self._embedding_contexts(body, headers, request_id, f"http:{client[0]}")
+                call, contexts = self._embedding_contexts(body, headers, request_id, f"http:{client[0]}", repeatable)
             else:
-                call, ctx = self._context(kind, body, headers, request_id, f"http:{client[0]}")
+                call, ctx = self._context(kind, body, headers, request_id, f"http:{client[0]}", repeatable)
                 contexts = [ctx]
         except _ClientGone:
             return
@@ -322,8 +323,8 @@ class HttpApi:
         elif bounded.cancelled_caught:
             log.warning("request %s: the client did not read its answer before the deadline; dropped", request_id)
 
-    def _embedding_contexts(self, body: bytes, headers: Mapping[str, str], request_id: str,
-                            caller: str) -> tuple[_openai.EmbeddingCall, list[RequestContext]]:
+    def _embedding_contexts(self, body: bytes, headers: Mapping[str, str], request_id: str, caller: str,
+                            repeatable: bool = True) -> tuple[_openai.EmbeddingCall, list[RequestContext]]:
         """One context per input text (each its own request: key, CID, admission)."""
         from node.embeddings import embed_requests
 
@@ -337,7 +338,7 @@ class HttpApi:
                                   default_timeout=self.settings.request_timeout)
         now = trio.current_time()
         return call, [RequestContext(request=r, provider=provider, deadline=now + r.timeout, hops=0, caller=caller,
-                                     entry="http") for r in requests]
+                                     entry="http", stream=False, repeatable=repeatable) for r in requests]
 
     async def _embeddings(self, call: _openai.EmbeddingCall, contexts: list[RequestContext], send: Any,
                           rid: list[tuple[bytes, bytes]]) -> None:

@@ -47,6 +47,8 @@ class AdmissionSlot(Protocol):
     """A daemon's admission slot as a request carries it (node.admission.Slot): the router holds it
     around work a local provider does; a provider that routes elsewhere hands it back meanwhile."""
 
+    held: bool  # False while handed off
+
     def hand_off(self) -> None: ...
 
     async def take_back(self) -> None: ...
