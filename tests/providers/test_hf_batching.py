@@ -39,17 +39,11 @@ def req(prompt: str, **params) -> ProviderRequest:
 
 
 def at_once(provider: HFLocalProvider, requests: list[ProviderRequest]) -> list:
-    """complete_sync of every request, each from its own thread, all at once."""
-    out: list = [None] * len(requests)
-
-    def one(i: int) -> None:
-        out[i] = provider.complete_sync(requests[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    """complete_sync of every request, each from its own thread, all at once (an exception raises)."""
+    out = at_once_outcomes(provider, requests)
+    for outcome in out:
+        if isinstance(outcome, Exception):
+            raise outcome
     return out
 
 
