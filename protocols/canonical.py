@@ -46,7 +46,9 @@ def canonicalize(value: Any, path: str = "", depth: int = 0) -> Any:
         raise NotCanonical(path, f"nested deeper than {MAX_DEPTH} levels")
     kind = type(value)  # exact types first (the common case), then subclasses
     if kind is str:  # (ASCII is NFC already: a constant-time check before the scan)
-        return value if value.isascii() or unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)
+        if value.isascii() or unicodedata.is_normalized("NFC", value):
+            return value
+        return unicodedata.normalize("NFC", value)
     if kind is dict or (kind is not list and isinstance(value, Mapping)):
         return _canonical_map(value, path, depth)
     if kind is list or kind is tuple:

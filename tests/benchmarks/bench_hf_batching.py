@@ -99,8 +99,8 @@ def run() -> Section:
             model, tok = loaded["batched"].model, loaded["batched"].tokenizer
             from transformers import GenerationConfig
 
-            config = GenerationConfig(do_sample=False, max_new_tokens=TOKENS, eos_token_id=model.generation_config.eos_token_id,
-                                      pad_token_id=tok.pad_token_id)
+            config = GenerationConfig(do_sample=False, max_new_tokens=TOKENS, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=model.generation_config.eos_token_id)
             cb_config = Batcher(model, tok, concurrency=BATCH, max_batch_tokens=0, max_length=1024)._config()
             ids = [tok(p)["input_ids"] for w in range(WAVES) for p in _prompts(concurrency, w * concurrency)]
             with loaded["batched"].batcher.paused(), torch.inference_mode():
@@ -113,8 +113,8 @@ def run() -> Section:
             tokens = sum(len(o.generated_tokens) for o in out.values())
             rows[("generate_batch", concurrency)] = {"tps": tokens / wall, "p50": float("nan"), "p99": float("nan"),
                                                      "wall": wall}
-            samples.append({"target": "generate_batch", "concurrency": concurrency, "tokens_per_s": round(tokens / wall, 1),
-                            "wall_s": round(wall, 3), "device": device})
+            samples.append({"target": "generate_batch", "concurrency": concurrency,
+                            "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 3), "device": device})
         loaded["batched"].batcher.stop()
 
     lines = [
@@ -130,7 +130,8 @@ def run() -> Section:
     for c in CONCURRENCY:
         u, b, g = rows[("unbatched", c)], rows[("batched", c)], rows[("generate_batch", c)]
         lines.append(f"| {c} | {u['tps']:.0f} | {b['tps']:.0f} | {g['tps']:.0f} | {b['tps'] / u['tps']:.2f}x | "
-                     f"{b['wall'] / g['wall']:.2f} | {u['p50']:.0f} / {b['p50']:.0f} | {u['p99']:.0f} / {b['p99']:.0f} |")
+                     f"{b['wall'] / g['wall']:.2f} | {u['p50']:.0f} / {b['p50']:.0f} | "
+                     f"{u['p99']:.0f} / {b['p99']:.0f} |")
     b16, u16, g16 = rows[("batched", 16)], rows[("unbatched", 16)], rows[("generate_batch", 16)]
     lines += [
         "",

@@ -701,7 +701,8 @@ async def test_info_and_peers_agree_with_the_contract_and_each_other(tmp_path):
         for p in entry["providers"]:
             assert set(p) == {"name", "tasks", "models", "ready", "capacity", "identities", "default_model"}
         capacities = {p["name"]: p["capacity"] for p in entry["providers"]}  # as the peer sees n1's advert
-        assert capacities["echo"] == 3 and capacities["hf_local"] == 1  # echo.concurrency, hf_local's default
+        assert capacities["echo"] == 3  # echo.concurrency
+        assert capacities["hf_local"] == 16  # hf_local batches by default: batch_concurrency
         assert capacities["openai_compatible"] is None  # an API: no cap of its own, said as null
         echo = next(p for p in entry["providers"] if p["name"] == "echo")
         assert (echo["identities"], echo["default_model"]) == ({"echo": "echo"}, "echo")
