@@ -99,6 +99,9 @@ class Batcher:
         """Build and start the manager; raises when it cannot run this model. Blocking."""
         from transformers import GenerationConfig
 
+        # transformers' manager logs its choices at INFO through a handler of its own, whatever the
+        # daemon's log level: only its warnings and errors are worth a line.
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
         eos = self.model.generation_config.eos_token_id
         config = GenerationConfig(do_sample=False, eos_token_id=eos if eos is not None else -1,
                                   pad_token_id=self.tokenizer.pad_token_id, max_new_tokens=self.max_length)
