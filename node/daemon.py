@@ -5,10 +5,11 @@ the data dir's lock
 (one daemon per directory) -> load or create the identity and the client key -> read the
 cluster key -> open the local store and build the router -> start the libp2p host and
 listen -> build the peer table, the advert service (node.mesh.adverts), the mesh provider and the
-control commands' view (node.control) -> register every protocol handler -> with `http`, the HTTP API
-(node.http: listening, `http.token` written) -> start background tasks
-(adverts; the bootstrap peers and, with mDNS, what it finds, each kept dialed by a
-node.mesh.discovery.DiscoveryDialer) -> write daemon.json (atomically: temp file + rename). Only
+control commands' view (node.control) -> register every protocol handler -> the advert service
+(this node's first advert built) -> with `http`, the HTTP API (node.http: bound at the start,
+serving from here, `http.token` written) -> start background tasks (the bootstrap peers and,
+with mDNS, what it finds, each kept dialed by a node.mesh.discovery.DiscoveryDialer) -> write
+daemon.json (atomically: temp file + rename). Only
 then is the daemon "up".
 
 Shutdown (SIGINT, SIGTERM, or `accelmesh stop`): new streams are refused; in-flight requests
@@ -200,9 +201,9 @@ class Daemon:
                 self._register_handlers(host, self.control, self.front_door)
                 if self.cluster_enabled():
                     await self._start_cluster_cache(host, nursery)
-                if self.settings.http:
+                await nursery.start(self.adverts.run)  # (this node's first advert is built: it lists its models)
+                if self.settings.http:  # after it, so that /v1/models and `model` know them from the first request
                     self.http_url = await nursery.start(self._serve_http)
-                await nursery.start(self.adverts.run)
                 if self.settings.bootstrap:
                     targets = [peer_info(addr) for addr in self.settings.bootstrap]
                     self.bootstrap = self.discovery_dialer(lambda: targets, name="bootstrap", allowlist=False)

@@ -30,7 +30,7 @@ from node.errors import (
 from node.http.auth import BearerAuth, is_loopback_host
 from node.http.server import parse_bind
 from node.http._openai import error_response, parse_call
-from tests.mesh.conftest import running_daemon
+from tests.mesh.conftest import LOOPBACK, running_daemon
 
 QUIET = {"ACCELMESH_ADVERTS_INTERVAL": "60"}
 
@@ -65,6 +65,32 @@ def in_thread(fn, *args, **kwargs):
 # -- the server -------------------------------------------------------------------------------------
 
 
+async def test_the_first_request_a_starting_daemon_answers_knows_its_models(tmp_path):
+    """A client polling the port while the daemon starts (make run, then curl): the API serves
+    once this node's first advert lists its models, so the first answer is never a 404."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = load_settings(env={"ACCELMESH_DATA_DIR": str(tmp_path / "alice"), "ACCELMESH_LISTEN": LOOPBACK,
+                                  "ACCELMESH_HTTP": f"127.0.0.1:{port}", **QUIET})
+    body = {"model": "echo", "messages": [{"role": "user", "content": "Hello, mesh"}]}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            daemon = Daemon(settings)
+            nursery.start_soon(daemon.run)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                while True:
+                    try:
+                        r = await client.post("/v1/chat/completions", json=body)
+                        break
+                    except httpx.TransportError:  # not bound yet
+                        await trio.sleep(0.005)
+            assert r.status_code == 200, r.text
+            nursery.cancel_scope.cancel()
+
+
 async def test_daemon_json_names_the_http_url_and_the_token_file_is_private(tmp_path):
     with trio.fail_after(20):
         async with api(tmp_path) as a:
@@ -78,9 +104,6 @@ async def test_daemon_json_names_the_http_url_and_the_token_file_is_private(tmp_
 
 async def test_an_http_address_in_use_stops_start_up_with_one_error_naming_http(tmp_path):
     import socket
-
-    from node.config import load_settings
-    from tests.mesh.conftest import LOOPBACK
 
     with socket.socket() as taken, trio.fail_after(20):
         taken.bind(("127.0.0.1", 0))
