@@ -82,10 +82,10 @@ def canonicalize(value: Any, path: str = "", depth: int = 0) -> Any:
 
 
 def _canonical_map(value: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
-    if all(type(key) is str and key.isascii() for key in value):
+    if depth < MAX_DEPTH and all(type(key) is str and key.isascii() for key in value):
         # The common case: ASCII keys are NFC already and cannot collide after normalizing, and
         # their order as strings is their UTF-8 byte order. ASCII strings and 64-bit integers
-        # are canonical as they are.
+        # are canonical as they are (at a depth allowed: the map's items are one level down).
         out: dict[str, Any] = {}
         for key in sorted(value):
             item = value[key]

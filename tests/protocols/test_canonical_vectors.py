@@ -144,3 +144,20 @@ def test_request_keys_are_stable_across_processes():
                                     params={})),
     ]
     assert keys[0] == keys[1] == expected
+
+
+@pytest.mark.parametrize("leaf", ["text", "é", 7, None, 1.5, [1]])
+def test_nesting_is_bounded_whatever_the_leaf_and_the_keys(leaf):
+    from protocols.canonical import MAX_DEPTH
+
+    def nested(levels: int, key: str) -> object:
+        value: object = leaf
+        for _ in range(levels):
+            value = {key: value}
+        return value
+
+    for key in ("k", "ké"):  # ASCII keys take a faster path than others: the same bound on both
+        if not isinstance(leaf, list):
+            assert canonicalize(nested(MAX_DEPTH, key)) is not None
+        with pytest.raises(NotCanonical, match="nested deeper"):
+            canonicalize(nested(MAX_DEPTH + 1, key))
