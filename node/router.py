@@ -301,7 +301,7 @@ class _Attempt:
     """One provider's try at a request: its key and cache policy, lookups, single flight, finishing."""
 
     __slots__ = ("request", "name", "provider", "deps", "started", "identity", "key", "policy", "cache", "flight",
-                 "ahead", "asks_cluster")
+                 "ahead", "cluster", "asks_cluster")
 
     def __init__(self, run: _Run, name: str, provider: BaseProvider) -> None:
         request, deps, settings = run.request, run.deps, run.settings
@@ -314,8 +314,9 @@ class _Attempt:
         self.cache = deps.get_response_cache(settings) if enabled else None
         self.flight: Flight | None = None  # the single flight this attempt leads, until it lands
         self.ahead = self._keys_ahead(settings) if enabled else {}
-        cluster = deps.cluster_cache  # a daemon's cluster tier, looked up (`cluster_get`) unless a cluster of one
-        self.asks_cluster: bool = self.policy.lookup and cluster is not None and not cluster.alone()
+        cluster = deps.cluster_cache  # a daemon's cluster tier: none to ask in a cluster of one
+        self.cluster = cluster if cluster is not None and not cluster.alone() else None
+        self.asks_cluster: bool = self.policy.lookup and self.cluster is not None  # (async: `cluster_get`)
 
     def _keys_ahead(self, settings: Any) -> dict[str, str]:
         """For a provider that sends the request to another node (the mesh): the request keys of the
@@ -345,7 +346,8 @@ class _Attempt:
         """The cluster's answer under `key` (default: this attempt's) for the model `identity`, its
         bytes already checked against their CID, kept locally."""
         key, identity = key or self.key, identity or self.identity
-        hit = await self.deps.cluster_cache.lookup(key)
+        assert self.cluster is not None  # (asks_cluster, or a key ahead with a cluster to ask)
+        hit = await self.cluster.lookup(key)
         if hit is None or not _answers(hit.data, identity, self.request.task, key):
             return None
         if self.cache is not None:
@@ -357,7 +359,7 @@ class _Attempt:
         cluster, under the key of a model that would answer. A hit is no inference anywhere."""
         for key, identity in self.ahead.items():
             found = self.local_lookup(key)
-            if found is None and self.deps.cluster_cache is not None and not self.deps.cluster_cache.alone():
+            if found is None and self.cluster is not None:
                 found = await self.cluster_get(key, identity)
             if found is not None:
                 return self.hit(found, key=key)
@@ -628,9 +630,10 @@ async def arun(
     """Run an already-built `Request`: yield text chunks as they come, then exactly one `Result`.
 
     `slot` (a daemon's admission slot; None in-process) is held with `slot.local()` (taken back
-    first if it was handed off) while a local provider works, and handed to every provider as `ProviderRequest.slot`
-    (the mesh gives it back while another node serves). `local_only` leaves out providers that
-    route to other nodes (a request forwarded by another node: the hop limit). `chunks=False`
+    first if it was handed off) while a local provider works, and handed to every provider as
+    `ProviderRequest.slot` (the mesh gives it back while another node serves). `local_only` leaves
+    out providers that route to other nodes (a request forwarded by another node: the hop limit).
+    `chunks=False`
     (a caller that wants the answer whole): the Result alone, the provider's stream read to its
     end under one deadline instead of one per chunk. Use with `contextlib.aclosing` when you may
     stop early; closing cancels the provider.
